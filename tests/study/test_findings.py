@@ -64,3 +64,20 @@ def test_missing_parts_are_skipped() -> None:
     assert check_findings({}) == []
     only = check_findings({"table2": PAPER_LIKE["table2"]})
     assert {f.source.split()[0] for f in only} == {"Table"} and len(only) == 5
+
+
+def test_report_renders_tables_plots_and_findings(tmp_path) -> None:
+    from vlmerge.study.report import write_report
+
+    results = copy.deepcopy(PAPER_LIKE)
+    results["table5"].update({"k_seed": [0, 25, 50, 75], "drop": [10, 5, 2, 1],
+                              "metrics": {"l2": [4, 3, 2, 1], "tssd": [0.4, 0.2, 0.1, 0.05]},
+                              "spearman": {"l2": 1.0, "tssd": 1.0}})
+    results["meta"] = {"preset": "hand", "seeds": [0], "wall_time_s": 1.0}
+    report = write_report(tmp_path, results)
+    text = report.read_text()
+    for png in ("figure3.png", "table2.png", "figure4.png", "table5.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{png}]({png})" in text
+    assert "✅ reproduced" in text and "## Table 5" in text and "| 75.00 |" in text
+    assert (tmp_path / "results.json").exists() and (tmp_path / "findings.json").exists()
