@@ -13,6 +13,8 @@ from . import __version__
 COMMAND_MODULES = (
     "vlmerge.data.commands",
     "vlmerge.models.commands",
+    "vlmerge.merge.commands",
+    "vlmerge.metrics.commands",
 )
 
 

@@ -1,0 +1,163 @@
+"""Each merge method on small hand-checked tensors, and the tensor-level validation errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmerge.merge import METHODS, dare_keep_masks, get_method, merge_tensors
+
+
+def rnd(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_all_methods() -> None:
+    assert set(METHODS) == {"interpolation", "modality_arithmetic", "regmean", "ties", "dare", "average"}
+    with pytest.raises(ValueError, match="allowed methods: average, dare, interpolation"):
+        get_method("soup")
+
+
+def test_interpolation_hand_checked() -> None:
+    v, l, vl = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0]), torch.tensor([0.0, 6.0])
+    assert torch.allclose(merge_tensors("interpolation", [v, l], alpha=0.75), torch.tensor([1.5, 1.0]))
+    # ⅔(αv + (1−α)l) + ⅓vl with α = 0.5: ⅔·[2, 0] + ⅓·[0, 6]
+    assert torch.allclose(merge_tensors("interpolation", [v, l, vl], alpha=0.5), torch.tensor([4 / 3, 2.0]))
+    assert torch.equal(merge_tensors("interpolation", [v, l], alpha=1.0), v)
+    assert torch.equal(merge_tensors("interpolation", [v, l], alpha=0.0), l)
+
+
+def test_interpolation_schedule_and_dtype() -> None:
+    v, l = rnd(4, 4, seed=1).to(torch.bfloat16), rnd(4, 4, seed=2).to(torch.bfloat16)
+    out = merge_tensors("interpolation", [v, l], alpha=[0.0, 1.0], layer=1)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, v)
+    assert torch.equal(merge_tensors("interpolation", [v, l], alpha={0: 0.0}, layer=0), l)
+    with pytest.raises(ValueError, match="needs a layer|outside"):
+        merge_tensors("interpolation", [v, l], alpha=[0.2, 0.3])
+    with pytest.raises(ValueError, match="no entry for layer 3"):
+        merge_tensors("interpolation", [v, l], alpha={0: 0.2}, layer=3)
+
+
+def test_modality_arithmetic_equals_interpolation_at_half() -> None:
+    """Paper Table 2 note: λ = 0.5 on two modalities is interpolation with α = 0.5."""
+    v, l, w0 = rnd(5, 3, seed=1), rnd(5, 3, seed=2), rnd(5, 3, seed=3)
+    a = merge_tensors("modality_arithmetic", [v, l], base=w0, lam=0.5)
+    b = merge_tensors("interpolation", [v, l], alpha=0.5)
+    assert torch.allclose(a, b, atol=1e-6)
+    vl = rnd(5, 3, seed=4)
+    got = merge_tensors("modality_arithmetic", [v, l, vl], base=w0, lam=0.3)
+    assert torch.allclose(got, w0 + 0.3 * ((v - w0) + (l - w0) + (vl - w0)), atol=1e-6)
+    assert torch.allclose(merge_tensors("modality_arithmetic", [v, l], base=w0, lam=0.0), w0)
+
+
+def test_average_uniform_weighted_and_base() -> None:
+    a, b, c = rnd(3, seed=1), rnd(3, seed=2), rnd(3, seed=3)
+    assert torch.allclose(merge_tensors("average", [a, b, c]), (a + b + c) / 3, atol=1e-6)
+    assert torch.allclose(merge_tensors("average", [a, b], weights=[3, 1]), 0.75 * a + 0.25 * b, atol=1e-6)
+    got = merge_tensors("average", [a, b], weights=[2, 1], normalize=False)
+    assert torch.allclose(got, 2 * a + b, atol=1e-6)
+    w0 = rnd(3, seed=4)
+    got = merge_tensors("average", [a, b], base=w0, weights=[0.5, 0.25], normalize=False)
+    assert torch.allclose(got, w0 + 0.5 * (a - w0) + 0.25 * (b - w0), atol=1e-6)
+    with pytest.raises(ValueError, match="weights has 3 values but there are 2 inputs"):
+        merge_tensors("average", [a, b], weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="at least 2"):
+        merge_tensors("average", [a])
+
+
+def ties_numpy(ws: list[np.ndarray], w0: np.ndarray, density: float, lam: float = 1.0) -> np.ndarray:
+    taus = [w - w0 for w in ws]
+    trimmed = []
+    for t in taus:
+        k = max(1, int(density * t.size))
+        thr = np.sort(np.abs(t).ravel())[::-1][k - 1]
+        trimmed.append(np.where(np.abs(t) >= thr, t, 0.0))
+    sign = np.sign(np.sum(trimmed, axis=0))
+    num = np.zeros_like(w0)
+    cnt = np.zeros_like(w0)
+    for t in trimmed:
+        agree = (np.sign(t) == sign) & (t != 0)
+        num += np.where(agree, t, 0.0)
+        cnt += agree
+    merged = np.divide(num, cnt, out=np.zeros_like(num), where=cnt > 0)
+    return w0 + lam * merged
+
+
+def test_ties_hand_checked() -> None:
+    w0 = torch.zeros(4)
+    a = torch.tensor([3.0, -1.0, 0.5, 2.0])
+    b = torch.tensor([-1.0, -2.0, 1.0, 4.0])
+    # density 0.5: a keeps {3, 2}, b keeps {-2, 4}; signs: [+, -, 0, +]; disjoint mean: [3, -2, 0, 3]
+    got = merge_tensors("ties", [a, b], base=w0, density=0.5)
+    assert torch.allclose(got, torch.tensor([3.0, -2.0, 0.0, 3.0]))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_matches_numpy(density: float) -> None:
+    ws = [rnd(6, 7, seed=s) for s in (1, 2, 3)]
+    w0 = rnd(6, 7, seed=9) * 0.5
+    got = merge_tensors("ties", ws, base=w0, density=density, lam=0.8)
+    want = ties_numpy([w.numpy().astype(np.float64) for w in ws], w0.numpy().astype(np.float64), density, 0.8)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dare_matches_numpy(normalize: bool) -> None:
+    ws = [rnd(50, 40, seed=s) for s in (1, 2)]
+    w0 = rnd(50, 40, seed=5)
+    p, seed = 0.3, 11
+    got = merge_tensors("dare", ws, base=w0, drop=p, seed=seed, weights=[0.7, 0.6], normalize=normalize)
+    masks = [m.numpy() for m in dare_keep_masks(w0.shape, 2, p, seed)]
+    taus = [(w - w0).numpy() for w in ws]
+    combo = 0.7 * masks[0] * taus[0] / (1 - p) + 0.6 * masks[1] * taus[1] / (1 - p)
+    want = w0.numpy() + (combo / 1.3 if normalize else combo)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    kept = masks[0].mean()
+    assert abs(kept - (1 - p)) < 0.05  # Bernoulli(1 − p)
+    # p = 0 and normalize: the plain average of the models
+    avg = merge_tensors("dare", ws, base=w0, drop=0.0)
+    assert torch.allclose(avg, (ws[0] + ws[1]) / 2, atol=1e-5)
+    # seeded: same seed, same result; another seed, another mask
+    again = merge_tensors("dare", ws, base=w0, drop=p, seed=seed, weights=[0.7, 0.6], normalize=normalize)
+    assert torch.equal(got, again)
+    assert not torch.equal(got, merge_tensors("dare", ws, base=w0, drop=p, seed=seed + 1, weights=[0.7, 0.6],
+                                              normalize=normalize))
+
+
+@pytest.mark.parametrize(("method", "kwargs", "match"), [
+    ("interpolation", {"alpha": 1.5}, "param 'alpha'.*\\[0, 1\\]"),
+    ("interpolation", {"lam": 0.5}, "param 'lam' is unknown; allowed: alpha, vl_ratio"),
+    ("ties", {"density": 0.0}, "param 'density'.*greater than 0"),
+    ("dare", {"drop": 1.0}, "param 'drop'.*less than 1"),
+    ("regmean", {"gamma": -0.1}, "param 'gamma'"),
+    ("modality_arithmetic", {"lam": -1}, "param 'lam'"),
+])
+def test_bad_params(method: str, kwargs: dict, match: str) -> None:
+    a, b = rnd(3, 3, seed=1), rnd(3, 3, seed=2)
+    base = rnd(3, 3) if get_method(method).base == "required" else None
+    grams = {"grams": [torch.eye(3), torch.eye(3)]} if method == "regmean" else {}
+    with pytest.raises(ValueError, match=match):
+        merge_tensors(method, [a, b], base=base, **grams, **kwargs)
+
+
+def test_bad_tensors() -> None:
+    a, b = rnd(3, 3, seed=1), rnd(3, 3, seed=2)
+    with pytest.raises(ValueError, match=r"tensors\[1\] is torch.float32 \[3, 4\]"):
+        merge_tensors("interpolation", [a, rnd(3, 4)])
+    with pytest.raises(ValueError, match=r"tensors\[1\] is torch.float64"):
+        merge_tensors("interpolation", [a, b.double()])
+    bad = b.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"tensors\[1\] \(tensor\) contains NaN or Inf"):
+        merge_tensors("average", [a, bad])
+    with pytest.raises(ValueError, match="needs a base"):
+        merge_tensors("ties", [a, b])
+    with pytest.raises(ValueError, match="does not use a base"):
+        merge_tensors("interpolation", [a, b], base=a)
+    with pytest.raises(ValueError, match="base is torch.float32 \\[2\\]"):
+        merge_tensors("dare", [a, b], base=torch.zeros(2))
+    with pytest.raises(ValueError, match="does not take weights"):
+        merge_tensors("interpolation", [a, b], weights=[1, 1])
+    with pytest.raises(ValueError, match="use 'average' for N"):
+        merge_tensors("interpolation", [a, b, a, b])

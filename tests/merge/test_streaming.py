@@ -1,0 +1,249 @@
+"""Checkpoint-level merges: streaming == in memory, atomic output, config record, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import msa_state_dict, write
+
+from vlmerge.merge import Grams, merge_checkpoint, merge_models, merge_tensors
+from vlmerge.merge.base import tensor_seed
+from vlmerge.models import CheckpointReader
+from vlmerge.models.roles import merge_groups
+
+NON_BLOCK = ("word_embed.weight", "norm.weight", "heads.itc.image_proj.weight", "step")
+
+
+def in_memory(method: str, sd: dict, base: dict | None, grams: dict | None = None, **params) -> dict:
+    """The reference: merge_tensors on each group of the in-memory state dict."""
+    out = {k: v for k, v in sd.items() if k in NON_BLOCK or ".shared." in k}
+    for g in merge_groups(sd):
+        mods = g.modalities
+        srcs = [sd[g.sources[m]] for m in mods]
+        kw = dict(params)
+        if method == "dare":
+            kw["seed"] = tensor_seed(params.get("seed", 0), g.target)
+        if grams is not None and g.module in ("attn", "mlp") and g.suffix.endswith(".weight"):
+            kw["grams"] = [grams[g.sources[m]] for m in mods]
+        b = base[g.sources[mods[0]]] if base is not None else None
+        out[g.target] = merge_tensors(method, srcs, base=b, layer=g.layer, modalities=mods, name=g.target,
+                                      **kw)
+    return out
+
+
+def random_grams(sd: dict) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 2 and (".attn." in k or ".mlp." in k):
+            x = torch.randn(40, v.shape[1], generator=gen, dtype=torch.float64)
+            out[k] = x.T @ x
+    return out
+
+
+CASES = [
+    ("interpolation", {"alpha": 0.75}),
+    ("interpolation", {"alpha": [0.1, 0.5, 0.9]}),
+    ("modality_arithmetic", {"lam": 0.5}),
+    ("ties", {"density": 0.4}),
+    ("dare", {"drop": 0.3, "seed": 5}),
+    ("average", {}),
+    ("regmean", {"gamma": 0.8}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_streaming_equals_in_memory(msa_pair, tmp_path: Path, method: str, params: dict) -> None:
+    in_dir, base_dir, sd, base = msa_pair
+    kw: dict = {}
+    grams = None
+    if method in ("modality_arithmetic", "ties", "dare"):
+        kw["base_dir"] = base_dir
+    if method == "regmean":
+        grams = random_grams(sd)
+        kw["grams"] = Grams(grams, {})
+    out = merge_checkpoint(method, in_dir, tmp_path / "out", **kw, **params)
+    want = in_memory(method, sd, base if "base_dir" in kw else None, grams, **params)
+    with CheckpointReader(out) as r:
+        got = r.state_dict()
+    assert sorted(got) == sorted(want)
+    assert not any(".v." in k or ".l." in k or ".vl." in k for k in got)
+    for k in want:
+        assert got[k].dtype == sd.get(k, want[k]).dtype
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    for k in NON_BLOCK:
+        assert torch.equal(got[k], sd[k])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["arch"] == "maa" and cfg["merge"]["method"] == method
+    assert cfg["merge"]["kind"] == "modality"
+    assert cfg["merge"]["sources"][0]["files"]["model.safetensors"]["bytes"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["base", "msa", "out"]  # no temp dirs left
+
+
+def test_interpolation_alpha_one_gives_vision_weights(msa_pair, tmp_path: Path) -> None:
+    in_dir, _, sd, _ = msa_pair
+    out = merge_checkpoint("interpolation", in_dir, tmp_path / "out", alpha=1.0, vl_ratio=0.0)
+    with CheckpointReader(out) as r:
+        for g in merge_groups(sd):
+            assert torch.equal(r.get(g.target), sd[g.sources["v"]])
+
+
+def test_shared_slots_pass_through_and_maa_seed_base(tmp_path: Path) -> None:
+    """A custom-ffn-like checkpoint (mlp shared) and a base with MAA (shared) names."""
+    seed = msa_state_dict(seed=4, shared_modules=("norm1", "attn", "norm2", "mlp"))
+    sd = msa_state_dict(seed=5, shared_modules=("mlp",))
+    in_dir, base_dir = write(tmp_path, "ffn", sd, "custom-attn"), write(tmp_path, "seed", seed, "maa")
+    out = merge_checkpoint("modality_arithmetic", in_dir, tmp_path / "out", base_dir=base_dir, lam=0.5)
+    with CheckpointReader(out) as r:
+        assert torch.equal(r.get("blocks.0.mlp.shared.fc1.weight"), sd["blocks.0.mlp.shared.fc1.weight"])
+        k = "blocks.0.attn.shared.qkv.weight"
+        w0 = seed[k]
+        want = w0 + 0.5 * (sd["blocks.0.attn.v.qkv.weight"] - w0 + sd["blocks.0.attn.l.qkv.weight"] - w0)
+        assert torch.allclose(r.get(k), want, atol=1e-6)
+
+
+def test_merged_vlmo_checkpoint_loads_as_maa(tmp_path: Path) -> None:
+    from vlmerge.models import VLMo, load_model, preset_config, save_model
+
+    torch.manual_seed(0)
+    model = VLMo(preset_config("micro", "msa", vocab_size=30))
+    save_model(model, tmp_path / "msa")
+    merge_checkpoint("interpolation", tmp_path / "msa", tmp_path / "maa", alpha=0.75)
+    merged = load_model(tmp_path / "maa")
+    assert merged.config.arch == "maa"
+    with torch.no_grad():
+        out = merged(torch.randn(1, 3, 16, 16), torch.randint(0, 30, (1, 4)))
+    assert torch.isfinite(out).all()
+
+
+def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
+    in_dir, base_dir, sd, base = msa_pair
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unknown merge method 'mean'; allowed methods"):
+        merge_checkpoint("mean", in_dir, out)
+    with pytest.raises(ValueError, match="needs a base checkpoint"):
+        merge_checkpoint("ties", in_dir, out)
+    with pytest.raises(ValueError, match="does not use a base"):
+        merge_checkpoint("interpolation", in_dir, out, base_dir=base_dir)
+    with pytest.raises(ValueError, match="needs Gram matrices"):
+        merge_checkpoint("regmean", in_dir, out)
+    with pytest.raises(ValueError, match="no Gram for 28 linear weights in the Grams given"):
+        merge_checkpoint("regmean", in_dir, out, grams=Grams({}, {}))
+    with pytest.raises(ValueError, match="param 'alpha'"):
+        merge_checkpoint("interpolation", in_dir, out, alpha=2)
+    with pytest.raises(ValueError, match="alpha schedule has 2 values; the model has 3 layers"):
+        merge_checkpoint("interpolation", in_dir, out, alpha=[0.5, 0.5])
+    with pytest.raises(ValueError, match="weights has no entry for modality 'vl'"):
+        merge_checkpoint("average", in_dir, out, weights={"v": 1, "l": 1})
+    with pytest.raises(ValueError, match="is also an input"):
+        merge_checkpoint("interpolation", in_dir, in_dir)
+    # a base missing keys / with a wrong shape
+    small = {k: v for k, v in base.items() if "blocks.2." not in k}
+    with pytest.raises(ValueError, match="missing 36 keys"):
+        merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b2", small))
+    wrong = dict(base)
+    wrong["blocks.0.attn.v.qkv.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight: torch.float32 \[2, 2\]"):
+        merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3", wrong))
+    # modality copies of different shapes
+    bad = dict(sd)
+    bad["blocks.1.mlp.l.fc1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"cannot merge: blocks.1.mlp.shared.fc1.weight: .*\[3, 3\]"):
+        merge_checkpoint("interpolation", write(tmp_path, "bad", bad), out)
+    # NaN in a weight: error naming it, nothing left under out
+    nan = dict(sd)
+    nan["blocks.2.mlp.vl.fc2.weight"] = nan["blocks.2.mlp.vl.fc2.weight"].clone()
+    nan["blocks.2.mlp.vl.fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'blocks.2.mlp.vl.fc2.weight' contains NaN or Inf"):
+        merge_checkpoint("interpolation", write(tmp_path, "nan", nan), out)
+    # base copies that differ
+    differ = dict(base)
+    differ["blocks.0.norm1.l.weight"] = differ["blocks.0.norm1.l.weight"] + 1
+    with pytest.raises(ValueError, match="base copies .* differ"):
+        merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b4", differ))
+    # an already-merged checkpoint
+    with pytest.raises(ValueError, match="no modality-specific block weights"):
+        merge_checkpoint("interpolation", write(tmp_path, "maa", msa_state_dict(shared_modules=(
+            "norm1", "attn", "norm2", "mlp"))), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dirs cleaned
+
+
+def test_corrupt_safetensors_and_missing_dir(msa_pair, tmp_path: Path) -> None:
+    in_dir, *_ = msa_pair
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        merge_checkpoint("interpolation", tmp_path / "corrupt", tmp_path / "out")
+    with pytest.raises(FileNotFoundError):
+        merge_checkpoint("interpolation", tmp_path / "nope", tmp_path / "out")
+
+
+def test_overwrite_is_atomic(msa_pair, tmp_path: Path) -> None:
+    in_dir, *_ = msa_pair
+    out = merge_checkpoint("interpolation", in_dir, tmp_path / "out", alpha=0.5)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        merge_checkpoint("interpolation", in_dir, out, alpha=1.0)
+    merge_checkpoint("interpolation", in_dir, out, alpha=1.0, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert sorted(os.listdir(tmp_path)) == ["base", "msa", "out"]
+
+
+def models(tmp_path: Path, n: int) -> tuple[list[Path], list[dict]]:
+    sds = [msa_state_dict(seed=10 + i) for i in range(n)]
+    for sd in sds[1:]:
+        sd["step"] = sds[0]["step"]
+    return [write(tmp_path, f"m{i}", sd) for i, sd in enumerate(sds)], sds
+
+
+def test_merge_models_soup(tmp_path: Path) -> None:
+    dirs, sds = models(tmp_path, 3)
+    out = merge_models("average", dirs, tmp_path / "soup", weights=[1, 2, 1], progress=True)
+    with CheckpointReader(out) as r:
+        for k in sds[0]:
+            if k == "step":
+                assert torch.equal(r.get(k), sds[0][k])
+                continue
+            want = (sds[0][k] + 2 * sds[1][k] + sds[2][k]) / 4
+            assert torch.allclose(r.get(k), want, atol=1e-6), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["merge"]["kind"] == "models" and cfg["merge"]["weights"] == [1.0, 2.0, 1.0]
+    assert len(cfg["merge"]["sources"]) == 3 and cfg["model"]["arch"] == "msa"
+    # two models, interpolation = α W1 + (1 − α) W2; task arithmetic with a base
+    out2 = merge_models("interpolation", dirs[:2], tmp_path / "pair", alpha=0.25)
+    with CheckpointReader(out2) as r:
+        k = "blocks.1.attn.v.proj.weight"
+        assert torch.allclose(r.get(k), 0.25 * sds[0][k] + 0.75 * sds[1][k], atol=1e-6)
+    out3 = merge_models("modality_arithmetic", dirs[:2], tmp_path / "ta", base_dir=dirs[2], lam=0.5)
+    with CheckpointReader(out3) as r:
+        k = "word_embed.weight"
+        assert torch.allclose(r.get(k), sds[2][k] + 0.5 * (sds[0][k] + sds[1][k] - 2 * sds[2][k]), atol=1e-5)
+
+
+def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
+    dirs, sds = models(tmp_path, 2)
+    other = dict(sds[1])
+    del other["norm.weight"]
+    other["extra.weight"] = torch.zeros(2)
+    other["blocks.0.attn.v.qkv.weight"] = torch.zeros(4, 8)
+    bad = write(tmp_path, "bad", other)
+    with pytest.raises(ValueError, match="differ in 3 keys") as e:
+        merge_models("average", [dirs[0], bad], tmp_path / "out")
+    msg = str(e.value)
+    assert "norm.weight (missing in" in msg and "extra.weight (only in" in msg
+    assert "blocks.0.attn.v.qkv.weight (" in msg and "[4, 8] vs" in msg
+    with pytest.raises(ValueError, match="at most 2 models"):
+        merge_models("interpolation", [*dirs, dirs[0]], tmp_path / "out")
+    with pytest.raises(ValueError, match="weights has 1 values but there are 2"):
+        merge_models("average", dirs, tmp_path / "out", weights=[1])
+    assert not (tmp_path / "out").exists()
+    ints = dict(sds[1])
+    ints["step"] = torch.tensor([8])
+    with pytest.raises(ValueError, match="non-float tensor 'step' differs"):
+        merge_models("average", [dirs[0], write(tmp_path, "ints", ints)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
