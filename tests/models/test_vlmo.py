@@ -141,3 +141,13 @@ def test_wrong_image_size_and_long_text_are_refused() -> None:
         m.encode_image(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="max_text_len"):
         m.encode_text(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_tied_init_starts_modality_copies_equal() -> None:
+    tied = micro("msa")
+    sd = tied.state_dict()
+    for g in merge_groups(sd):
+        values = [sd[k] for k in g.sources.values()]
+        assert all(torch.equal(values[0], v) for v in values[1:]), g.target
+    untied = VLMo(tied.config.replace(tied_init=False)).state_dict()
+    assert not torch.equal(untied["blocks.0.attn.v.qkv.weight"], untied["blocks.0.attn.l.qkv.weight"])

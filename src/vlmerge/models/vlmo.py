@@ -70,6 +70,7 @@ class ModelConfig:
     num_classes: int = 0  # image classification classes ("cls" head)
     num_seg_classes: int = 0  # segmentation classes incl. background ("seg" head)
     init_std: float = 0.02
+    tied_init: bool = True  # modality experts of a slot start equal (VLMo initialises every expert from BEiT)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -192,6 +193,13 @@ class VLMo(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.image_pos_embed):
             nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        if self.config.tied_init:
+            params = dict(self.named_parameters())
+            with torch.no_grad():
+                for group in merge_groups(params):
+                    first = params[group.sources[group.modalities[0]]]
+                    for key in list(group.sources.values())[1:]:
+                        params[key].copy_(first)
 
     # -- embeddings ------------------------------------------------------------------------------------
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
