@@ -13,8 +13,10 @@ from . import __version__
 COMMAND_MODULES = (
     "vlmerge.data.commands",
     "vlmerge.models.commands",
+    "vlmerge.pretrain.commands",
     "vlmerge.merge.commands",
     "vlmerge.metrics.commands",
+    "vlmerge.finetune.commands",
 )
 
 

@@ -1,7 +1,9 @@
-"""The embedded, procedurally generated image-text world, its tokenizer and torch datasets."""
+"""The embedded, procedurally generated image-text world, its tokenizer, torch datasets and disk cache."""
 
-from .cache import CachedWorld, write_cache
+from .cache import CachedWorld, open_cache, write_cache
 from .datasets import (
+    MEAN,
+    STD,
     ClassificationDataset,
     Collate,
     ImageTextDataset,
@@ -12,10 +14,22 @@ from .datasets import (
     to_tensor,
 )
 from .tokenizer import Tokenizer, default_tokenizer
-from .world import ANSWERS, NUM_CLASSES, NUM_SEG_CLASSES, SHAPES, World, WorldConfig
+from .world import (
+    ANSWERS,
+    COLORS,
+    NUM_CLASSES,
+    NUM_SEG_CLASSES,
+    SHAPES,
+    NLVR2Example,
+    Scene,
+    World,
+    WorldConfig,
+    answer_to_id,
+)
 
 __all__ = [
-    "ANSWERS", "NUM_CLASSES", "NUM_SEG_CLASSES", "SHAPES", "CachedWorld", "ClassificationDataset", "Collate",
-    "ImageTextDataset", "NLVR2Dataset", "SegmentationDataset", "Tokenizer", "VQADataset", "World", "WorldConfig",
-    "default_tokenizer", "normalize", "to_tensor", "write_cache",
+    "ANSWERS", "COLORS", "MEAN", "NUM_CLASSES", "NUM_SEG_CLASSES", "SHAPES", "STD", "CachedWorld",
+    "ClassificationDataset", "Collate", "ImageTextDataset", "NLVR2Dataset", "NLVR2Example", "Scene",
+    "SegmentationDataset", "Tokenizer", "VQADataset", "World", "WorldConfig", "answer_to_id",
+    "default_tokenizer", "normalize", "open_cache", "to_tensor", "write_cache",
 ]

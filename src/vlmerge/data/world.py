@@ -1,27 +1,38 @@
 """A procedurally generated image-text world: scenes of coloured shapes with captions, questions and masks.
 
-Every example is a pure function of ``(seed, split, index, config)``: its random generator is
-``numpy.random.default_rng([seed, SPLITS[split], index])``, so any example is random-access, the same seed
-always gives the same data, and splits draw from disjoint streams.
+Every example is a pure function of ``(seed, split, index, config)``. Its random generators are
+``numpy.random.default_rng([seed, SPLITS[split], stream, index, part, purpose])``, so any example is
+random-access, the same seed always gives the same data, and splits draw from disjoint streams. A scene's
+*content* (objects, captions, questions, label) and its *pixels* use separate generators (``purpose`` 0 and
+1): the same scene rendered at 32 or 384 px, with or without noise, has the same objects and text.
 
 * A **scene** holds 1–4 objects, each a shape (:data:`SHAPES`), colour (:data:`COLORS`) and size
   (:data:`SIZES`) at a continuous position with an optional rotation, drawn in order over a textured,
   noisy background (later objects occlude earlier ones).
-* Per scene: the image [H, W, 3] uint8; a mask [H, W] (0 = background, ``k`` = shape index + 1 of the
-  visible object); 5 captions; VQA questions of five kinds with answers in :data:`ANSWERS`; a class label
-  (the shape of the largest object, earliest drawn on ties; :data:`NUM_CLASSES` classes).
-* **NLVR2-style** examples: two scenes and a statement that is true or false (balanced by construction).
+* Per scene (:class:`Scene`): the image [H, W, 3] uint8; a mask [H, W] uint8 (0 = background, ``k`` = shape
+  index + 1 of the object visible at that pixel); 5 captions; 5 VQA questions, one of each kind in
+  :data:`QUESTION_KINDS` where the scene allows it (else an existence question), answered from the one
+  vocabulary :data:`ANSWERS`; a class **label**: the shape index of the largest object, the earliest drawn
+  one on ties (:data:`NUM_CLASSES` classes).
+* **NLVR2-style** examples (:meth:`World.nlvr2`): two scenes and a statement about them that is true or false,
+  the label drawn first with probability 1/2 and a statement then sampled until its truth matches.
 * **Splits**: ``train`` / ``val`` / ``test`` never contain the (colour, shape) pairs in :data:`HELD_OUT`;
-  ``ood`` contains at least one held-out pair per scene and renders with a shifted background texture,
-  contrast and noise.
+  ``ood`` scenes contain at least one of them and are rendered with a shift: striped background texture,
+  inverted background tone and twice the noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from functools import cached_property
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from numbers import Real
+from typing import NamedTuple, TypeVar
 
 import numpy as np
+
+_T = TypeVar("_T")
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -30,24 +41,29 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 125, 185), "brown": (125, 75, 35),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
-SIZES: dict[str, float] = {"small": 0.12, "large": 0.22}  # radius as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.12, "large": 0.22}
+"""Object radius as a fraction of the image side."""
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "ood": 3}
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({
     ("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
     ("purple", "hexagon"), ("orange", "cross"), ("cyan", "diamond"), ("white", "ring"),
 })
 """(colour, shape) pairs never seen in train/val/test; every ``ood`` scene has at least one."""
+IN_DISTRIBUTION: tuple[tuple[str, str], ...] = tuple(
+    (c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in HELD_OUT)
+_HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = tuple(sorted(HELD_OUT))
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RELATIONS = ("left", "right", "above", "below")
 ANSWERS: tuple[str, ...] = ("yes", "no", "0", "1", "2", "3", "4", *COLOR_NAMES, *SHAPES, *RELATIONS)
-"""The one fixed VQA answer vocabulary."""
+"""The one fixed VQA answer vocabulary (every question's answer is in it)."""
 ANSWER_TO_ID: dict[str, int] = {a: i for i, a in enumerate(ANSWERS)}
 NUM_CLASSES = len(SHAPES)
 NUM_SEG_CLASSES = len(SHAPES) + 1  # + background
 QUESTION_KINDS = ("color", "shape", "count", "exists", "relation")
+STATEMENT_KINDS = ("more", "both", "exactly_one", "total", "neither")
 
-# Words a caption may use for each shape (the first is the canonical name used in questions and answers).
+# Nouns a caption may use for each shape (questions, answers and statements use the canonical name).
 SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disk"), "square": ("square", "box"), "triangle": ("triangle",),
     "diamond": ("diamond", "rhombus"), "cross": ("cross", "plus sign"), "star": ("star",),
@@ -56,48 +72,88 @@ SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
 _PLURAL = {"box": "boxes", "cross": "crosses", "rhombus": "rhombuses", "plus sign": "plus signs"}
 _PICTURE = ("image", "picture", "photo", "scene")
 _SHOWS = ("shows", "contains", "has", "depicts")
+_RELATION_PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_CONVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+_EXTENT = 1.15  # every shape lies within this many radii of its centre, whatever its rotation
+_SCRATCH = threading.local()
+
+
+def answer_to_id(answer: str) -> int:
+    """Index of ``answer`` in :data:`ANSWERS`; ``ValueError`` for an answer outside the vocabulary."""
+    if answer not in ANSWER_TO_ID:
+        raise ValueError(f"answer {answer!r} is not in the answer vocabulary; allowed values: "
+                         f"{list(ANSWERS)}")
+    return ANSWER_TO_ID[answer]
 
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """How scenes are generated and rendered. Defaults are the CPU setting (32 px)."""
+    """How scenes are generated and rendered; the defaults are the CPU setting.
 
-    image_size: int = 32  # square images, pixels; 16 .. 512
+    Attributes:
+        image_size: side of the square images in pixels, an integer in [16, 512] (default 32; 224 and 384
+            are the paper's resolutions).
+        min_objects: fewest objects per scene, an integer in [1, 4] (default 1).
+        max_objects: most objects per scene, an integer in [min_objects, 4] (default 4).
+        rotation: rotate each shape by a uniform random angle (default True).
+        noise: standard deviation of the per-pixel, per-channel uniform noise in 0..255 units, in [0, 64]
+            (default 6; the ``ood`` split doubles it). Uniform noise is bounded: a pixel moves by at most
+            ``noise * sqrt(3)`` before clipping to [0, 255].
+        texture: add a low-frequency sinusoidal texture to the background (default True).
+        min_gap: objects' centres are at least ``min_gap * (r1 + r2)`` apart when 32 random placements
+            allow it, else the placement farthest from the others is kept; in [0, 1.5] (default 1.0).
+    """
+
+    image_size: int = 32
     min_objects: int = 1
     max_objects: int = 4
-    rotation: bool = True  # rotate shapes by a random angle
-    noise: float = 6.0  # std of per-pixel Gaussian noise, in 0..255 units
-    texture: bool = True  # low-frequency background texture
-    min_gap: float = 1.0  # objects' centres at least min_gap * (r1 + r2) apart (re-drawn up to 30 times)
+    rotation: bool = True
+    noise: float = 6.0
+    texture: bool = True
+    min_gap: float = 1.0
 
     def __post_init__(self) -> None:
+        def integer(v: object, lo: int, hi: int) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and lo <= v <= hi
+
+        def number(v: object, lo: float, hi: float) -> bool:
+            return isinstance(v, Real) and not isinstance(v, bool) and lo <= v <= hi
+
         checks = {
-            "image_size": (16 <= self.image_size <= 512, "an integer in [16, 512]"),
-            "min_objects": (1 <= self.min_objects <= 4, "an integer in [1, 4]"),
-            "max_objects": (self.min_objects <= self.max_objects <= 4, "an integer in [min_objects, 4]"),
-            "noise": (0 <= self.noise <= 64, "a number in [0, 64]"),
-            "min_gap": (0 <= self.min_gap <= 1.5, "a number in [0, 1.5]"),
+            "image_size": (integer(self.image_size, 16, 512), "an integer in [16, 512]"),
+            "min_objects": (integer(self.min_objects, 1, 4), "an integer in [1, 4]"),
+            "max_objects": (integer(self.max_objects, 1, 4) and self.max_objects >= self.min_objects,
+                            f"an integer in [min_objects={self.min_objects}, 4]"),
+            "rotation": (isinstance(self.rotation, bool), "True or False"),
+            "noise": (number(self.noise, 0, 64), "a number in [0, 64]"),
+            "texture": (isinstance(self.texture, bool), "True or False"),
+            "min_gap": (number(self.min_gap, 0, 1.5), "a number in [0, 1.5]"),
         }
-        for name, (ok, expected) in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"world config: {name}={getattr(self, name)!r} is invalid; expected {expected}")
+                raise ValueError(f"world config: {name}={getattr(self, name)!r} is invalid; "
+                                 f"allowed values: {allowed}")
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Build from a plain dict (e.g. a YAML section); unknown keys raise ``ValueError`` naming the known
+        ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"world config: unknown keys {unknown}; allowed keys are {sorted(known)}")
+            raise ValueError(f"world config: unknown keys {unknown}; allowed keys: {known}")
         return cls(**d)
 
 
 @dataclass(frozen=True)
 class Obj:
+    """One object; its centre ``(x, y)`` is in fractions of the image side (0 = left / top)."""
+
     shape: str
     color: str
     size: str
-    x: float  # centre, fraction of width (0 = left)
-    y: float  # centre, fraction of height (0 = top)
+    x: float
+    y: float
     angle: float  # radians
 
     @property
@@ -107,9 +163,11 @@ class Obj:
 
 @dataclass(frozen=True)
 class QA:
+    """A VQA question, its answer (in :data:`ANSWERS`) and its kind (in :data:`QUESTION_KINDS`)."""
+
     question: str
     answer: str
-    kind: str  # one of QUESTION_KINDS
+    kind: str
 
     @property
     def answer_id(self) -> int:
@@ -118,7 +176,8 @@ class QA:
 
 @dataclass
 class Scene:
-    """One generated example. ``image`` [H, W, 3] uint8, ``mask`` [H, W] uint8."""
+    """One generated example. ``image`` [H, W, 3] uint8, ``mask`` [H, W] uint8 (0 = background, k = shape
+    index + 1); ``label`` is the shape index of the largest object; ``shift`` marks the OOD rendering."""
 
     objects: list[Obj]
     image: np.ndarray
@@ -126,7 +185,7 @@ class Scene:
     captions: list[str]
     questions: list[QA]
     label: int
-    shift: bool = False  # rendered with the OOD rendering shift
+    shift: bool = False
 
     @property
     def label_name(self) -> str:
@@ -135,113 +194,171 @@ class Scene:
 
 @dataclass(frozen=True)
 class Statement:
-    """An NLVR2-style statement about a (left, right) pair of scenes: ``kind`` and its arguments."""
+    """An NLVR2-style statement about a (left, right) pair of scenes: ``kind`` (:data:`STATEMENT_KINDS`)
+    and its arguments: more (side, shape) | both (colour,) | exactly_one (shape,) | total (n,) |
+    neither (colour, shape)."""
 
-    kind: str  # more | both | exactly_one | total
-    args: tuple = field(default_factory=tuple)
+    kind: str
+    args: tuple
 
     @property
     def text(self) -> str:
         k, a = self.kind, self.args
         if k == "more":
-            return f"the left image has more {_plural(a[0])} than the right image"
+            other = "right" if a[0] == "left" else "left"
+            return f"the {a[0]} image has more {_plural(a[1])} than the {other} image"
         if k == "both":
-            return f"both images contain a {a[0]} object"
+            return f"both images contain {_article(a[0])} {a[0]} object"
         if k == "exactly_one":
             return f"exactly one image contains a {a[0]}"
-        return f"there are {NUMBER_WORDS[a[0]] if a[0] < 5 else a[0]} objects in total in the two images"
+        if k == "total":
+            return f"there are {NUMBER_WORDS[a[0]]} objects in total in the two images"
+        return f"neither image contains {_article(a[0])} {a[0]} {a[1]}"
+
+    def holds(self, left: list[Obj], right: list[Obj]) -> bool:
+        """Whether the statement is true of the (left, right) scenes' objects."""
+        k, a = self.kind, self.args
+        if k == "more":
+            first, second = (left, right) if a[0] == "left" else (right, left)
+            return sum(o.shape == a[1] for o in first) > sum(o.shape == a[1] for o in second)
+        if k == "both":
+            return any(o.color == a[0] for o in left) and any(o.color == a[0] for o in right)
+        if k == "exactly_one":
+            return any(o.shape == a[0] for o in left) != any(o.shape == a[0] for o in right)
+        if k == "total":
+            return len(left) + len(right) == a[0]
+        return not any(o.color == a[0] and o.shape == a[1] for o in left + right)
+
+
+class NLVR2Example(NamedTuple):
+    """Two scenes (their ``.image`` is what the model sees), a statement and whether it is true."""
+
+    left: Scene
+    right: Scene
+    statement: Statement
+    label: bool
 
 
 # ---------------------------------------------------------------------------------------------- rendering
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Inside test of ``shape`` on coordinates (u, v) normalised by the object's radius (|u|, |v| ≲ 1)."""
+    """Inside test of ``shape`` at coordinates (u, v) in units of the object's radius, centred on it,
+    v pointing down (every shape lies within |(u, v)| ≤ 1.15). Returns a bool array of u's shape."""
     au, av = np.abs(u), np.abs(v)
     if shape == "circle":
         return u * u + v * v <= 1.0
     if shape == "square":
         return np.maximum(au, av) <= 0.8
-    if shape == "triangle":  # apex up (image y grows downwards)
+    if shape == "triangle":  # apex up
         return (v <= 0.6) & (au <= (v + 0.95) * 0.55)
-    if shape == "diamond":
-        return au + av <= 1.0
+    if shape == "diamond":  # a rhombus 0.6 times as wide as tall, so no rotation turns it into a square
+        return au / 0.6 + av <= 1.0
     if shape == "cross":
         return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
     if shape == "star":
-        rho, theta = np.sqrt(u * u + v * v), np.arctan2(v, u)
-        return rho <= 0.7 + 0.3 * np.cos(5 * theta)
+        return np.sqrt(u * u + v * v) <= 0.7 + 0.3 * np.cos(5 * np.arctan2(v, u))
     if shape == "ring":
         rr = u * u + v * v
         return (rr <= 1.0) & (rr >= 0.36)
     if shape == "hexagon":
         return np.maximum(av, 0.866 * au + 0.5 * av) <= 0.87
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; allowed values: {list(SHAPES)}")
+
+
+def object_footprint(obj: Obj, size: int) -> tuple[slice, slice, np.ndarray]:
+    """The pixels ``obj`` covers in a ``size``-pixel image: (row slice, column slice, inside [h, w] bool),
+    computed on the object's bounding box only."""
+    reach = _EXTENT * obj.radius
+    r0, r1 = max(0, int((obj.y - reach) * size)), min(size, int(np.ceil((obj.y + reach) * size)))
+    c0, c1 = max(0, int((obj.x - reach) * size)), min(size, int(np.ceil((obj.x + reach) * size)))
+    ys = ((np.arange(r0, r1, dtype=np.float32) + 0.5) / size - obj.y)[:, None] / obj.radius
+    xs = ((np.arange(c0, c1, dtype=np.float32) + 0.5) / size - obj.x)[None, :] / obj.radius
+    c, s = np.float32(np.cos(obj.angle)), np.float32(np.sin(obj.angle))
+    return slice(r0, r1), slice(c0, c1), shape_mask(obj.shape, c * xs + s * ys, c * ys - s * xs)
+
+
+def _scratch(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Two float32 buffers of ``shape``, reused by this thread's renders: fresh large allocations are
+    page-faulted in on every call, which otherwise dominates rendering time at 224 px and above."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].shape != shape:
+        bufs = _SCRATCH.bufs = (np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32))
+    return bufs
+
+
+def paint_background(canvas: np.ndarray, config: WorldConfig, rng: np.random.Generator,
+                     shift: bool = False) -> None:
+    """Fill ``canvas`` [3, S, S] float32 (channel-first, 0..255 units) with the background: a random tone
+    plus (``texture``) a low-frequency sinusoid; under the OOD ``shift``, plus square-wave stripes, with the
+    tone inverted."""
+    s = config.image_size
+    coords = (np.arange(s, dtype=np.float32) + 0.5) / s
+    xx, yy = coords[None, :], coords[:, None]
+    tone = rng.uniform(70, 130, size=3).astype(np.float32)
+    pattern = np.zeros((s, s), dtype=np.float32)
+    if config.texture:
+        fx, fy, phase = rng.uniform(1, 3), rng.uniform(1, 3), rng.uniform(0, 2 * np.pi)
+        pattern += 18 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+    if shift:
+        pattern += 35 * np.sign(np.sin(2 * np.pi * (xx + yy) / rng.uniform(0.1, 0.2)))
+        tone, pattern = 255 - tone, -pattern
+    np.add(tone[:, None, None], pattern[None], out=canvas)
 
 
 def render(objects: list[Obj], config: WorldConfig, rng: np.random.Generator, shift: bool = False
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``objects`` in order: image [S, S, 3] uint8 and mask [S, S] uint8 (0 = background)."""
+    """Draw ``objects`` in order over :func:`paint_background`, then add uniform noise of standard
+    deviation ``config.noise`` (doubled under ``shift``). Returns the image [S, S, 3] uint8 (a view of
+    channel-first memory, so ``image.transpose(2, 0, 1)`` is contiguous) and the mask [S, S] uint8."""
     s = config.image_size
-    coords = (np.arange(s, dtype=np.float32) + 0.5) / s
-    xx, yy = coords[None, :], coords[:, None]
-    # Background: a base tone, a low-frequency texture, (OOD) stripes and inverted contrast.
-    base = rng.uniform(70, 130, size=3).astype(np.float32)
-    img = np.broadcast_to(base, (s, s, 3)).copy()
-    if config.texture:
-        fx, fy, ph = rng.uniform(1, 3), rng.uniform(1, 3), rng.uniform(0, 2 * np.pi)
-        img += (18 * np.sin(2 * np.pi * (fx * xx + fy * yy) + ph))[..., None]
-    if shift:
-        period = rng.uniform(0.1, 0.2)
-        img += (35 * np.sign(np.sin(2 * np.pi * (xx + yy) / period)))[..., None]
-        img = 255 - img  # darker or lighter backgrounds than in-distribution
+    canvas, noise = _scratch((3, s, s))
+    paint_background(canvas, config, rng, shift)
     mask = np.zeros((s, s), dtype=np.uint8)
     for obj in objects:
-        c, si = np.cos(obj.angle), np.sin(obj.angle)
-        dx, dy = (xx - obj.x) / obj.radius, (yy - obj.y) / obj.radius
-        inside = shape_mask(obj.shape, c * dx + si * dy, -si * dx + c * dy)
-        img[inside] = COLORS[obj.color]
-        mask[inside] = SHAPES.index(obj.shape) + 1
-    noise = config.noise * (2.0 if shift else 1.0)
-    if noise > 0:
-        img += rng.normal(0, noise, size=img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).round().astype(np.uint8), mask
+        rows, cols, inside = object_footprint(obj, s)
+        for channel, value in zip(canvas, COLORS[obj.color], strict=True):
+            channel[rows, cols][inside] = value
+        mask[rows, cols][inside] = SHAPES.index(obj.shape) + 1
+    sigma = config.noise * (2.0 if shift else 1.0)
+    if sigma > 0:  # uniform on [-sigma * sqrt(3), sigma * sqrt(3)): standard deviation sigma
+        rng.random(dtype=np.float32, out=noise)
+        noise -= 0.5
+        noise *= np.float32(sigma * math.sqrt(12))
+        canvas += noise
+    np.clip(canvas, 0, 255, out=canvas)
+    np.rint(canvas, out=canvas)
+    return canvas.astype(np.uint8).transpose(1, 2, 0), mask
 
 
 # ------------------------------------------------------------------------------------------------- scenes
 def sample_objects(rng: np.random.Generator, config: WorldConfig, ood: bool = False) -> list[Obj]:
-    """1–4 objects; in-distribution scenes avoid :data:`HELD_OUT` pairs, OOD scenes contain at least one."""
+    """``min_objects``–``max_objects`` objects; in-distribution scenes draw (colour, shape) pairs from
+    :data:`IN_DISTRIBUTION`, OOD scenes force one random object to a :data:`HELD_OUT` pair."""
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
-    held = sorted(HELD_OUT)
-    forced = int(rng.integers(n)) if ood else -1
+    pairs = [IN_DISTRIBUTION[k] for k in rng.integers(len(IN_DISTRIBUTION), size=n)]
+    if ood:
+        pairs[int(rng.integers(n))] = _HELD_OUT_PAIRS[int(rng.integers(len(_HELD_OUT_PAIRS)))]
+    sizes = rng.integers(2, size=n).tolist()
+    angles = rng.uniform(0, 2 * np.pi, size=n).tolist() if config.rotation else [0.0] * n
     objs: list[Obj] = []
-    for i in range(n):
-        if i == forced:
-            color, shape = held[int(rng.integers(len(held)))]
-        else:
-            while True:
-                color, shape = COLOR_NAMES[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))]
-                if (color, shape) not in HELD_OUT:
-                    break
-        size = ("small", "large")[int(rng.integers(2))]
+    for (color, shape), size_k, angle in zip(pairs, sizes, angles, strict=True):
+        size = ("small", "large")[size_k]
         r = SIZES[size]
-        for _ in range(30):
-            x, y = rng.uniform(r, 1 - r, size=2)
-            if all(np.hypot(x - o.x, y - o.y) >= config.min_gap * (r + o.radius) for o in objs):
+        best, best_slack = (0.5, 0.5), -math.inf
+        for x, y in rng.uniform(r, 1 - r, size=(32, 2)).tolist():
+            # The first placement far enough from every placed object, else the one farthest from them.
+            slack = min((math.hypot(x - o.x, y - o.y) - config.min_gap * (r + o.radius) for o in objs),
+                        default=0.0)
+            if slack > best_slack:
+                best, best_slack = (x, y), slack
+            if slack >= 0:
                 break
-        angle = float(rng.uniform(0, 2 * np.pi)) if config.rotation else 0.0
-        objs.append(Obj(shape, color, size, float(x), float(y), angle))
+        objs.append(Obj(shape, color, size, best[0], best[1], angle))
     return objs
 
 
-def _plural(word: str) -> str:
-    return _PLURAL.get(word, word + "s")
-
-
-def _count_phrase(n: int, word: str) -> str:
-    return f"{NUMBER_WORDS[n]} {word if n == 1 else _plural(word)}"
-
-
 def relation(a: Obj, b: Obj) -> str | None:
-    """Where ``a`` is relative to ``b`` along the dominant axis, or None when they are too close to say."""
+    """Where ``a`` is relative to ``b`` along the dominant axis (``left``/``right``/``above``/``below``), or
+    None when their centres are within 0.15 of the image side on both axes."""
     dx, dy = a.x - b.x, a.y - b.y
     if max(abs(dx), abs(dy)) < 0.15:
         return None
@@ -250,167 +367,254 @@ def relation(a: Obj, b: Obj) -> str | None:
     return "above" if dy < 0 else "below"
 
 
-def _relation_phrase(rel: str) -> str:
-    return {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[rel]
+def _plural(word: str) -> str:
+    return _PLURAL.get(word, word + "s")
 
 
-def _describe(o: Obj, rng: np.random.Generator, with_size: bool) -> str:
-    noun = SHAPE_SYNONYMS[o.shape][int(rng.integers(len(SHAPE_SYNONYMS[o.shape])))]
-    return f"a {o.size + ' ' if with_size else ''}{o.color} {noun}"
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
-def make_captions(objs: list[Obj], rng: np.random.Generator, n: int = 5) -> list[str]:
-    """``n`` captions from a small grammar: listings, counts, relations, varied word order and synonyms.
+class Draws:
+    """Cheap random choices for the text grammar: uniform floats drawn from a generator in blocks (one
+    numpy call per 64 choices instead of one per choice)."""
 
-    The first caption always names every object (colour and shape), so each scene has a faithful caption.
-    """
-    def listing(with_size: bool) -> str:
-        order = rng.permutation(len(objs))
-        parts = [_describe(objs[i], rng, with_size) for i in order]
-        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng, self._buf = rng, []
 
-    def templates() -> list[str]:
-        pic, shows = _PICTURE[int(rng.integers(4))], _SHOWS[int(rng.integers(4))]
-        count = f"{NUMBER_WORDS[len(objs)]} {'object' if len(objs) == 1 else 'objects'}"
-        out = [f"{listing(True)}", f"the {pic} {shows} {listing(False)}", f"{count}: {listing(bool(rng.integers(2)))}",
-               f"there {'is' if len(objs) == 1 else 'are'} {count} in the {pic}"]
-        shapes = sorted({o.shape for o in objs})
-        counts = [_count_phrase(sum(o.shape == s for o in objs), s) for s in shapes]
-        out.append(f"a {pic} with " + " and ".join(counts))
-        pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a, b)]
-        if pairs:
-            a, b = pairs[int(rng.integers(len(pairs)))]
-            rel = _relation_phrase(relation(a, b))  # type: ignore[arg-type]
-            out.append(f"{_describe(a, rng, False)} {rel} {_describe(b, rng, False)}")
-            out.append(f"{_describe(a, rng, True)} is {rel} {_describe(b, rng, True)}".replace(" a ", " the ", 1))
-        else:
-            o = objs[0]
-            side = ("on the left" if o.x < 0.4 else "on the right" if o.x > 0.6 else "in the middle")
-            out.append(f"{side} there is {_describe(o, rng, True)}")
+    def random(self) -> float:
+        """A uniform float in [0, 1)."""
+        if not self._buf:
+            self._buf = self._rng.random(64).tolist()[::-1]
+        return self._buf.pop()
+
+    def index(self, n: int) -> int:
+        """A uniform integer in [0, n)."""
+        return int(self.random() * n)
+
+    def pick(self, options: Sequence[_T]) -> _T:
+        return options[self.index(len(options))]
+
+    def flip(self) -> bool:
+        return self.random() < 0.5
+
+    def shuffled(self, items: Sequence[_T]) -> list[_T]:
+        out = list(items)
+        for i in range(len(out) - 1, 0, -1):  # Fisher-Yates
+            j = self.index(i + 1)
+            out[i], out[j] = out[j], out[i]
         return out
 
-    first = f"{listing(True)}"
-    pool = templates()
-    rest = [pool[i] for i in rng.permutation(len(pool))[: n - 1]]
-    while len(rest) < n - 1:
-        rest.append(templates()[int(rng.integers(len(pool)))])
-    return [first, *rest]
+
+def _phrase(o: Obj, draws: Draws, with_size: bool, det: str = "a") -> str:
+    """``a large red disk`` / ``the red circle`` (a synonym of the shape, optionally its size)."""
+    words = f"{o.size + ' ' if with_size else ''}{o.color} {draws.pick(SHAPE_SYNONYMS[o.shape])}"
+    return f"{_article(words) if det == 'a' else det} {words}"
 
 
-def make_questions(objs: list[Obj], rng: np.random.Generator) -> list[QA]:
-    """One question of each kind in :data:`QUESTION_KINDS` (an existence question replaces an impossible one)."""
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _number(n: int, singular: str, plural: str) -> str:
+    return f"{NUMBER_WORDS[n]} {singular if n == 1 else plural}"
+
+
+def make_captions(objs: list[Obj], draws: Draws) -> list[str]:
+    """5 captions from a small grammar with synonyms and varied word order. The first lists every object
+    with its size and colour (so each scene has a complete caption); the other 4 are drawn without
+    replacement from six templates: listing, count, per-shape counts, colours, one object's size, and a
+    spatial relation (or, with no clear relation, the position of one object). Each template has 2–4
+    phrasings; only the drawn one is built."""
+    pic, shows = draws.pick(_PICTURE), draws.pick(_SHOWS)
+    be = "is" if len(objs) == 1 else "are"
+
+    def listing(with_size: bool) -> str:
+        return _join([_phrase(o, draws, with_size) for o in draws.shuffled(objs)])
+
+    def listing_caption() -> str:
+        k = draws.index(3)
+        if k == 0:
+            return f"the {pic} {shows} {listing(False)}"
+        if k == 1:
+            return f"{listing(False)} in the {pic}"
+        return f"in the {pic} there {be} {listing(draws.flip())}"
+
+    def count_caption() -> str:
+        n = _number(len(objs), *draws.pick((("object", "objects"), ("shape", "shapes"))))
+        k = draws.index(3)
+        if k == 0:
+            return f"there {be} {n} in the {pic}"
+        return f"{n}: {listing(draws.flip())}" if k == 1 else f"the {pic} {shows} {n}"
+
+    def shape_count_caption() -> str:
+        shapes = draws.shuffled([s for s in SHAPES if any(o.shape == s for o in objs)])
+        counts = _join([_number(sum(o.shape == s for o in objs), s, _plural(s)) for s in shapes])
+        return f"{_article(pic)} {pic} with {counts}" if draws.flip() else counts
+
+    def color_caption() -> str:
+        colors = _join(draws.shuffled([c for c in COLOR_NAMES if any(o.color == c for o in objs)]))
+        noun = "object" if len(objs) == 1 else "objects"
+        if draws.flip():
+            return f"{colors} {noun} in {_article(pic)} {pic}"
+        return f"the {pic} {shows} {colors} {noun}"
+
+    def size_caption() -> str:
+        o = draws.pick(objs)
+        if draws.flip():
+            return f"{_phrase(o, draws, False, 'the')} is {o.size}"
+        return f"there is {_phrase(o, draws, True)}"
+
+    def relation_caption() -> str:
+        pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a, b)]
+        if not pairs:
+            o = objs[0]
+            where = "on the left" if o.x < 0.4 else "on the right" if o.x > 0.6 else "in the middle"
+            if draws.flip():
+                return f"{_phrase(o, draws, True)} {where}"
+            return f"{where} there is {_phrase(o, draws, True)}"
+        a, b = draws.pick(pairs)
+        rel = relation(a, b)
+        phrase, converse = _RELATION_PHRASE[rel], _RELATION_PHRASE[_CONVERSE[rel]]
+        k = draws.index(4)
+        if k == 0:
+            return f"{_phrase(a, draws, False)} {phrase} {_phrase(b, draws, False)}"
+        if k == 1:
+            return f"{_phrase(a, draws, True, 'the')} is {phrase} {_phrase(b, draws, True, 'the')}"
+        if k == 2:
+            return f"{phrase} {_phrase(b, draws, False)} there is {_phrase(a, draws, False)}"
+        return f"{_phrase(b, draws, False, 'the')} is {converse} {_phrase(a, draws, False, 'the')}"
+
+    templates = (listing_caption, count_caption, shape_count_caption, color_caption, size_caption,
+                 relation_caption)
+    return [listing(True), *(template() for template in draws.shuffled(templates)[:4])]
+
+
+def make_questions(objs: list[Obj], draws: Draws) -> list[QA]:
+    """One question of each kind in :data:`QUESTION_KINDS`; a kind the scene cannot support (colour needs a
+    shape that occurs once, shape a colour that occurs once, relation two such shapes clearly apart) is
+    replaced by an existence question. Existence questions ask about a present object half of the time and
+    avoid repeating an earlier question of the scene where 10 tries allow."""
+    shapes, colors = [o.shape for o in objs], [o.color for o in objs]
     qs: list[QA] = []
-    shapes = [o.shape for o in objs]
-    colors = [o.color for o in objs]
 
     def exists() -> QA:
-        if rng.random() < 0.5:
-            o = objs[int(rng.integers(len(objs)))]
-            c, s = o.color, o.shape
-        else:
-            c, s = COLOR_NAMES[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))]
-        present = any(o.color == c and o.shape == s for o in objs)
-        return QA(f"is there a {c} {s}?", "yes" if present else "no", "exists")
+        for _ in range(10):
+            o = draws.pick(objs)
+            c, s = (o.color, o.shape) if draws.flip() else (draws.pick(COLOR_NAMES), draws.pick(SHAPES))
+            present = any(ob.color == c and ob.shape == s for ob in objs)
+            qa = QA(f"is there {_article(c)} {c} {s}?", "yes" if present else "no", "exists")
+            if qa not in qs:
+                break
+        return qa
 
     unique_shapes = [s for s in shapes if shapes.count(s) == 1]
     if unique_shapes:
-        s = unique_shapes[int(rng.integers(len(unique_shapes)))]
-        qs.append(QA(f"what color is the {s}?", objs[shapes.index(s)].color, "color"))
+        s = draws.pick(unique_shapes)
+        qs.append(QA(f"what color is the {s}?", colors[shapes.index(s)], "color"))
     else:
         qs.append(exists())
     unique_colors = [c for c in colors if colors.count(c) == 1]
     if unique_colors:
-        c = unique_colors[int(rng.integers(len(unique_colors)))]
-        qs.append(QA(f"what shape is the {c} object?", objs[colors.index(c)].shape, "shape"))
+        c = draws.pick(unique_colors)
+        qs.append(QA(f"what shape is the {c} object?", shapes[colors.index(c)], "shape"))
     else:
         qs.append(exists())
-    if rng.random() < 0.4:
+    u = draws.random()
+    if u < 0.4:
         qs.append(QA("how many objects are there?", str(len(objs)), "count"))
+    elif u < 0.7:
+        c = draws.pick(colors)
+        qs.append(QA(f"how many {c} objects are there?", str(colors.count(c)), "count"))
     else:
-        s = SHAPES[int(rng.integers(len(SHAPES)))] if rng.random() < 0.3 else shapes[int(rng.integers(len(objs)))]
+        s = draws.pick(SHAPES) if draws.random() < 0.3 else draws.pick(shapes)
         qs.append(QA(f"how many {_plural(s)} are there?", str(shapes.count(s)), "count"))
     qs.append(exists())
     pairs = [(a, b) for a in objs for b in objs
              if a is not b and relation(a, b) and shapes.count(a.shape) == 1 and shapes.count(b.shape) == 1]
     if pairs:
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        qs.append(QA(f"where is the {a.shape} relative to the {b.shape}?", relation(a, b), "relation"))  # type: ignore[arg-type]
+        a, b = draws.pick(pairs)
+        qs.append(QA(f"where is the {a.shape} relative to the {b.shape}?", relation(a, b), "relation"))
     else:
         qs.append(exists())
     return qs
 
 
-def statement_truth(st: Statement, left: list[Obj], right: list[Obj]) -> bool:
-    """Whether an NLVR2 statement holds for the (left, right) scenes."""
-    if st.kind == "more":
-        return sum(o.shape == st.args[0] for o in left) > sum(o.shape == st.args[0] for o in right)
-    if st.kind == "both":
-        return any(o.color == st.args[0] for o in left) and any(o.color == st.args[0] for o in right)
-    if st.kind == "exactly_one":
-        return any(o.shape == st.args[0] for o in left) != any(o.shape == st.args[0] for o in right)
-    if st.kind == "total":
-        return len(left) + len(right) == st.args[0]
-    raise ValueError(f"unknown statement kind {st.kind!r}")
-
-
-def _random_statement(rng: np.random.Generator, left: list[Obj], right: list[Obj]) -> Statement:
-    kind = ("more", "both", "exactly_one", "total")[int(rng.integers(4))]
-    everyone = left + right
+def _random_statement(draws: Draws, left: list[Obj], right: list[Obj]) -> Statement:
+    kind, o = draws.pick(STATEMENT_KINDS), draws.pick(left + right)
     if kind == "more":
-        return Statement(kind, (everyone[int(rng.integers(len(everyone)))].shape,))
+        return Statement(kind, (draws.pick(("left", "right")), o.shape))
     if kind == "both":
-        return Statement(kind, (everyone[int(rng.integers(len(everyone)))].color,))
+        return Statement(kind, (o.color,))
     if kind == "exactly_one":
-        return Statement(kind, (everyone[int(rng.integers(len(everyone)))].shape,))
-    return Statement(kind, (len(everyone) + int(rng.integers(-1, 2)),))
+        return Statement(kind, (o.shape,))
+    if kind == "total":
+        return Statement(kind, (len(left) + len(right) + draws.pick((-1, 0, 1)),))
+    return Statement(kind, (o.color if draws.flip() else draws.pick(COLOR_NAMES), o.shape))
 
 
 # -------------------------------------------------------------------------------------------------- world
 class World:
-    """Random access to one split: ``world[i]`` is a :class:`Scene`, ``world.nlvr2(i)`` an NLVR2 example."""
+    """Random access to one split of the world: ``world[i]`` is a :class:`Scene`, ``world.nlvr2(i)`` an
+    :class:`NLVR2Example`; both are pure functions of ``(config, split, seed, i)``."""
 
     def __init__(self, config: WorldConfig | None = None, split: str = "train", seed: int = 0) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+            raise ValueError(f"unknown split {split!r}; allowed values: {list(SPLITS)}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"world seed={seed!r} is invalid; allowed values: an integer ≥ 0")
         self.config = config or WorldConfig()
-        self.split, self.seed = split, seed
+        self.split, self.seed = split, int(seed)
+        self.ood = split == "ood"
 
-    @cached_property
-    def ood(self) -> bool:
-        return self.split == "ood"
+    def __repr__(self) -> str:
+        return f"World({self.config}, split={self.split!r}, seed={self.seed})"
 
-    def rng(self, index: int, stream: int = 0) -> np.random.Generator:
-        if index < 0:
-            raise IndexError(f"index must be ≥ 0, got {index}")
-        return np.random.default_rng([self.seed, SPLITS[self.split], stream, index])
+    def _rng(self, stream: int, index: int, part: int, purpose: int) -> np.random.Generator:
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise IndexError(f"world index must be an integer ≥ 0, got {index!r}")
+        return np.random.default_rng([self.seed, SPLITS[self.split], stream, int(index), part, purpose])
 
-    def scene(self, rng: np.random.Generator) -> Scene:
+    def _content(self, stream: int, index: int, part: int) -> tuple[list[Obj], list[str], list[QA], int]:
+        rng = self._rng(stream, index, part, 0)
         objs = sample_objects(rng, self.config, self.ood)
-        image, mask = render(objs, self.config, rng, shift=self.ood)
-        largest = max(range(len(objs)), key=lambda i: (objs[i].radius, -i))
-        return Scene(objs, image, mask, make_captions(objs, rng), make_questions(objs, rng),
-                     SHAPES.index(objs[largest].shape), self.ood)
+        draws = Draws(rng)
+        largest = max(range(len(objs)), key=lambda k: (objs[k].radius, -k))
+        label = SHAPES.index(objs[largest].shape)
+        return objs, make_captions(objs, draws), make_questions(objs, draws), label
+
+    def _scene(self, stream: int, index: int, part: int) -> Scene:
+        objs, captions, questions, label = self._content(stream, index, part)
+        image, mask = render(objs, self.config, self._rng(stream, index, part, 1), shift=self.ood)
+        return Scene(objs, image, mask, captions, questions, label, self.ood)
 
     def __getitem__(self, index: int) -> Scene:
-        return self.scene(self.rng(index))
+        return self._scene(0, index, 0)
 
-    def nlvr2(self, index: int) -> tuple[Scene, Scene, Statement, bool]:
-        """(left, right, statement, label): the label is drawn first (50/50), then a statement matching it."""
-        rng = self.rng(index, stream=1)
-        label = bool(rng.random() < 0.5)
-        left, right = self.scene(rng), self.scene(rng)
+    def nlvr2(self, index: int) -> NLVR2Example:
+        """NLVR2-style example ``index``: two scenes and a statement, true with probability 1/2."""
+        left, right = self._scene(1, index, 0), self._scene(1, index, 1)
+        return NLVR2Example(left, right, *self._statement(index, left.objects, right.objects))
+
+    def _statement(self, index: int, left: list[Obj], right: list[Obj]) -> tuple[Statement, bool]:
+        """The label is drawn first, then random statements until one's truth equals it (up to 200 tries;
+        else a ``total`` statement made to fit)."""
+        draws = Draws(self._rng(1, index, 2, 0))
+        label = draws.flip()
         for _ in range(200):
-            st = _random_statement(rng, left.objects, right.objects)
-            if statement_truth(st, left.objects, right.objects) == label:
-                return left, right, st, label
-        st = Statement("total", (len(left.objects) + len(right.objects) + (0 if label else 1),))
-        return left, right, st, label
+            st = _random_statement(draws, left, right)
+            if st.holds(left, right) == label:
+                return st, label
+        total = len(left) + len(right)
+        return Statement("total", (total if label else total + 1,)), label
 
     def texts(self, n: int) -> list[str]:
-        """Captions, questions and statements of the first ``n`` examples (tokenizer training corpus)."""
+        """Captions, questions and NLVR2 statements of the first ``n`` examples (no pixels are rendered);
+        the corpus the default tokenizer is trained on."""
         out: list[str] = []
         for i in range(n):
-            s = self[i]
-            out += s.captions + [q.question for q in s.questions]
-            out.append(self.nlvr2(i)[2].text)
+            _, captions, questions, _ = self._content(0, i, 0)
+            out += captions + [q.question for q in questions]
+            left, right = self._content(1, i, 0)[0], self._content(1, i, 1)[0]
+            out.append(self._statement(i, left, right)[0].text)
         return out

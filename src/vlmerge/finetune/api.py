@@ -1,0 +1,214 @@
+"""The fine-tuning API the study calls: :func:`finetune`, :func:`evaluate`, :func:`zero_shot`.
+
+A fine-tuned checkpoint is a model directory (``load_model`` reads it) whose ``config.json`` keeps the
+initial checkpoint's extras (tokenizer, pixel mean / std, pre-training and merge records) and adds
+``finetune``: the task, the resolved config, the initial checkpoint, what was trained and the metrics.
+``OUT/metrics.json`` holds the metrics on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import VLMo, load_model, load_model_config, save_model
+from ..models.checkpoint import atomic_write_json
+from .config import FINETUNE_TASKS, MODEL_PRESET_TO_FT, FinetuneConfig, read_yaml, resolve_config
+from .data import default_tokenizer, load_split, tokenizer_from_config
+from .engine import steps_for, train
+from .model import build_task_model, checkpoint_extras, resolve_scope, trainable_names
+from .tasks import Prep, get_task
+
+log = logging.getLogger("vlmerge.finetune")
+
+ConfigLike = FinetuneConfig | Mapping[str, Any] | str | os.PathLike[str] | None
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+def infer_preset(init: str | os.PathLike[str] | VLMo) -> str:
+    """The fine-tuning preset for a checkpoint: its ``config.json`` ``"preset"`` if recorded, else the model
+    preset whose width, depth and heads it has (``micro`` / ``tiny``; ``vit-*`` -> ``paper``), else ``paper``
+    for a ≥ 12-layer model and ``tiny`` otherwise."""
+    from ..models import PRESETS
+
+    if isinstance(init, VLMo):
+        config, extras = init.config, {}
+    else:
+        config, extras = load_model_config(init), checkpoint_extras(init)
+    preset = extras.get("preset")
+    if isinstance(preset, str) and preset in MODEL_PRESET_TO_FT:
+        return MODEL_PRESET_TO_FT[preset]
+    for name, fields in PRESETS.items():  # the model's size (width, depth, heads), whatever its resolution
+        if all(getattr(config, k) == fields[k] for k in ("embed_dim", "depth", "num_heads")):
+            return MODEL_PRESET_TO_FT[name]
+    return "paper" if config.depth >= 12 else "tiny"
+
+
+def _user_config(config: ConfigLike) -> Mapping[str, Any] | FinetuneConfig | None:
+    if isinstance(config, (str, os.PathLike)):
+        return read_yaml(config)
+    return config
+
+
+def make_config(task: str, init: str | os.PathLike[str] | VLMo, config: ConfigLike = None,
+                sets: tuple[str, ...] | list[str] = (), preset: str | None = None) -> FinetuneConfig:
+    """The resolved :class:`FinetuneConfig` for ``task`` from ``init`` (see :mod:`.config` for the order)."""
+    user = _user_config(config)
+    if isinstance(user, FinetuneConfig) and not sets and preset is None:
+        if user.task != task:
+            raise ValueError(f"config task={user.task!r} does not match the requested task {task!r}")
+        return user
+    if preset is None and isinstance(user, Mapping) and isinstance(user.get("preset"), str):
+        preset = user["preset"]
+    return resolve_config(task, preset or infer_preset(init), user, sets)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but CUDA is not available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _prep(config: FinetuneConfig, model: VLMo, extras: Mapping[str, Any], tokenizer: Any) -> Prep:
+    return Prep(
+        tokenizer=tokenizer,
+        max_len=min(config.data.max_text_len or model.config.max_text_len, model.config.max_text_len),
+        image_size=model.config.image_size,
+        mean=tuple(extras.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(extras.get("image_std", (0.5, 0.5, 0.5))),
+        augment_ops=config.augment_ops,
+        augment_magnitude=config.augment_magnitude,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def _tokenizer(extras: Mapping[str, Any], tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    if "tokenizer" in extras:
+        return tokenizer_from_config(extras["tokenizer"])
+    return default_tokenizer()
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+def finetune(
+    task: str,
+    init_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: ConfigLike = None,
+    *,
+    sets: tuple[str, ...] | list[str] = (),
+    preset: str | None = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    tokenizer: Any = None,
+) -> Path:
+    """Fine-tune the checkpoint ``init_dir`` on ``task``, evaluate it on the eval split, save it to ``out_dir``.
+
+    ``config``: a :class:`FinetuneConfig`, a dict of overrides, or a YAML path (None = the preset's
+    defaults). ``train_data`` / ``eval_data`` replace the configured datasets (any map-style dataset of
+    the task's items). Returns ``out_dir``, a checkpoint directory with ``metrics.json``.
+    """
+    t = get_task(task)
+    if task not in FINETUNE_TASKS:
+        raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(FINETUNE_TASKS)}")
+    cfg = make_config(task, init_dir, config, sets, preset)
+    extras = checkpoint_extras(init_dir)
+    tok = _tokenizer(extras, tokenizer)
+    d = cfg.data
+    size = cfg.image_size or load_model_config(init_dir).image_size
+    train_ds = train_data if train_data is not None else load_split(task, d.train_split, d, size, d.max_train)
+    eval_ds = eval_data if eval_data is not None else load_split(task, d.eval_split, d, size, d.max_eval)
+
+    torch.manual_seed(cfg.seed)  # new heads' initialisation
+    heads = t.heads + (("itm",) if task == "retrieval" and cfg.itm_weight > 0 else ())
+    model = build_task_model(init_dir, heads, cfg.image_size, **t.head_sizes(train_ds))
+    device = _device(cfg.device)
+    model.to(device)
+    prep = _prep(cfg, model, extras, tok)
+    scope = resolve_scope(cfg.scope, t.vision, model)
+    names = trainable_names(model, scope, heads)
+    loader = t.loader(train_ds, prep, cfg.batch_size, train=True, seed=cfg.seed, workers=d.workers)
+    steps = steps_for(cfg.epochs, len(loader), cfg.max_steps)
+    log.info("fine-tuning %s from %s: %d steps of %d, scope %s, %d examples", task, init_dir, steps,
+             loader.batch_size, scope, len(train_ds))
+    result = train(model, lambda m, b: t.loss(m, b, cfg), loader, names, steps=steps, lr=cfg.lr, warmup=cfg.warmup,
+                   weight_decay=cfg.weight_decay, betas=cfg.betas, head_lr_mult=cfg.head_lr_mult,
+                   layer_decay=cfg.layer_decay, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=device)
+    metrics = t.evaluate(model, eval_ds, prep, cfg)
+    metrics = {"task": task, "split": d.eval_split, **metrics}
+
+    out = Path(out_dir)
+    record = {"task": task, "init": str(init_dir), "scope": scope, "config": cfg.model_dump(mode="json"),
+              "train": result.summary(), "metrics": metrics}
+    keep = {k: v for k, v in extras.items() if k != "finetune"}
+    if "tokenizer" not in keep and hasattr(tok, "to_config"):
+        keep["tokenizer"] = tok.to_config()
+    save_model(model.cpu(), out, **keep, finetune=record)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "train_log.json", result.history)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate(
+    task: str,
+    model: str | os.PathLike[str] | VLMo,
+    split: str = "test",
+    config: ConfigLike = None,
+    *,
+    sets: tuple[str, ...] | list[str] = (),
+    dataset: Any = None,
+    tokenizer: Any = None,
+    image_mean: tuple[float, float, float] | None = None,
+    image_std: tuple[float, float, float] | None = None,
+) -> dict[str, Any]:
+    """Score a checkpoint directory (or a model in memory) on ``task``'s ``split`` without training it.
+
+    The config defaults to the one the checkpoint was fine-tuned with for this task (same data source),
+    else to the preset's defaults. ``dataset`` replaces the configured split (e.g. a real-format dataset).
+    For a model in memory, ``tokenizer`` defaults to the embedded world's and the pixel mean / std to 0.5.
+    Returns the task's metrics with ``score`` (its headline), ``baseline``, ``task`` and ``split``.
+    """
+    t = get_task(task)
+    if isinstance(model, VLMo):
+        net, extras, where = model, {}, "model"
+    else:
+        net, extras, where = load_model(model), checkpoint_extras(model), str(model)
+    if image_mean is not None:
+        extras["image_mean"] = image_mean
+    if image_std is not None:
+        extras["image_std"] = image_std
+    ft = extras.get("finetune") if isinstance(extras.get("finetune"), Mapping) else None
+    if config is None and ft is not None and ft.get("task") == task:
+        base = {k: v for k, v in ft["config"].items() if k != "task"}
+        cfg = make_config(task, model, base, sets)
+    else:
+        cfg = make_config(task, model, config, sets)
+    tok = _tokenizer(extras, tokenizer)
+    d = cfg.data
+    ds = dataset if dataset is not None else load_split(task, split, d, net.config.image_size, d.max_eval)
+    device = _device(cfg.device)
+    training = net.training
+    orig = next(net.parameters()).device
+    net.to(device)
+    try:
+        metrics = t.evaluate(net, ds, _prep(cfg, net, extras, tok), cfg)
+    finally:
+        net.to(orig).train(training)
+    return {"task": task, "split": split if dataset is None else "given", "checkpoint": where, **metrics}
+
+
+def zero_shot(model: str | os.PathLike[str] | VLMo, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+    """Zero-shot scores of a pre-trained (or merged) model: dual-encoder retrieval, and ITM accuracy when
+    the model has an ITM head."""
+    config = model.config if isinstance(model, VLMo) else load_model_config(model)
+    out = {"retrieval": evaluate("retrieval", model, split, **kwargs)}
+    if "itm" in config.heads:
+        out["itm"] = evaluate("itm", model, split, **kwargs)
+    return out

@@ -1,0 +1,69 @@
+"""What pre-training reads: image-text pairs, a tokenizer and the pixel normalisation, behind one dataclass.
+
+:func:`build_data` builds it from the procedural world of :mod:`vlmerge.data`; any other corpus plugs in by
+passing a :class:`PretrainData` to :func:`~vlmerge.pretrain.engine.pretrain` (the "own data" hook):
+
+* ``train`` / ``eval``: map-style datasets whose items are ``{"image": [3, S, S] float in [0, 1],
+  "text": str}`` and optionally ``"image_id": int`` (pairs sharing an image: they are never each other's
+  ITM negatives, and retrieval scores them as one image with several captions);
+* ``tokenizer``: ``encode(texts, max_len) -> {"input_ids", "attention_mask"}`` ([B, max_len] long, [CLS]
+  first, padded), ``pad_id``, ``cls_id``, ``sep_id``, ``mask_id``, ``vocab_size``, ``to_config()``;
+* ``mean`` / ``std``: per-channel pixel normalisation applied after augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data import ImageTextDataset, Tokenizer, World, WorldConfig, default_tokenizer
+from ..data.datasets import MEAN, STD
+from .losses import SpecialTokens
+
+if TYPE_CHECKING:
+    from .config import PretrainConfig
+
+
+@dataclass
+class PretrainData:
+    train: Any
+    eval: Any
+    tokenizer: Any
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+
+    @property
+    def special(self) -> SpecialTokens:
+        t = self.tokenizer
+        return SpecialTokens(t.pad_id, t.cls_id, t.sep_id, t.mask_id, t.vocab_size)
+
+
+def build_data(config: PretrainConfig) -> PretrainData:
+    """The world's train split (all 5 captions of ``data.train_images`` images) and ``data.eval_split``, rendered
+    at the model's image size, with the world WordPiece tokenizer or bert-base-uncased (``data.tokenizer``)."""
+    d = config.data
+    world = WorldConfig(image_size=config.build_model_config(vocab_size=1, heads=()).image_size)
+    return PretrainData(
+        train=ImageTextDataset(World(world, "train", d.seed), d.train_images, pairs=True),
+        eval=ImageTextDataset(World(world, d.eval_split, d.seed), d.eval_images, pairs=True),
+        tokenizer=Tokenizer.paper() if d.tokenizer == "paper" else default_tokenizer(),
+    )
+
+
+class Collate:
+    """Items -> ``{"image": [B, 3, S, S], "input_ids": [B, L], "attention_mask": [B, L], "image_id": [B]}`` with
+    L = ``max_len`` fixed (same shapes on every rank and step) and image_id −1 where the items have none."""
+
+    def __init__(self, tokenizer: Any, max_len: int) -> None:
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer.encode([it["text"] for it in items], self.max_len)
+        return {
+            "image": torch.stack([it["image"] for it in items]).float(),
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+            "image_id": torch.tensor([int(it.get("image_id", -1)) for it in items]),
+        }

@@ -1,0 +1,339 @@
+"""The study: the merging paper's experiments (Tables 1–3, 5; Figures 3–4) on the embedded world.
+
+Every number comes from a cell (:mod:`vlmerge.study.cells`): pre-training runs, merges, Gram collections,
+fine-tunes and evaluations are cached under the hash of the config that made them, so a re-run or a run
+killed halfway recomputes nothing that finished. ``results.json`` (schema below) feeds the report.
+
+Schema of ``results`` (scores: ``tr``/``ir`` = Avg TR / Avg IR of zero-shot retrieval on the test split,
+plus fine-tuned task scores ``vqa``, ``nlvr2``, ``cls``, ``seg`` and OOD retrieval ``tr_ood``/``ir_ood``)::
+
+    table1:  {maa, msa, merging_baseline: scores}
+    figure3: {k_seed: [steps], before: [scores], after: [scores]}
+    table2:  {interpolation | modality_arithmetic | regmean: {param: scores}}
+    figure4: {arch: {before: scores, after: scores}}
+    table3:  {msa, maa, merging_baseline, ours: scores}
+    table5:  {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, spearman: {..}}
+    meta:    {preset, seeds, wall_time_s, command, config, config_hash, device}
+    cells:   {name: {hash, spec}} -- the provenance of every number
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .cells import Cell, CellStore, config_hash
+from .report import write_report
+
+log = logging.getLogger("vlmerge.study")
+
+PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5")
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Table2Grid(_Strict):
+    interpolation: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="α values")
+    modality_arithmetic: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="λ")
+    regmean: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="γ values")
+
+
+class StudyConfig(_Strict):
+    """One study preset (``configs/study/<name>.yaml``)."""
+
+    name: str
+    pretrain: str = Field(description="pre-training config (path, relative to configs/ or absolute)")
+    pretrain_set: list[str] = Field(default_factory=list, description="dotted overrides of the pre-training config")
+    steps: int = Field(gt=0, description="K: total pre-training steps of every model")
+    k_seed: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], description="K_seed / K (Figure 3)")
+    recipe_k_seed: float = Field(0.5, ge=0, lt=1, description="K_seed / K of the recipe (paper: 100k of 200k)")
+    baseline_alpha: float = Field(0.5, ge=0, le=1, description="interpolation α of the merging baseline, Fig. 3/4")
+    recipe_alpha: float = Field(0.75, ge=0, le=1, description="interpolation α of 'ours' in Table 3")
+    table2: Table2Grid = Table2Grid()
+    regmean_batches: int = Field(8, ge=1, description="batches of world image-text pairs for RegMean's Grams")
+    archs: list[Literal["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"]] = Field(
+        default_factory=lambda: ["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"])
+    eval_images: int = Field(200, ge=10, description="test/OOD images for zero-shot retrieval (5 captions each)")
+    finetune: str = Field("tiny", description="fine-tuning preset (configs/finetune/<task>.yaml section)")
+    finetune_set: dict[str, list[str]] = Field(default_factory=dict, description="per-task fine-tuning overrides")
+    table1_tasks: list[Literal["vqa"]] = Field(default_factory=lambda: ["vqa"])
+    table3_tasks: list[Literal["nlvr2", "cls", "seg"]] = Field(default_factory=lambda: ["nlvr2", "cls", "seg"])
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        for f in self.k_seed:
+            if not 0 <= f < 1:
+                raise ValueError(f"k_seed: each value must be in [0, 1), got {f}")
+        if 0.0 not in self.k_seed:
+            raise ValueError("k_seed must include 0 (the MSA without seed pre-training: Table 1's baseline)")
+        return self
+
+
+def find_config(name_or_path: str, sub: str = "") -> Path:
+    """A config by path, or by name under ``configs/<sub>/`` (the repository's or the working directory's)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for root in (Path.cwd() / "configs", CONFIG_DIR):
+        cand = root / sub / (name_or_path if p.suffix else f"{name_or_path}.yaml")
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no config {name_or_path!r} (looked for configs/{sub}/{name_or_path}.yaml)")
+
+
+def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    path = find_config(preset, "study")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not _:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        node = data
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return StudyConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from e
+
+
+# ------------------------------------------------------------------------------------------------ the study
+class Study:
+    """Runs the cells of one seed; :func:`run_study` aggregates seeds and writes the report."""
+
+    def __init__(self, config: StudyConfig, out: Path, seed: int, progress: bool = True) -> None:
+        from ..pretrain import load_config
+
+        self.cfg, self.out, self.seed, self.progress = config, out, seed, progress
+        self.store = CellStore(out)
+        base = load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
+                                                          f"train.seed={seed}"])
+        self.base = base.to_dict()
+        self.cells: dict[str, dict[str, Any]] = {}
+
+    # -- cells -----------------------------------------------------------------------------------------
+    def _record(self, name: str, kind: str, spec: Mapping[str, Any]) -> Cell:
+        cell = self.store.cell(kind, spec)
+        self.cells[name] = {"hash": cell.hash, "kind": kind, "spec": cell.spec}
+        return cell
+
+    def pretrain(self, arch: str, k_seed_frac: float) -> dict[str, Any]:
+        """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe."""
+        from ..pretrain import pretrain, validate_config
+
+        k_seed = round(k_seed_frac * self.cfg.steps)
+        data = {**self.base, "model": {**self.base["model"], "arch": arch}}
+        data["recipe"] = ({"name": "seed", "seed_steps": k_seed} if k_seed and arch != "maa" else {"name": "scratch"})
+        spec = {"pretrain": data}
+        cell = self._record(f"pretrain/{arch}/kseed={k_seed}", "pretrain", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            final = pretrain(validate_config(data), c.dir / "run", progress=self.progress)
+            w0 = c.dir / "run" / "w0"
+            return {"final": str(final), "w0": str(w0) if (w0 / "config.json").is_file() else None,
+                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test")}
+
+        return self.store.run("pretrain", cell.spec, run)
+
+    def merge(self, src: Mapping[str, Any], method: str, **params: Any) -> dict[str, Any]:
+        """``src``'s modality copies merged by ``method``; scores of the merged model."""
+        from ..merge import merge_checkpoint
+
+        if src.get("arch_is_maa"):
+            return src
+        spec = {"src": src["final"], "method": method, "params": params}
+        cell = self._record(f"merge/{Path(src['final']).parent.parent.name}/{method}/{params}", "merge", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            kwargs: dict[str, Any] = dict(params)
+            if method == "modality_arithmetic":
+                if not src.get("w0"):
+                    raise ValueError(f"{src['final']}: modality arithmetic needs W0 (a seed-recipe run saves it)")
+                kwargs["base_dir"] = src["w0"]
+            if method == "regmean":
+                kwargs["grams"] = self.grams(src)
+            out = merge_checkpoint(method, src["final"], c.dir / "merged", **kwargs)
+            return {"final": str(out), "retrieval": self.retrieval(out, "test")}
+
+        return self.store.run("merge", cell.spec, run)
+
+    def grams(self, src: Mapping[str, Any]) -> Any:
+        from ..merge import collect_grams, load_grams, save_grams
+        from ..merge.gram_data import world_batches
+        from ..models import load_model
+
+        spec = {"src": src["final"], "batches": self.cfg.regmean_batches, "seed": self.seed}
+        cell = self._record(f"grams/{Path(src['final']).parent.parent.name}", "grams", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            model = load_model(src["final"]).eval()
+            g = collect_grams(model, world_batches(model, self.cfg.regmean_batches, self.seed))
+            save_grams(g, c.dir / "grams.safetensors")
+            return {"path": str(c.dir / "grams.safetensors")}
+
+        return load_grams(self.store.run("grams", cell.spec, run)["path"])
+
+    def retrieval(self, ckpt: str | Path, split: str) -> dict[str, float]:
+        """Zero-shot retrieval (Avg TR / Avg IR and recalls) of ``ckpt`` on ``split``."""
+        from ..data import ImageTextDataset, World, WorldConfig, default_tokenizer
+        from ..models import load_model
+        from ..pretrain import evaluate_retrieval
+
+        model = load_model(ckpt)
+        world = World(WorldConfig(image_size=model.config.image_size), split, self.base["data"]["seed"])
+        r = evaluate_retrieval(model, ImageTextDataset(world, self.cfg.eval_images), default_tokenizer())
+        return {"tr": r["tr_mean"], "ir": r["ir_mean"], **{k: v for k, v in r.items() if k.startswith(("tr_", "ir_"))}}
+
+    def task(self, src: Mapping[str, Any], task: str) -> dict[str, float]:
+        """Fine-tune ``src`` on ``task`` and evaluate on the test split; ``{task: score}``."""
+        from ..finetune import evaluate, finetune
+
+        spec = {"src": src["final"], "task": task, "preset": self.cfg.finetune, "seed": self.seed}
+        cell = self._record(f"finetune/{Path(src['final']).parent.parent.name}/{task}", "finetune", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            ckpt = finetune(task, src["final"], c.dir / "model", preset=self.cfg.finetune,
+                            sets=[f"seed={self.seed}", *self.cfg.finetune_set.get(task, [])])
+            return evaluate(task, ckpt, split="test")
+
+        metrics = self.store.run("finetune", cell.spec, run)
+        return {task: float(metrics["score"])}
+
+    # -- parts -----------------------------------------------------------------------------------------
+    @staticmethod
+    def scores(r: Mapping[str, Any]) -> dict[str, float]:
+        return {"tr": r["retrieval"]["tr"], "ir": r["retrieval"]["ir"]}
+
+    def run(self, parts: Sequence[str]) -> dict[str, Any]:
+        c, res = self.cfg, {}
+        msa0 = self.pretrain("msa", 0.0)
+        recipe = self.pretrain("msa", c.recipe_k_seed)
+        maa = {**self.pretrain("maa", 0.0), "arch_is_maa": True}
+        baseline = self.merge(msa0, "interpolation", alpha=c.baseline_alpha)
+        if "table1" in parts:
+            rows = {"maa": maa, "msa": msa0, "merging_baseline": baseline}
+            res["table1"] = {k: {**self.scores(v), **{t: self.task(v, t)[t] for t in c.table1_tasks}}
+                             for k, v in rows.items()}
+        runs = {f: self.pretrain("msa", f) for f in sorted(c.k_seed)}
+        merged = {f: self.merge(r, "interpolation", alpha=c.baseline_alpha) for f, r in runs.items()}
+        if "figure3" in parts or "table5" in parts:
+            res["figure3"] = {"k_seed": [runs[f]["k_seed"] for f in runs], "before": [self.scores(r) for r in
+                              runs.values()], "after": [self.scores(m) for m in merged.values()]}
+        if "table2" in parts:
+            grid = c.table2
+            res["table2"] = {
+                "interpolation": {str(a): self.scores(self.merge(recipe, "interpolation", alpha=a))
+                                  for a in grid.interpolation},
+                "modality_arithmetic": {str(lam): self.scores(self.merge(recipe, "modality_arithmetic", lam=lam))
+                                        for lam in grid.modality_arithmetic},
+                "regmean": {str(g): self.scores(self.merge(recipe, "regmean", gamma=g)) for g in grid.regmean},
+            }
+        if "figure4" in parts:
+            f4 = {}
+            for arch in c.archs:
+                if arch == "maa":
+                    f4[arch] = {"before": self.scores(maa), "after": self.scores(maa)}
+                    continue
+                r = recipe if arch == "msa" else self.pretrain(arch, c.recipe_k_seed)
+                f4[arch] = {"before": self.scores(r),
+                            "after": self.scores(self.merge(r, "interpolation", alpha=c.baseline_alpha))}
+            res["figure4"] = f4
+        if "table3" in parts:
+            ours = self.merge(recipe, "interpolation", alpha=c.recipe_alpha)
+            rows = {"msa": msa0, "maa": maa, "merging_baseline": baseline, "ours": ours}
+            t3 = {}
+            for k, v in rows.items():
+                ood = self.retrieval(v["final"], "ood")
+                t3[k] = {**self.scores(v), "tr_ood": ood["tr"], "ir_ood": ood["ir"]}
+                for t in c.table3_tasks:
+                    t3[k].update(self.task(v, t))
+            res["table3"] = t3
+        if "table5" in parts:
+            from ..metrics import checkpoint_distances, correlate
+
+            dist = [checkpoint_distances(runs[f]["final"])["global"] for f in runs]
+            metrics = {m: [float(d[m]) for d in dist] for m in ("l2", "cosine", "ssd", "tssd")}
+            drops = [_retrieval(b) - _retrieval(a) for b, a in zip(res["figure3"]["before"], res["figure3"]["after"],
+                                                                       strict=True)]
+            corr = correlate(metrics, drops)
+            res["table5"] = {"k_seed": res["figure3"]["k_seed"], "metrics": metrics, "drop": drops,
+                             "pearson": {m: corr[m]["pearson"] for m in metrics},
+                             "spearman": {m: corr[m]["spearman"] for m in metrics}}
+            if "figure3" not in parts:
+                del res["figure3"]
+        return res
+
+
+def _retrieval(s: Mapping[str, float]) -> float:
+    return (s["tr"] + s["ir"]) / 2
+
+
+def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every number, with ``<key>_std`` beside score entries when there are several seeds."""
+    if len(per_seed) == 1:
+        return dict(per_seed[0])
+
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, Mapping):
+            out: dict[str, Any] = {}
+            for k in first:
+                out[k] = merge([v[k] for v in values])
+                if isinstance(first[k], (int, float)) and not isinstance(first[k], bool):
+                    xs = [float(v[k]) for v in values]
+                    m = sum(xs) / len(xs)
+                    out[f"{k}_std"] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+            return out
+        if isinstance(first, list):
+            return [merge([v[i] for v in values]) for i in range(len(first))]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return sum(float(v) for v in values) / len(values)
+        return first
+
+    return merge(list(per_seed))
+
+
+def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
+              overrides: Sequence[str] = (), progress: bool = True,
+              on_seed: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Run (or resume) the study ``preset`` into ``out_dir``; returns the path of ``report.md``."""
+    import torch
+
+    t0 = time.time()
+    cfg = load_study_config(preset, overrides)
+    parts = list(only or PARTS)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"--only: unknown parts {bad}; expected some of {', '.join(PARTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed, cells = [], {}
+    for seed in seeds:
+        study = Study(cfg, out, seed, progress)
+        per_seed.append(study.run(parts))
+        cells.update({f"seed={seed}/{k}": v for k, v in study.cells.items()})
+        if on_seed:
+            on_seed(seed, per_seed[-1])
+    results = aggregate(per_seed)
+    results["meta"] = {
+        "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
+        "command": " ".join(["vlmerge", *sys.argv[1:]]) if sys.argv else "", "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg.model_dump(mode="json")), "device": "cuda" if torch.cuda.is_available() else
+        "cpu", "cells_computed": len(study.store.computed) if seeds else 0,
+    }
+    results["cells"] = cells
+    return write_report(out, results)

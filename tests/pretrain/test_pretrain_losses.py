@@ -1,0 +1,170 @@
+"""Each objective on a tiny hand-computed case; masking, hard negatives, augmentation, optimizer groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlmerge.models import VLMo, preset_config
+from vlmerge.pretrain.augment import OPS, rand_augment
+from vlmerge.pretrain.losses import (
+    IGNORE,
+    SpecialTokens,
+    itc_loss,
+    itm_loss,
+    mask_patches,
+    mask_tokens,
+    mim_loss,
+    mlm_loss,
+    patchify,
+    same_text,
+    sample_hard_negatives,
+)
+from vlmerge.pretrain.optim import build_optimizer, decays, lr_at
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_itc_hand_computed() -> None:
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    loss, logits = itc_loss(img, txt, torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(logits, torch.tensor([[2.0, 1.2], [0.0, 1.6]]))
+
+    def ce(row: list[float], target: int) -> float:
+        return -row[target] + math.log(sum(math.exp(v) for v in row))
+
+    i2t = (ce([2.0, 1.2], 0) + ce([0.0, 1.6], 1)) / 2
+    t2i = (ce([2.0, 0.0], 0) + ce([1.2, 1.6], 1)) / 2
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+
+
+def test_itc_temperature_clamped_at_100() -> None:
+    img = txt = torch.eye(2)
+    scale = torch.tensor(math.log(1000.0), requires_grad=True)
+    _, logits = itc_loss(img, txt, scale)
+    assert logits.max().item() == pytest.approx(100.0)
+
+
+def test_itm_and_mlm_hand_computed() -> None:
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    labels = torch.tensor([1, 0])
+    both = (math.log(2.0) - math.log(3 / 4)) / 2
+    assert itm_loss(logits, labels, torch.ones(2)).item() == pytest.approx(both)
+    assert itm_loss(logits, labels, torch.tensor([1.0, 0.0])).item() == pytest.approx(math.log(2.0))
+    assert mlm_loss(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])).item() == pytest.approx(-math.log(0.75))
+    empty = torch.zeros(0, 5, requires_grad=True)
+    assert mlm_loss(empty, torch.zeros(0, dtype=torch.long)).item() == 0.0  # no masked token: no NaN
+
+
+def test_hard_negatives_never_pick_the_positive_or_a_duplicate() -> None:
+    g = gen()
+    logits = torch.randn(8, 8, generator=g) + 50 * torch.eye(8)  # the positive dominates the similarity
+    excluded = torch.eye(8, dtype=torch.bool)
+    excluded[2, 5] = True  # text 5 duplicates caption 2
+    for _ in range(200):
+        idx, valid = sample_hard_negatives(logits, excluded, g)
+        assert valid.all()
+        assert not excluded[torch.arange(8), idx].any()
+
+
+def test_hard_negatives_follow_softmax_weights_and_flag_empty_rows() -> None:
+    logits = torch.tensor([[9.0, 0.0, math.log(3.0)], [0.0, 0.0, 0.0]])
+    excluded = torch.tensor([[True, False, False], [True, True, True]])
+    g = gen(1)
+    draws = torch.stack([sample_hard_negatives(logits, excluded, g)[0] for _ in range(4000)])
+    assert (draws[:, 0] == 2).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    _, valid = sample_hard_negatives(logits, excluded, g)
+    assert valid.tolist() == [True, False]
+
+
+def test_same_text_marks_duplicate_captions() -> None:
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 5, 6, 2]])
+    assert same_text(ids, ids).tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
+SPECIAL = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=50)
+
+
+def test_mask_tokens_rates_and_specials() -> None:
+    ids = torch.randint(5, 50, (400, 30), generator=gen())
+    ids[:, 0], ids[:, 20], ids[:, 21:] = 1, 2, 0
+    att = (ids != 0).long()
+    masked, labels = mask_tokens(ids, att, SPECIAL, 0.15, gen(2))
+    picked = labels != IGNORE
+    assert not picked[:, 0].any() and not picked[:, 20:].any()  # never [CLS], [SEP], [PAD]
+    assert torch.equal(labels[picked], ids[picked])
+    assert torch.equal(masked[~picked], ids[~picked])
+    assert picked.sum().item() / (400 * 19) == pytest.approx(0.15, abs=0.01)
+    to_mask = (masked[picked] == 3).float().mean().item()
+    unchanged = (masked[picked] == ids[picked]).float().mean().item()
+    assert to_mask == pytest.approx(0.8, abs=0.02)
+    assert unchanged == pytest.approx(0.1 + 0.1 / 45, abs=0.02)  # the 10 % kept, plus random hits of itself
+    assert not torch.isin(masked[picked & (masked != 3)], torch.tensor([0, 1, 2])).any()
+
+
+def test_patchify_matches_the_patch_embedding_order() -> None:
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 16, 16)
+    pe = VLMo(preset_config("micro", "maa", vocab_size=10)).patch_embed  # 8-px patches, 4 of them
+    patches = patchify(image, 8)
+    assert patches.shape == (2, 4, 192)
+    # The conv is a linear map of each patch's pixels: reproduce it from patchify's (y, x, c) layout.
+    w = pe.proj.weight.permute(0, 2, 3, 1).reshape(pe.proj.weight.shape[0], -1)
+    torch.testing.assert_close(patches @ w.t() + pe.proj.bias, pe(image), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patches[1, 2], image[1, :, 8:16, 0:8].permute(1, 2, 0).reshape(-1))
+
+
+def test_mim_masking_and_loss_hand_computed() -> None:
+    image = torch.rand(2, 3, 16, 16, generator=gen())
+    masked, mask = mask_patches(image, 8, 0.5, gen(3))
+    assert mask.sum(dim=1).tolist() == [2, 2]
+    pm, po = patchify(masked, 8), patchify(image, 8)
+    assert (pm[mask] == 0).all() and torch.equal(pm[~mask], po[~mask])
+    target = (po - po.mean(-1, keepdim=True)) / (po.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert mim_loss(target, image, mask, 8).item() == pytest.approx(0.0, abs=1e-6)
+    pred = target.clone()
+    pred[mask] += 0.5  # every masked pixel off by 0.5; unmasked errors are ignored
+    pred[~mask] += 7.0
+    assert mim_loss(pred, image, mask, 8).item() == pytest.approx(0.25, abs=1e-5)
+
+
+def test_rand_augment_is_seeded_and_bounded() -> None:
+    image = torch.rand(16, 3, 16, 16, generator=gen())
+    a = rand_augment(image, 2, 9.0, gen(5))
+    assert torch.equal(a, rand_augment(image, 2, 9.0, gen(5)))
+    assert not torch.equal(a, rand_augment(image, 2, 9.0, gen(6)))
+    assert a.shape == image.shape and a.min() >= 0 and a.max() <= 1
+    for name, op in OPS.items():  # magnitude 0 leaves the image (nearly) as it is, except autocontrast
+        if name != "autocontrast":
+            torch.testing.assert_close(op(image, torch.zeros(16)).clamp(0, 1), image, atol=2e-3, rtol=0,
+                                       msg=name)
+    with pytest.raises(ValueError, match="magnitude"):
+        rand_augment(image, 1, 11.0, gen())
+
+
+def test_weight_decay_groups() -> None:
+    model = VLMo(preset_config("micro", "msa", vocab_size=10, heads=("itc", "itm", "mlm")))
+    params = dict(model.named_parameters())
+    no_decay = [n for n, p in params.items() if not decays(n, p)]
+    for name in ("word_embed.weight", "text_pos_embed.weight", "type_embed.weight", "image_pos_embed", "cls_token",
+                 "heads.itc.logit_scale", "norm.weight", "blocks.0.norm1.v.weight", "blocks.0.attn.l.qkv.bias"):
+        assert name in no_decay
+    assert decays("blocks.0.attn.l.qkv.weight", params["blocks.0.attn.l.qkv.weight"])
+    opt = build_optimizer(model, 1e-3, 0.01, (0.9, 0.98), 1e-8)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.98)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(0, 100, 1.0, 10, "linear") == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, "linear") == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, 10, "linear") == pytest.approx(0.0)
+    assert lr_at(99, 100, 1.0, 10, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    mid = lr_at(54, 100, 1.0, 10, "cosine")
+    assert 0.45 < mid < 0.55
