@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "vlmerge.merge.commands",
     "vlmerge.metrics.commands",
     "vlmerge.finetune.commands",
+    "vlmerge.study.commands",
 )
 
 

@@ -81,3 +81,14 @@ def test_report_renders_tables_plots_and_findings(tmp_path) -> None:
         assert f"![{png}]({png})" in text
     assert "✅ reproduced" in text and "## Table 5" in text and "| 75.00 |" in text
     assert (tmp_path / "results.json").exists() and (tmp_path / "findings.json").exists()
+
+
+def test_tssd_finding_needs_tssd_best_and_l2_worst_and_a_defined_correlation() -> None:
+    def tssd(pearson: dict) -> tuple[bool, str]:
+        f = {f.id: f for f in check_findings({"table5": {"pearson": pearson}})}["tssd_predicts_best"]
+        return f.reproduced, f.ours
+
+    assert tssd({"l2": 0.8, "cosine": 0.9, "ssd": 0.92, "tssd": 0.97})[0]
+    assert not tssd({"l2": 0.91, "cosine": 0.9, "ssd": 0.92, "tssd": 0.97})[0]  # best, but L2 is not worst
+    ok, text = tssd({"l2": 0.8, "cosine": 0.9, "ssd": 0.92, "tssd": None})  # TSSD constant over K_seed
+    assert not ok and "undefined" in text

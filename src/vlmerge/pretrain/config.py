@@ -72,6 +72,8 @@ class DataSection(_Section):
     seed: int = 0
     tokenizer: Literal["world", "paper"] = Field("world", description="world WordPiece, or bert-base-uncased")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    cache_dir: str | None = Field(None, description="render scenes once into .npz shards under this directory "
+                                  "(one sub-folder per split, size and seed), shared by every run that uses it")
 
 
 class OptimSection(_Section):

@@ -49,7 +49,7 @@ log = logging.getLogger("vlmerge.pretrain")
 
 # Settings that may change when a run is resumed: they do not change the weights.
 RESUMABLE_KEYS = {"train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.eval_every", "train.peak_tflops",
-                  "train.compile", "data.num_workers"}
+                  "train.compile", "data.num_workers", "data.cache_dir"}
 
 
 @dataclass

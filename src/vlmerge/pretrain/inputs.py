@@ -14,6 +14,7 @@ passing a :class:`PretrainData` to :func:`~vlmerge.pretrain.engine.pretrain` (th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,9 +46,14 @@ def build_data(config: PretrainConfig) -> PretrainData:
     at the model's image size, with the world WordPiece tokenizer or bert-base-uncased (``data.tokenizer``)."""
     d = config.data
     world = WorldConfig(image_size=config.build_model_config(vocab_size=1, heads=()).image_size)
+
+    def cache(split: str) -> Path | None:  # a cache holds one world layout; it grows to the largest n asked
+        return Path(d.cache_dir) / f"{split}-{world.image_size}px-seed{d.seed}" if d.cache_dir else None
+
     return PretrainData(
-        train=ImageTextDataset(World(world, "train", d.seed), d.train_images, pairs=True),
-        eval=ImageTextDataset(World(world, d.eval_split, d.seed), d.eval_images, pairs=True),
+        train=ImageTextDataset(World(world, "train", d.seed), d.train_images, pairs=True, cache_dir=cache("train")),
+        eval=ImageTextDataset(World(world, d.eval_split, d.seed), d.eval_images, pairs=True,
+                              cache_dir=cache(d.eval_split)),
         tokenizer=Tokenizer.paper() if d.tokenizer == "paper" else default_tokenizer(),
     )
 

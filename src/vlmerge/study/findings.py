@@ -278,14 +278,20 @@ def tssd_predicts_best(r: Mapping[str, Any]) -> Finding | None:
     t = _get(r, "table5", "pearson")
     if not t or "tssd" not in t:
         return None
-    finite = {k: v for k, v in t.items() if v == v}  # drop NaN (constant inputs)
-    if "tssd" not in finite:
-        return None
-    best = max(finite, key=finite.__getitem__)
+    finite = {k: v for k, v in t.items() if v is not None and v == v}  # None / NaN: a constant metric
     p = PAPER["table5"]["pearson"]
-    return Finding("tssd_predicts_best", "Table 5", "TSSD correlates best with the merge drop; L2 worst.",
-                   ", ".join(f"{k} {v}" for k, v in p.items()),
-                   "Pearson r: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), best == "tssd")
+    paper = ", ".join(f"{k} {v}" for k, v in p.items())
+    claim = "TSSD correlates best with the merge drop; L2 worst."
+    if "tssd" not in finite:
+        return Finding("tssd_predicts_best", "Table 5", claim, paper,
+                       "TSSD is the same at every K_seed here, so its correlation with the drop is undefined", False)
+    best, worst = max(finite, key=finite.__getitem__), min(finite, key=finite.__getitem__)
+    return Finding("tssd_predicts_best", "Table 5", claim, paper,
+                   "Pearson r: " + ", ".join(f"{k} {format_r(v)}" for k, v in t.items()), best == "tssd" and worst == "l2")
+
+
+def format_r(v: float | None) -> str:
+    return "undefined" if v is None or v != v else f"{v:.3f}"
 
 
 def check_findings(results: Mapping[str, Any]) -> list[Finding]:

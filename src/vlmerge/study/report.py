@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json
-from .findings import PAPER, check_findings, retrieval
+from .findings import PAPER, check_findings, format_r, retrieval
 
 TASK_LABELS = {"vqa": "VQA", "tr": "Avg TR", "ir": "Avg IR", "nlvr2": "NLVR2", "cls": "Cls top-1", "seg": "Seg mIoU",
                "tr_ood": "OOD Avg TR", "ir_ood": "OOD Avg IR"}
@@ -97,7 +97,7 @@ def plot_all(results: Mapping[str, Any], out: Path) -> list[str]:
             for v, d, k in zip(values, t5["drop"], t5["k_seed"], strict=True):
                 ax.annotate(str(k), (v, d), fontsize=7)
             ax.set_xlabel(name)
-            ax.set_title(f"r = {t5['pearson'].get(name, float('nan')):.2f}")
+            ax.set_title(f"r = {format_r(t5['pearson'].get(name))}")
         axes[0][0].set_ylabel("retrieval drop after merging")
         fig.suptitle("Table 5: distance vs merge drop")
         _savefig(fig, out / "table5.png")
@@ -159,14 +159,34 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str]) -> str:
         lines = ["| metric | " + " | ".join(f"K_seed={k}" for k in t5["k_seed"]) + " | Pearson | Spearman |",
                  "|---" * (len(t5["k_seed"]) + 3) + "|"]
         for name, values in t5["metrics"].items():
-            r, rho = t5["pearson"].get(name, float("nan")), t5["spearman"].get(name, float("nan"))
-            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + f" | {r:.3f} | {rho:.3f} |")
+            r, rho = format_r(t5["pearson"].get(name)), format_r(t5["spearman"].get(name))
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + f" | {r} | {rho} |")
         lines.append("| retrieval drop | " + " | ".join(f"{d:.2f}" for d in t5["drop"]) + " | | |")
         parts += ["## Table 5: distances between vision and language weights", "", *lines, "",
                   "Paper: Pearson " + ", ".join(f"{k} {v}" for k, v in PAPER["table5"]["pearson"].items()), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    parts += _provenance(results)
     return "\n".join(parts)
+
+
+def _provenance(results: Mapping[str, Any]) -> list[str]:
+    """The study config and, per cell, where its spec (full config + seed) and result live."""
+    import yaml
+
+    meta, cells = results.get("meta", {}), results.get("cells", {})
+    out: list[str] = []
+    if "config" in meta:
+        out += ["## Configuration", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", ""]
+    if cells:
+        out += ["## Provenance", "",
+                f"{len(cells)} cells; each cell's full config and seed are in `cells/<kind>-<hash>/spec.json`, its "
+                f"numbers and run time in `result.json` beside it"
+                + (f" ({meta['cells_computed']} computed by this invocation, the rest loaded from the cache)."
+                   if "cells_computed" in meta else "."), "", "| cell | kind | hash |", "|---|---|---|"]
+        out += [f"| {name} | {c.get('kind', '')} | `{c.get('hash', '')}` |" for name, c in cells.items()]
+        out.append("")
+    return out
 
 
 def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:

@@ -19,9 +19,11 @@ plus fine-tuned task scores ``vqa``, ``nlvr2``, ``cls``, ``seg`` and OOD retriev
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import sys
+import shlex
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -120,12 +122,21 @@ class Study:
 
         self.cfg, self.out, self.seed, self.progress = config, out, seed, progress
         self.store = CellStore(out)
+        # the recipe is set per cell (scratch, or seed with K_seed steps)
         base = load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
-                                                          f"train.seed={seed}"])
+                                                          f"train.seed={seed}", "recipe={name: scratch}"])
         self.base = base.to_dict()
         self.cells: dict[str, dict[str, Any]] = {}
+        self._eval_sets: dict[tuple[str, int], Any] = {}
 
     # -- cells -----------------------------------------------------------------------------------------
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the study directory: specs and results stay valid if the directory moves."""
+        return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
+
+    def path(self, rel: str) -> Path:
+        return self.out / rel
+
     def _record(self, name: str, kind: str, spec: Mapping[str, Any]) -> Cell:
         cell = self.store.cell(kind, spec)
         self.cells[name] = {"hash": cell.hash, "kind": kind, "spec": cell.spec}
@@ -139,15 +150,18 @@ class Study:
         data = {**self.base, "model": {**self.base["model"], "arch": arch}}
         data["recipe"] = ({"name": "seed", "seed_steps": k_seed} if k_seed and arch != "maa" else {"name": "scratch"})
         spec = {"pretrain": data}
-        cell = self._record(f"pretrain/{arch}/kseed={k_seed}", "pretrain", spec)
+        label = f"{arch}/kseed={k_seed}"
+        cell = self._record(f"pretrain/{label}", "pretrain", spec)
 
         def run(c: Cell) -> dict[str, Any]:
-            final = pretrain(validate_config(data), c.dir / "run", progress=self.progress)
+            # every run reads the same scenes: rendered once into a shared shard cache (not part of the spec)
+            cached = {**data, "data": {**data["data"], "cache_dir": str(self.out / "data-cache")}}
+            final = pretrain(validate_config(cached), c.dir / "run", progress=self.progress)
             w0 = c.dir / "run" / "w0"
-            return {"final": str(final), "w0": str(w0) if (w0 / "config.json").is_file() else None,
+            return {"final": self.rel(final), "w0": self.rel(w0) if (w0 / "config.json").is_file() else None,
                     "k_seed": k_seed, "retrieval": self.retrieval(final, "test")}
 
-        return self.store.run("pretrain", cell.spec, run)
+        return {**self.store.run("pretrain", cell.spec, run), "label": label}
 
     def merge(self, src: Mapping[str, Any], method: str, **params: Any) -> dict[str, Any]:
         """``src``'s modality copies merged by ``method``; scores of the merged model."""
@@ -156,20 +170,21 @@ class Study:
         if src.get("arch_is_maa"):
             return src
         spec = {"src": src["final"], "method": method, "params": params}
-        cell = self._record(f"merge/{Path(src['final']).parent.parent.name}/{method}/{params}", "merge", spec)
+        label = f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
+        cell = self._record(f"merge/{label}", "merge", spec)
 
         def run(c: Cell) -> dict[str, Any]:
             kwargs: dict[str, Any] = dict(params)
             if method == "modality_arithmetic":
                 if not src.get("w0"):
-                    raise ValueError(f"{src['final']}: modality arithmetic needs W0 (a seed-recipe run saves it)")
-                kwargs["base_dir"] = src["w0"]
+                    raise ValueError(f"{src['label']}: modality arithmetic needs W0 (a seed-recipe run saves it)")
+                kwargs["base_dir"] = self.path(src["w0"])
             if method == "regmean":
                 kwargs["grams"] = self.grams(src)
-            out = merge_checkpoint(method, src["final"], c.dir / "merged", **kwargs)
-            return {"final": str(out), "retrieval": self.retrieval(out, "test")}
+            out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", **kwargs)
+            return {"final": self.rel(out), "retrieval": self.retrieval(out, "test")}
 
-        return self.store.run("merge", cell.spec, run)
+        return {**self.store.run("merge", cell.spec, run), "label": label}
 
     def grams(self, src: Mapping[str, Any]) -> Any:
         from ..merge import collect_grams, load_grams, save_grams
@@ -177,15 +192,15 @@ class Study:
         from ..models import load_model
 
         spec = {"src": src["final"], "batches": self.cfg.regmean_batches, "seed": self.seed}
-        cell = self._record(f"grams/{Path(src['final']).parent.parent.name}", "grams", spec)
+        cell = self._record(f"grams/{src['label']}", "grams", spec)
 
         def run(c: Cell) -> dict[str, Any]:
-            model = load_model(src["final"]).eval()
+            model = load_model(self.path(src["final"])).eval()
             g = collect_grams(model, world_batches(model, self.cfg.regmean_batches, self.seed))
             save_grams(g, c.dir / "grams.safetensors")
-            return {"path": str(c.dir / "grams.safetensors")}
+            return {"path": self.rel(c.dir / "grams.safetensors")}
 
-        return load_grams(self.store.run("grams", cell.spec, run)["path"])
+        return load_grams(self.path(self.store.run("grams", cell.spec, run)["path"]))
 
     def retrieval(self, ckpt: str | Path, split: str) -> dict[str, float]:
         """Zero-shot retrieval (Avg TR / Avg IR and recalls) of ``ckpt`` on ``split``."""
@@ -194,21 +209,28 @@ class Study:
         from ..pretrain import evaluate_retrieval
 
         model = load_model(ckpt)
-        world = World(WorldConfig(image_size=model.config.image_size), split, self.base["data"]["seed"])
-        r = evaluate_retrieval(model, ImageTextDataset(world, self.cfg.eval_images), default_tokenizer())
+        key = (split, model.config.image_size)
+        if key not in self._eval_sets:  # rendered once per process, read from the shared shard cache
+            world = World(WorldConfig(image_size=key[1]), split, self.base["data"]["seed"])
+            self._eval_sets[key] = ImageTextDataset(world, self.cfg.eval_images, cache_dir=self.out / "data-cache" /
+                                                    f"{split}-{key[1]}px-seed{self.base['data']['seed']}")
+        r = evaluate_retrieval(model, self._eval_sets[key], default_tokenizer())
         return {"tr": r["tr_mean"], "ir": r["ir_mean"], **{k: v for k, v in r.items() if k.startswith(("tr_", "ir_"))}}
 
     def task(self, src: Mapping[str, Any], task: str) -> dict[str, float]:
         """Fine-tune ``src`` on ``task`` and evaluate on the test split; ``{task: score}``."""
-        from ..finetune import evaluate, finetune
+        from ..finetune import finetune
 
-        spec = {"src": src["final"], "task": task, "preset": self.cfg.finetune, "seed": self.seed}
-        cell = self._record(f"finetune/{Path(src['final']).parent.parent.name}/{task}", "finetune", spec)
+        spec = {"src": src["final"], "task": task, "preset": self.cfg.finetune, "seed": self.seed,
+                "sets": self.cfg.finetune_set.get(task, [])}
+        cell = self._record(f"finetune/{src['label']}/{task}", "finetune", spec)
 
-        def run(c: Cell) -> dict[str, Any]:
-            ckpt = finetune(task, src["final"], c.dir / "model", preset=self.cfg.finetune,
-                            sets=[f"seed={self.seed}", *self.cfg.finetune_set.get(task, [])])
-            return evaluate(task, ckpt, split="test")
+        def run(c: Cell) -> dict[str, Any]:  # fine-tunes, then scores the test split (finetune's eval_split)
+            ckpt = finetune(task, self.path(src["final"]), c.dir / "model", preset=self.cfg.finetune,
+                            sets=[f"seed={self.seed}", "data.eval_split=test", *self.cfg.finetune_set.get(task, [])])
+            metrics = json.loads((ckpt / "metrics.json").read_text())
+            shutil.rmtree(ckpt)  # only the numbers are kept: a study makes dozens of task models
+            return metrics
 
         metrics = self.store.run("finetune", cell.spec, run)
         return {task: float(metrics["score"])}
@@ -257,7 +279,7 @@ class Study:
             rows = {"msa": msa0, "maa": maa, "merging_baseline": baseline, "ours": ours}
             t3 = {}
             for k, v in rows.items():
-                ood = self.retrieval(v["final"], "ood")
+                ood = self.retrieval(self.path(v["final"]), "ood")
                 t3[k] = {**self.scores(v), "tr_ood": ood["tr"], "ir_ood": ood["ir"]}
                 for t in c.table3_tasks:
                     t3[k].update(self.task(v, t))
@@ -265,17 +287,22 @@ class Study:
         if "table5" in parts:
             from ..metrics import checkpoint_distances, correlate
 
-            dist = [checkpoint_distances(runs[f]["final"])["global"] for f in runs]
+            dist = [checkpoint_distances(self.path(runs[f]["final"]))["global"] for f in runs]
             metrics = {m: [float(d[m]) for d in dist] for m in ("l2", "cosine", "ssd", "tssd")}
             drops = [_retrieval(b) - _retrieval(a) for b, a in zip(res["figure3"]["before"], res["figure3"]["after"],
                                                                        strict=True)]
             corr = correlate(metrics, drops)
             res["table5"] = {"k_seed": res["figure3"]["k_seed"], "metrics": metrics, "drop": drops,
-                             "pearson": {m: corr[m]["pearson"] for m in metrics},
-                             "spearman": {m: corr[m]["spearman"] for m in metrics}}
+                             "pearson": {m: _finite(corr[m]["pearson"]) for m in metrics},
+                             "spearman": {m: _finite(corr[m]["spearman"]) for m in metrics}}
             if "figure3" not in parts:
                 del res["figure3"]
         return res
+
+
+def _finite(x: float) -> float | None:
+    """None where a correlation is undefined (a metric constant over K_seed): JSON has no NaN."""
+    return x if math.isfinite(x) else None
 
 
 def _retrieval(s: Mapping[str, float]) -> float:
@@ -307,6 +334,20 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return merge(list(per_seed))
 
 
+def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequence[str] | None = None,
+                  seeds: Sequence[int] = (0,), overrides: Sequence[str] = ()) -> str:
+    """The ``vlmerge study`` command line that reproduces a run with these arguments."""
+    words = ["vlmerge", "study", *([experiment] if experiment != "merging" else []), "--preset", preset, "--out",
+             str(out)]
+    if only:
+        words += ["--only", ",".join(only)]
+    if list(seeds) != [0]:
+        words += ["--seeds", ",".join(str(s) for s in seeds)]
+    for item in overrides:
+        words += ["--set", shlex.quote(item)]
+    return " ".join(words)
+
+
 def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
               overrides: Sequence[str] = (), progress: bool = True,
               on_seed: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
@@ -321,19 +362,23 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
         raise ValueError(f"--only: unknown parts {bad}; expected some of {', '.join(PARTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed, cells = [], {}
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    per_seed, cells, computed = [], {}, 0
     for seed in seeds:
         study = Study(cfg, out, seed, progress)
         per_seed.append(study.run(parts))
         cells.update({f"seed={seed}/{k}": v for k, v in study.cells.items()})
+        computed += len(study.store.computed)
         if on_seed:
             on_seed(seed, per_seed[-1])
     results = aggregate(per_seed)
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
-        "command": " ".join(["vlmerge", *sys.argv[1:]]) if sys.argv else "", "config": cfg.model_dump(mode="json"),
+        "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
+        "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg.model_dump(mode="json")), "device": "cuda" if torch.cuda.is_available() else
-        "cpu", "cells_computed": len(study.store.computed) if seeds else 0,
+        "cpu", "cells_computed": computed,
     }
     results["cells"] = cells
     return write_report(out, results)

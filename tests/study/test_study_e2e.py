@@ -1,0 +1,128 @@
+"""The study end to end on the micro preset, shrunk further: every part runs on real pre-training, merging,
+fine-tuning and evaluation; the report, JSON and plots hold finite numbers; a re-run after a kill recomputes
+only the cells that had not finished."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmerge.cli import main
+from vlmerge.study.runner import PARTS, aggregate, load_study_config, run_study
+
+# micro (2 layers, width 32, 16-px images) with K = 40 steps and fine-tunes of 4 steps: about a minute.
+SHRINK = ["steps=40", "eval_images=20", "regmean_batches=1", "pretrain_set=[train.log_every=20, train.ckpt_every=40,"
+          " data.train_images=100, data.eval_images=10, optim.warmup_steps=4]",
+          *[f"finetune_set.{t}=[max_steps=4, data.train_size=40, data.eval_size=20]"
+            for t in ("vqa", "nlvr2", "cls", "seg")]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "micro"
+    run_study("micro", out, overrides=SHRINK, progress=False)
+    return out
+
+
+def numbers(x: Any) -> Iterator[float]:
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from numbers(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield float(x)
+
+
+def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -> None:
+    res = json.loads((study / "results.json").read_text())
+    assert set(PARTS) <= set(res)
+    tables = {k: res[k] for k in PARTS}
+    values = list(numbers(tables))
+    assert len(values) > 120 and all(math.isfinite(v) for v in values)
+    assert set(res["table1"]) == {"maa", "msa", "merging_baseline"} and "vqa" in res["table1"]["msa"]
+    assert res["figure3"]["k_seed"] == [0, 10, 20, 30]
+    assert {len(v) for v in res["table2"].values()} == {5}
+    assert set(res["figure4"]) == {"msa", "custom-attn", "custom-ffn", "custom-ln", "maa"}
+    assert set(res["table3"]["ours"]) >= {"tr", "ir", "tr_ood", "ir_ood", "nlvr2", "cls", "seg"}
+    # Real computation: the vision and language weights drift apart during VL pre-training from their tied
+    # start, so the shorter the VL stage (the longer K_seed), the smaller the L2 distance (Table 5).
+    l2 = res["table5"]["metrics"]["l2"]
+    assert l2[0] > l2[1] > l2[2] > l2[3] > 0
+    # the merge moved the weights: α = 0 (language copy) and α = 1 (vision copy) score differently
+    interp = res["table2"]["interpolation"]
+    assert interp["0.0"] != interp["1.0"]
+    # the MAA has nothing to merge: "after" is "before"
+    assert res["figure4"]["maa"]["before"] == res["figure4"]["maa"]["after"]
+    drop = [(b["tr"] + b["ir"]) / 2 - (a["tr"] + a["ir"]) / 2
+            for b, a in zip(res["figure3"]["before"], res["figure3"]["after"], strict=True)]
+    assert res["table5"]["drop"] == pytest.approx(drop)
+    assert res["meta"]["command"].startswith("vlmerge study --preset micro --out ")
+    assert res["meta"]["cells_computed"] == len({c["hash"] for c in res["cells"].values()})
+
+    report = (study / "report.md").read_text()
+    for title in ("## Findings", "## Table 1", "## Figure 3", "## Table 2", "## Figure 4", "## Table 3", "## Table 5",
+                  "## Configuration", "## Provenance"):
+        assert title in report
+    findings = json.loads((study / "findings.json").read_text())
+    assert len(findings) >= 10 and report.count("reproduced |") == len(findings)
+    for png in ("figure3.png", "table2.png", "figure4.png", "table5.png"):
+        data = (study / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in report
+
+
+def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys: pytest.CaptureFixture) -> None:
+    res = json.loads((study / "results.json").read_text())
+    results = sorted((study / "cells").glob("*/result.json"))
+    # a kill while a merge cell ran: its result was never written (results are written last, atomically)
+    victim = next(p for p in results if p.parent.name.startswith("merge-")
+                  and json.loads(p.read_text())["spec"]["method"] == "regmean")
+    victim.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in results if p != victim}
+    sets = [a for s in SHRINK for a in ("--set", s)]
+    assert main(["study", "--preset", "micro", "--out", str(study), "--only", "table2", "--no-progress", *sets]) == 0
+    assert capsys.readouterr().out.strip() == str(study / "report.md")
+    again = json.loads((study / "results.json").read_text())
+    assert again["meta"]["cells_computed"] == 1 and victim.is_file()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["table2"] == res["table2"]  # the recomputed merge gives the same numbers (determinism)
+    assert set(again) - {"meta", "cells"} == {"table2"}
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="k_seed"):
+        load_study_config("micro", ["k_seed=[0.25, 0.5]"])
+    with pytest.raises(ValueError, match="steps"):
+        load_study_config("micro", ["steps=0"])
+    with pytest.raises(ValueError, match="stepz"):
+        load_study_config("micro", ["stepz=3"])
+    with pytest.raises(FileNotFoundError, match="nosuch"):
+        load_study_config("nosuch")
+    with pytest.raises(ValueError, match="--only: unknown parts \\['table9'\\]"):
+        run_study("micro", tmp_path, only=["table9"])
+    assert main(["study", "--preset", "micro", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
+
+
+def test_seeds_aggregate_to_mean_and_sample_std() -> None:
+    a = {"table1": {"msa": {"tr": 10.0, "ir": 20.0}}, "figure3": {"k_seed": [0, 5], "before": [{"tr": 1.0}]}}
+    b = {"table1": {"msa": {"tr": 14.0, "ir": 20.0}}, "figure3": {"k_seed": [0, 5], "before": [{"tr": 3.0}]}}
+    m = aggregate([a, b])
+    assert m["table1"]["msa"]["tr"] == 12.0 and m["table1"]["msa"]["tr_std"] == pytest.approx(math.sqrt(8))
+    assert m["table1"]["msa"]["ir_std"] == 0.0
+    assert m["figure3"]["k_seed"] == [0, 5] and m["figure3"]["before"][0]["tr"] == 2.0
