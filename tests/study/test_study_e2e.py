@@ -126,3 +126,17 @@ def test_seeds_aggregate_to_mean_and_sample_std() -> None:
     assert m["table1"]["msa"]["tr"] == 12.0 and m["table1"]["msa"]["tr_std"] == pytest.approx(math.sqrt(8))
     assert m["table1"]["msa"]["ir_std"] == 0.0
     assert m["figure3"]["k_seed"] == [0, 5] and m["figure3"]["before"][0]["tr"] == 2.0
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny", "small", "paper"])
+def test_every_preset_and_its_pretraining_config_validate(preset: str) -> None:
+    from vlmerge.finetune.config import resolve_config
+    from vlmerge.pretrain import load_config
+    from vlmerge.study.runner import find_config
+
+    cfg = load_study_config(preset)
+    base = load_config(find_config(cfg.pretrain), [*cfg.pretrain_set, f"train.steps={cfg.steps}"])
+    assert base.train.steps == cfg.steps
+    for task in ["vqa", "nlvr2", "cls", "seg"]:
+        ft = resolve_config(task, cfg.finetune, sets=cfg.finetune_set.get(task, []))
+        assert ft.task == task

@@ -287,7 +287,8 @@ def tssd_predicts_best(r: Mapping[str, Any]) -> Finding | None:
                        "TSSD is the same at every K_seed here, so its correlation with the drop is undefined", False)
     best, worst = max(finite, key=finite.__getitem__), min(finite, key=finite.__getitem__)
     return Finding("tssd_predicts_best", "Table 5", claim, paper,
-                   "Pearson r: " + ", ".join(f"{k} {format_r(v)}" for k, v in t.items()), best == "tssd" and worst == "l2")
+                   "Pearson r: " + ", ".join(f"{k} {format_r(v)}" for k, v in t.items()),
+                   best == "tssd" and worst == "l2")
 
 
 def format_r(v: float | None) -> str:

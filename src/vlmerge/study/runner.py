@@ -181,7 +181,8 @@ class Study:
                 kwargs["base_dir"] = self.path(src["w0"])
             if method == "regmean":
                 kwargs["grams"] = self.grams(src)
-            out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", **kwargs)
+            # overwrite: a merge killed before its cell finished may have left its output
+            out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", overwrite=True, **kwargs)
             return {"final": self.rel(out), "retrieval": self.retrieval(out, "test")}
 
         return {**self.store.run("merge", cell.spec, run), "label": label}
@@ -226,6 +227,7 @@ class Study:
         cell = self._record(f"finetune/{src['label']}/{task}", "finetune", spec)
 
         def run(c: Cell) -> dict[str, Any]:  # fine-tunes, then scores the test split (finetune's eval_split)
+            shutil.rmtree(c.dir / "model", ignore_errors=True)  # left by a fine-tune killed before it finished
             ckpt = finetune(task, self.path(src["final"]), c.dir / "model", preset=self.cfg.finetune,
                             sets=[f"seed={self.seed}", "data.eval_split=test", *self.cfg.finetune_set.get(task, [])])
             metrics = json.loads((ckpt / "metrics.json").read_text())

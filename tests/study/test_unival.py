@@ -1,0 +1,71 @@
+"""The UnIVAL study: config validation, the computed findings, and one end-to-end micro run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmerge.study.unival import _front_gain, check_unival_findings, load_unival_config, run_unival
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bad_config_values_are_refused_with_the_allowed_range() -> None:
+    with pytest.raises(ValueError, match=r"lambdas.*\[0, 1\]"):
+        load_unival_config("micro", ["lambdas=[0.0, 1.2]"])
+    with pytest.raises(ValueError, match="pairs"):
+        load_unival_config("micro", ["pairs=[[vqa, seg]]"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_unival_config("micro", ["lambdas"])
+
+
+def _front(points: dict[float, tuple[float, float]], recipe: str = "vanilla") -> dict:
+    return {"a": "vqa", "b": "cls", "recipe": recipe,
+            "points": [{"lambda": k, "test": {"vqa": a, "cls": b}} for k, (a, b) in points.items()]}
+
+
+def test_findings_are_computed_from_the_numbers() -> None:
+    bulge = _front({0.0: (10, 80), 0.5: (50, 70), 1.0: (60, 20)})
+    sag = _front({0.0: (10, 80), 0.5: (20, 30), 1.0: (60, 20)})
+    assert _front_gain(bulge) > 0 > _front_gain(sag)
+    soups = {"soup/vanilla": {"vqa": 10.0}, "soup/fusing": {"vqa": 20.0}, "soup/ratatouille": {"vqa": 30.0}}
+    res = {"scenario1": {"vqa|cls|vanilla": bulge}, "scenario2": soups, "scenario3": soups}
+    found = {f.id: f for f in check_unival_findings(res)}
+    assert found["convex_fronts"].reproduced and found["id_order"].reproduced and found["ood_order"].reproduced
+    assert not found["interpolation_beats_specialist"].reproduced  # 50 < 60 and 70 < 80
+    flipped = {"soup/vanilla": {"vqa": 30.0}, "soup/fusing": {"vqa": 20.0}, "soup/ratatouille": {"vqa": 10.0}}
+    res = {"scenario1": {"vqa|cls|vanilla": sag}, "scenario2": flipped, "scenario3": flipped}
+    found = {f.id: f for f in check_unival_findings(res)}
+    assert not any(f.reproduced for f in found.values())
+
+
+def test_micro_study_end_to_end(tmp_path: Path) -> None:
+    report = run_unival("micro", tmp_path / "uv", progress=False)
+    text = report.read_text()
+    assert "vlmerge study unival --preset micro" in text and "head mode: **unified**" in text
+    assert (tmp_path / "uv" / "scenario1_fronts.png").is_file()
+    r = json.loads((tmp_path / "uv" / "results.json").read_text())
+    assert {f["id"] for f in r["findings"]} >= {"convex_fronts", "interpolation_beats_specialist", "id_order",
+                                                 "ood_order"}
+    # λ = 1 / λ = 0 reproduce the endpoint (specialist) models' evaluations exactly
+    for f in r["scenario1"].values():
+        pts = {p["lambda"]: p["test"] for p in f["points"]}
+        spec = r["specialists"][f["recipe"]]
+        assert pts[1.0] == {f["a"]: spec[f["a"]][f["a"]], f["b"]: spec[f["a"]][f["b"]]}
+        assert pts[0.0] == {f["a"]: spec[f["b"]][f["a"]], f["b"]: spec[f["b"]][f["b"]]}
+    assert set(r["scenario2"]) >= {"soup/vanilla", "soup/fusing", "soup/ratatouille", "task_arithmetic/vanilla",
+                                   "ties/vanilla", "dare/vanilla", "greedy_soup"}
+    assert set(r["scenario3"]["soup/ratatouille"]) == {"vqa@ood", "size", "largest-color"}
+    # a re-run resumes from the cells and gives the same numbers (determinism of the evaluations)
+    again = json.loads((run_unival("micro", tmp_path / "uv", progress=False).parent / "results.json").read_text())
+    assert again["scenario2"] == r["scenario2"] and again["scenario1"] == r["scenario1"]
