@@ -58,6 +58,21 @@ def test_scene_cache_round_trip_equals_generation(tmp_path) -> None:
     assert_same_scene(pickle.loads(pickle.dumps(c))[12], w[12])  # picklable for DataLoader workers
 
 
+def test_cache_of_a_scaled_world_round_trips_and_default_records_omit_the_scale(tmp_path) -> None:
+    big = World(WorldConfig(image_size=16, size_scale=1.5), split="val")
+    write_cache(big, 5, tmp_path / "big", progress=False)
+    c = CachedWorld(tmp_path / "big")
+    assert c.config == big.config and all(o.scale == 1.5 for i in range(5) for o in c[i].objects)
+    for i in range(5):
+        assert_same_scene(big[i], c[i])
+    # the default world's meta.json and records read as before size_scale existed
+    write_cache(World(WorldConfig(image_size=16), split="val"), 3, tmp_path / "std", progress=False)
+    assert "size_scale" not in json.loads((tmp_path / "std" / "meta.json").read_text())["config"]
+    with np.load(tmp_path / "std" / "shard-00000.npz", allow_pickle=False) as z:
+        record = json.loads(z["records"][z["record_offsets"][0]:z["record_offsets"][1]].tobytes())
+    assert all("scale" not in o for o in record["scenes"][0]["objects"])
+
+
 def test_nlvr2_cache_round_trip(tmp_path) -> None:
     w = World(split="val", seed=2)
     c = CachedWorld(write_cache(w, 7, tmp_path, kind="nlvr2", shard_size=4, progress=False))

@@ -251,6 +251,7 @@ def test_resolutions(size: int) -> None:
     ("noise", -1.0, r"a number in \[0, 64\]"),
     ("texture", 1, "True or False"),
     ("min_gap", 2, r"a number in \[0, 1.5\]"),
+    ("size_scale", 2.5, r"a number in \[0.5, 2\]"),
 ])
 def test_bad_config_names_the_field_and_allowed_values(field: str, value: object, allowed: str) -> None:
     message = rf"world config: {field}={value!r} is invalid; allowed values: {allowed}"
@@ -282,3 +283,18 @@ def test_config_options_take_effect() -> None:
             assert math.hypot(a.x - b.x, a.y - b.y) >= a.radius + b.radius
             apart += 1
     assert apart > 0
+
+
+def test_size_scale_scales_every_radius_and_keeps_the_content() -> None:
+    """size_scale 1 is the world as it is (same objects, text, pixels); 2 doubles each radius, keeps every
+    object inside the image, and the label is still the shape of the largest object."""
+    simple = {"max_objects": 1, "rotation": False, "texture": False, "noise": 0.0}
+    base, same = World(WorldConfig(**simple), "test"), World(WorldConfig(**simple, size_scale=1.0), "test")
+    big = World(WorldConfig(**simple, size_scale=2), "test")
+    for i in range(20):
+        a, b, c = base[i], same[i], big[i]
+        assert np.array_equal(a.image, b.image) and a.objects == b.objects
+        (o,), (p,) = a.objects, c.objects
+        assert (p.shape, p.color, p.size) == (o.shape, o.color, o.size) and p.radius == 2 * o.radius
+        assert p.radius <= min(p.x, p.y, 1 - p.x, 1 - p.y) + 1e-9 and c.label == a.label
+        assert (c.mask > 0).sum() > 3 * (a.mask > 0).sum()

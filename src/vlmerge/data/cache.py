@@ -50,8 +50,25 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.npz"
 
 
+def _config_record(config: WorldConfig) -> dict[str, Any]:
+    """``config`` as recorded in ``meta.json``; ``size_scale`` only when it is not the default 1, so caches of
+    the default world written before that field existed still match."""
+    d = asdict(config)
+    if d["size_scale"] == 1.0:
+        del d["size_scale"]
+    return d
+
+
+def _object_record(o: Obj) -> dict[str, Any]:
+    """An object as recorded in a shard; ``scale`` only when it is not 1 (records written before it existed)."""
+    d = asdict(o)
+    if d["scale"] == 1.0:
+        del d["scale"]
+    return d
+
+
 def _scene_record(s: Scene) -> dict[str, Any]:
-    return {"objects": [asdict(o) for o in s.objects], "captions": s.captions,
+    return {"objects": [_object_record(o) for o in s.objects], "captions": s.captions,
             "questions": [asdict(q) for q in s.questions], "label": s.label, "shift": s.shift}
 
 
@@ -124,7 +141,7 @@ def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",
     meta_path = out / "meta.json"
     old = read_json(meta_path) if meta_path.is_file() else None
     size = shard_size or (old["shard_size"] if old else default_shard_size(world, kind))
-    layout = {"format": FORMAT, "kind": kind, "config": asdict(world.config), "split": world.split,
+    layout = {"format": FORMAT, "kind": kind, "config": _config_record(world.config), "split": world.split,
               "seed": world.seed, "shard_size": size}
     if size < 1:
         raise ValueError(f"shard_size={shard_size} is invalid; allowed values: an integer ≥ 1")
