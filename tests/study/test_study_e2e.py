@@ -140,3 +140,23 @@ def test_every_preset_and_its_pretraining_config_validate(preset: str) -> None:
     for task in ["vqa", "nlvr2", "cls", "seg"]:
         ft = resolve_config(task, cfg.finetune, sets=cfg.finetune_set.get(task, []))
         assert ft.task == task
+
+
+def test_a_shared_seed_stage_gives_the_same_weights_as_the_architectures_own_seed_run(tmp_path: Path) -> None:
+    """The study runs each K_seed's MAA seed stage once and expands it into every architecture."""
+    from safetensors.torch import load_file
+
+    from vlmerge.pretrain import load_config, pretrain
+    from vlmerge.study.runner import start_from_checkpoint
+
+    sets = ["model.preset=micro", "recipe={name: seed, seed_steps: 3}", "train.steps=6", "train.batch_size=8",
+            "data.train_images=12", "data.eval_images=4", "train.device=cpu", "optim.warmup_steps=1"]
+    direct = pretrain(load_config(None, [*sets, "model.arch=custom-ln"]), tmp_path / "direct", progress=False)
+    seed = pretrain(load_config(None, [*sets, "model.arch=msa"]), tmp_path / "seed", stop_after=3, progress=False)
+    start_from_checkpoint(seed, tmp_path / "shared")
+    shared = pretrain(load_config(None, [*sets, "model.arch=custom-ln"]), tmp_path / "shared", progress=False)
+    a, b = load_file(str(direct / "model.safetensors")), load_file(str(shared / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    w0a, w0b = load_file(str(direct.parent / "w0" / "model.safetensors")), load_file(str(shared.parent / "w0" /
+                                                                                          "model.safetensors"))
+    assert all(torch.equal(w0a[k], w0b[k]) for k in w0a)

@@ -144,7 +144,7 @@ class Study:
 
     def pretrain(self, arch: str, k_seed_frac: float) -> dict[str, Any]:
         """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe."""
-        from ..pretrain import pretrain, validate_config
+        from ..pretrain import pretrain
 
         k_seed = round(k_seed_frac * self.cfg.steps)
         data = {**self.base, "model": {**self.base["model"], "arch": arch}}
@@ -154,14 +154,36 @@ class Study:
         cell = self._record(f"pretrain/{label}", "pretrain", spec)
 
         def run(c: Cell) -> dict[str, Any]:
-            # every run reads the same scenes: rendered once into a shared shard cache (not part of the spec)
-            cached = {**data, "data": {**data["data"], "cache_dir": str(self.out / "data-cache")}}
-            final = pretrain(validate_config(cached), c.dir / "run", progress=self.progress)
+            if data["recipe"]["name"] == "seed":  # the MAA seed stage is the same for every architecture
+                start_from_checkpoint(self.path(self.seed_stage(k_seed)), c.dir / "run")
+            final = pretrain(self._cached(data), c.dir / "run", progress=self.progress)
             w0 = c.dir / "run" / "w0"
             return {"final": self.rel(final), "w0": self.rel(w0) if (w0 / "config.json").is_file() else None,
                     "k_seed": k_seed, "retrieval": self.retrieval(final, "test")}
 
         return {**self.store.run("pretrain", cell.spec, run), "label": label}
+
+    def _cached(self, data: Mapping[str, Any]) -> Any:
+        """The validated pre-training config, reading scenes from the study's shared shard cache (the cache's
+        location is not part of any cell's spec)."""
+        from ..pretrain import validate_config
+
+        return validate_config({**data, "data": {**data["data"], "cache_dir": str(self.out / "data-cache")}})
+
+    def seed_stage(self, k_seed: int) -> str:
+        """The training checkpoint that closes a K_seed-step MAA seed stage (shared by the seed recipe of every
+        architecture: the seed stage never depends on the architecture it will be expanded into)."""
+        from ..pretrain import pretrain
+
+        data = {**self.base, "model": {**self.base["model"], "arch": "msa"},
+                "recipe": {"name": "seed", "seed_steps": k_seed}}
+        cell = self._record(f"seed-stage/kseed={k_seed}", "seed-stage", {"pretrain": data, "stop_after": k_seed})
+
+        def run(c: Cell) -> dict[str, Any]:
+            return {"checkpoint": self.rel(pretrain(self._cached(data), c.dir / "run", stop_after=k_seed,
+                                                    progress=self.progress))}
+
+        return self.store.run("seed-stage", cell.spec, run)["checkpoint"]
 
     def merge(self, src: Mapping[str, Any], method: str, **params: Any) -> dict[str, Any]:
         """``src``'s modality copies merged by ``method``; scores of the merged model."""
@@ -300,6 +322,23 @@ class Study:
             if "figure3" not in parts:
                 del res["figure3"]
         return res
+
+
+def start_from_checkpoint(checkpoint: Path, run_dir: Path) -> None:
+    """Make ``checkpoint`` (a training checkpoint of another run) the latest checkpoint of ``run_dir``, so that
+    :func:`~vlmerge.pretrain.pretrain` resumes from it; a run that has checkpoints of its own is left alone."""
+    from ..models.checkpoint import atomic_write_json
+    from ..pretrain.state import LATEST, latest_checkpoint, read_meta
+
+    if latest_checkpoint(run_dir) is not None:
+        return
+    root = run_dir / "checkpoints"
+    shutil.rmtree(root / checkpoint.name, ignore_errors=True)
+    shutil.copytree(checkpoint, root / checkpoint.name)
+    log_rows = checkpoint.parent.parent / "metrics.jsonl"  # the seed stage's log, truncated at the checkpoint
+    if log_rows.is_file() and not (run_dir / "metrics.jsonl").exists():
+        shutil.copy(log_rows, run_dir / "metrics.jsonl")
+    atomic_write_json(root / LATEST, {"dir": checkpoint.name, "global_step": read_meta(checkpoint)["global_step"]})
 
 
 def _finite(x: float) -> float | None:
