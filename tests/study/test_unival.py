@@ -42,6 +42,10 @@ def test_findings_are_computed_from_the_numbers() -> None:
     res = {"scenario1": {"vqa|cls|vanilla": bulge}, "scenario2": soups, "scenario3": soups}
     found = {f.id: f for f in check_unival_findings(res)}
     assert found["convex_fronts"].reproduced and found["id_order"].reproduced and found["ood_order"].reproduced
+    assert found["id_wa_beats_vanilla"].reproduced
+    # with test-set sizes, gaps smaller than one standard error count as ties
+    noisy = {**res, "counts": {"test": {"vqa": 20}}}
+    assert not {f.id: f for f in check_unival_findings(noisy)}["id_order"].reproduced
     assert not found["interpolation_beats_specialist"].reproduced  # 50 < 60 and 70 < 80
     flipped = {"soup/vanilla": {"vqa": 30.0}, "soup/fusing": {"vqa": 20.0}, "soup/ratatouille": {"vqa": 10.0}}
     res = {"scenario1": {"vqa|cls|vanilla": sag}, "scenario2": flipped, "scenario3": flipped}

@@ -6,6 +6,10 @@
 
 Tasks: ``retrieval`` (dual encoder, ITC; optional ITM rerank), ``vqa``, ``nlvr2``, ``cls``, ``seg``; and
 ``itm`` (zero-shot image-text matching, evaluation only).
+
+``head: unified`` (``--set head=unified``) fine-tunes ``vqa``, ``nlvr2``, ``cls`` or ``itm`` in UnIVAL's unified
+answer mode (:mod:`.unified`: the MLM head answers in vocabulary words, so task models share one parameter set);
+:mod:`.soups` merges task models (interpolation, soups, Fusing, Ratatouille, greedy soup, TIES / DARE).
 """
 
 from .api import evaluate, finetune, infer_preset, make_config, zero_shot

@@ -18,11 +18,12 @@ import torch
 
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import atomic_write_json
-from .config import FINETUNE_TASKS, MODEL_PRESET_TO_FT, FinetuneConfig, read_yaml, resolve_config
+from .config import FINETUNE_TASKS, MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
 from .data import default_tokenizer, load_split, tokenizer_from_config
 from .engine import steps_for, train
 from .model import build_task_model, checkpoint_extras, resolve_scope, trainable_names
 from .tasks import Prep, get_task
+from .unified import UNIFIED_FINETUNE_TASKS, task_for, unified_record
 
 log = logging.getLogger("vlmerge.finetune")
 
@@ -114,10 +115,12 @@ def finetune(
     defaults). ``train_data`` / ``eval_data`` replace the configured datasets (any map-style dataset of
     the task's items). Returns ``out_dir``, a checkpoint directory with ``metrics.json``.
     """
-    t = get_task(task)
-    if task not in FINETUNE_TASKS:
-        raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(FINETUNE_TASKS)}")
+    get_task(task)  # an unknown name fails here, listing the tasks
     cfg = make_config(task, init_dir, config, sets, preset)
+    t = task_for(task, cfg.head)
+    if cfg.head == "task" and task not in FINETUNE_TASKS:
+        raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(FINETUNE_TASKS)} "
+                         f"(with head=unified: {list(UNIFIED_FINETUNE_TASKS)})")
     extras = checkpoint_extras(init_dir)
     tok = _tokenizer(extras, tokenizer)
     d = cfg.data
@@ -149,6 +152,10 @@ def finetune(
     keep = {k: v for k, v in extras.items() if k != "finetune"}
     if "tokenizer" not in keep and hasattr(tok, "to_config"):
         keep["tokenizer"] = tok.to_config()
+    if cfg.head == "unified":
+        keep["unified"] = unified_record(tok)
+    else:
+        keep.pop("unified", None)  # a task head was added: no longer a unified model
     save_model(model.cpu(), out, **keep, finetune=record)
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "train_log.json", result.history)
@@ -175,7 +182,7 @@ def evaluate(
     For a model in memory, ``tokenizer`` defaults to the embedded world's and the pixel mean / std to 0.5.
     Returns the task's metrics with ``score`` (its headline), ``baseline``, ``task`` and ``split``.
     """
-    t = get_task(task)
+    get_task(task)
     if isinstance(model, VLMo):
         net, extras, where = model, {}, "model"
     else:
@@ -190,6 +197,11 @@ def evaluate(
         cfg = make_config(task, model, base, sets)
     else:
         cfg = make_config(task, model, config, sets)
+    head_given = "head" in parse_sets(sets) or (isinstance(config, Mapping) and "head" in config) or (
+        isinstance(config, FinetuneConfig) and "head" in config.model_fields_set)
+    if "unified" in extras and cfg.head == "task" and not head_given:  # a unified checkpoint answers in words
+        cfg = cfg.model_copy(update={"head": "unified"})
+    t = task_for(task, cfg.head)
     tok = _tokenizer(extras, tokenizer)
     d = cfg.data
     ds = dataset if dataset is not None else load_split(task, split, d, net.config.image_size, d.max_eval)

@@ -90,6 +90,9 @@ class FinetuneConfig(BaseModel):
     # -- model
     image_size: int | None = Field(default=None, ge=1)  # fine-tuning resolution; None = the checkpoint's
     scope: Literal["auto", "all", "vision"] = "auto"  # auto: vision tasks train only the vision encoder
+    # task: a task-specific head (vqa / nlvr2 / cls ...); unified: UnIVAL's unified input/output, the answer a
+    # word of the shared vocabulary predicted by the MLM head at a [MASK] (vlmerge.finetune.unified)
+    head: Literal["task", "unified"] = "task"
     # -- task specifics
     itm_weight: float = Field(default=0.0, ge=0)  # retrieval: add ITM with hard negatives (needed for rerank)
     rerank_k: int = Field(default=0, ge=0)  # retrieval eval: rerank top-k by ITM (0 = dual encoder only)

@@ -274,6 +274,12 @@ class Unival:
                 r = get_task(name).evaluate(model, items, prep, FinetuneConfig(
                     task=name, eval_batch_size=self.cfg.eval_batch_size))  # type: ignore[arg-type]
         self.n_evals += 1
+        base = r.get("baseline", {})
+        nums = [v for k, v in base.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        value = base.get("accuracy", base.get("vqa_score", nums[0] if nums else None))
+        if value is not None:
+            self.baselines.setdefault(split if sp != "ood" else "test", {})[task] = float(value)
+        self.counts.setdefault(split if sp != "ood" else "test", {})[task] = int(r.get("n", 0))
         return float(r["score"])
 
     def scores(self, merged: Mapping[str, Any], tasks: Sequence[str], split: str = "test") -> dict[str, float]:
@@ -287,6 +293,8 @@ class Unival:
 
         c = self.cfg
         self.n_evals = 0
+        self.baselines: dict[str, dict[str, float]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
         self.tok = default_tokenizer()
         base = self.pretrain()
         self.image_size = load_model(base).config.image_size
@@ -395,6 +403,8 @@ class Unival:
             "scenario2": id_scores,
             "scenario3": ood_scores,
             "greedy_soup": greedy,
+            "baselines": self.baselines,
+            "counts": self.counts,
             "timings": {**self.timings, "evaluations": self.n_evals},
         }
 
@@ -437,6 +447,24 @@ def _front_gain(front: Mapping[str, Any]) -> float:
     return _mean(gains) * 2
 
 
+def _se_diff(r: Mapping[str, Any], tasks: Sequence[str], scores: Sequence[Mapping[str, float]]) -> float:
+    """Binomial standard error of the difference between two models' mean scores over ``tasks`` (n test items
+    per task from ``r["counts"]``, p the compared models' mean score); 0 when the counts are unknown."""
+    counts = (r.get("counts") or {}).get("test", {})
+    if not all(counts.get(t) for t in tasks):
+        return 0.0
+    var = 0.0
+    for t in tasks:
+        p = min(max(_mean([s[t] for s in scores]) / 100, 0.0), 1.0)
+        var += 2 * p * (1 - p) / counts[t]
+    return 100 * math.sqrt(var) / len(tasks)
+
+
+def _ordered(m: Mapping[str, float], order: Sequence[str], se: float) -> bool:
+    """``m[order[0]] > m[order[1]] > …``, each gap larger than ``se`` (smaller gaps count as ties)."""
+    return all(m[a] - m[b] > se for a, b in zip(order, order[1:], strict=False))
+
+
 def check_unival_findings(r: Mapping[str, Any]) -> list[Finding]:
     """UnIVAL's findings, each computed from ``r`` (the aggregated results)."""
     out: list[Finding] = []
@@ -460,18 +488,21 @@ def check_unival_findings(r: Mapping[str, Any]) -> list[Finding]:
                 spec = next(p for p in pts if p["lambda"] == end)["test"][t]
                 best = max((p for p in pts if 0 < p["lambda"] < 1), key=lambda p: p["test"][t], default=None)
                 if best is not None:
-                    beats.append((best["test"][t] - spec, f"{t} ({f['recipe']}, {f['a']}–{f['b']}): best λ="
+                    se = _se_diff(r, [t], [{t: spec}, {t: best["test"][t]}])
+                    beats.append((best["test"][t] - spec, se, f"{t} ({f['recipe']}, {f['a']}–{f['b']}): best λ="
                                   f"{best['lambda']} {best['test'][t]:.2f} vs specialist {spec:.2f}"))
-        top = max(beats, key=lambda x: x[0]) if beats else None
+        top = max(beats, key=lambda x: x[0] - x[1]) if beats else None
         if top is not None:
             out.append(Finding(
                 "interpolation_beats_specialist", "§5 Scenario 1, Fig. 2",
                 "some interpolated model outperforms the specialist on its own task",
                 PAPER["fig2_beats_specialist"],
-                f"largest margin: {top[1]} ({top[0]:+.2f}); {sum(b[0] > 0 for b in beats)}/{len(beats)} "
-                "task curves have an interior λ above their specialist", top[0] > 0))
+                f"largest margin: {top[2]} ({top[0]:+.2f}, one standard error {top[1]:.2f}); "
+                f"{sum(b[0] > b[1] for b in beats)}/{len(beats)} task curves have an interior λ above their "
+                "specialist by more than one standard error", top[0] > top[1]))
         rat = {(f["a"], f["b"]): f for f in fronts.values() if f["recipe"] == "ratatouille"}
-        trans = {"vanilla": [], "ratatouille": []}
+        trans: dict[str, list[float]] = {"vanilla": [], "ratatouille": []}
+        trans_tasks: list[str] = []
         for (a, b), fr in rat.items():
             fv = fronts.get(f"{a}|{b}|vanilla")
             if fv is None:
@@ -480,41 +511,62 @@ def check_unival_findings(r: Mapping[str, Any]) -> list[Finding]:
                 p1 = next(p for p in f["points"] if p["lambda"] == 1.0)  # the A model scored on B
                 p0 = next(p for p in f["points"] if p["lambda"] == 0.0)  # the B model scored on A
                 trans[rec] += [p1["test"][b], p0["test"][a]]
+            trans_tasks += [b, a]
         if trans["vanilla"]:
             v, t = _mean(trans["vanilla"]), _mean(trans["ratatouille"])
+            counts = (r.get("counts") or {}).get("test", {})
+            se = 0.0
+            if all(counts.get(x) for x in trans_tasks):
+                var = sum(2 * (q := min(max((a + b) / 200, 0.0), 1.0)) * (1 - q) / counts[x]
+                          for a, b, x in zip(trans["vanilla"], trans["ratatouille"], trans_tasks, strict=True))
+                se = 100 * math.sqrt(var) / len(trans_tasks)
             pv, pr = PAPER["fig2_transfer"]["vanilla"], PAPER["fig2_transfer"]["ratatouille"]
             out.append(Finding(
                 "ratatouille_transfer", "§5 Scenario 1, Fig. 2",
                 "at λ = 0 or 1, Ratatouille models transfer better to the other task than vanilla ones",
                 f"{'/'.join(map(str, pr))} vs {'/'.join(map(str, pv))} ({', '.join(PAPER['fig2_transfer']['pairs'])})",
                 f"mean cross-task score {t:.2f} (Ratatouille) vs {v:.2f} (vanilla) over {len(trans['vanilla'])} "
-                "endpoint evaluations", t > v))
+                f"endpoint evaluations (one standard error {se:.2f})", t - v > se))
     s2 = r.get("scenario2") or {}
     if all(f"soup/{x}" in s2 for x in RECIPES):
         m = {x: _mean(list(s2[f"soup/{x}"].values())) for x in RECIPES}
+        tasks = list(s2["soup/vanilla"])
+        se = _se_diff(r, tasks, [s2[f"soup/{x}"] for x in RECIPES])
+        chance = _mean([v for t, v in ((r.get("baselines") or {}).get("test") or {}).items() if t in tasks])
         out.append(Finding(
             "id_order", "§5 Scenario 2, Fig. 3; App. J.2",
             "on seen tasks (ID) the uniform soups rank Ratatouille > Fusing > vanilla",
             "Fig. 3: Ratatouille and Fusing soups above vanilla; App. J.2: Ratatouille better than Fusing",
-            "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES),
-            m["ratatouille"] > m["fusing"] > m["vanilla"]))
+            "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
+            + f" (best constant answer {chance:.2f}; gaps below one standard error, {se:.2f}, count as ties)",
+            _ordered(m, ("ratatouille", "fusing", "vanilla"), se)))
+        out.append(Finding(
+            "id_wa_beats_vanilla", "§5 Scenario 2, Fig. 3",
+            "on seen tasks (ID) both the Ratatouille and the Fusing soups outperform the vanilla soup",
+            "Fig. 3 (ID bars): Ratatouille and Fusing above vanilla",
+            "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + f" (one standard error {se:.2f})",
+            _ordered(m, ("ratatouille", "vanilla"), se) and _ordered(m, ("fusing", "vanilla"), se)))
     s3 = r.get("scenario3") or {}
     if all(f"soup/{x}" in s3 and s3[f"soup/{x}"] for x in RECIPES):
         m = {x: _mean(list(s3[f"soup/{x}"].values())) for x in RECIPES}
         p = {x: _mean(list(PAPER["table20"][x].values())) for x in RECIPES}
+        ood = list(s3["soup/vanilla"])
+        se = _se_diff(r, ood, [s3[f"soup/{x}"] for x in RECIPES])
+        chance = _mean([v for t, v in ((r.get("baselines") or {}).get("test") or {}).items() if t in ood])
+        note = f" (best constant answer {chance:.2f}; gaps below one standard error, {se:.2f}, count as ties)"
         out.append(Finding(
             "ood_order", "§5 Scenario 3, Fig. 3; Table 20",
             "on unseen tasks (OOD, no further training) Ratatouille > Fusing > vanilla",
             "Table 20 mean of OKVQA / VizWiz / NoCaps: " + ", ".join(f"{x} {p[x]:.2f}" for x in RECIPES)
             + " (Ratatouille best; Fusing below vanilla on 2 of 3)",
-            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES),
-            m["ratatouille"] > m["fusing"] > m["vanilla"]))
+            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + note,
+            _ordered(m, ("ratatouille", "fusing", "vanilla"), se)))
         out.append(Finding(
             "ood_ratatouille_best", "Table 20",
             "Ratatouille beats both Fusing and vanilla on the unseen tasks",
             "Table 20: " + ", ".join(f"{x} {p[x]:.2f}" for x in RECIPES),
-            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES),
-            m["ratatouille"] > max(m["fusing"], m["vanilla"])))
+            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + note,
+            _ordered(m, ("ratatouille", "fusing"), se) and _ordered(m, ("ratatouille", "vanilla"), se)))
     return out
 
 
@@ -528,6 +580,7 @@ def _plots(r: Mapping[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     def save(fig: Any, name: str) -> str:
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         atomic_write_bytes(out / name, buf.getvalue())
@@ -588,8 +641,9 @@ def _table(rows: Mapping[str, Mapping[str, float]], cols: Sequence[str], first: 
              "|---" * (len(cols) + 2) + "|"]
     for name, row in rows.items():
         vals = [row.get(c) for c in cols]
-        cells = [f"{v:.2f}" if isinstance(v, (int, float)) else "–" for v in vals]
-        nums = [v for v in vals if isinstance(v, (int, float))]
+        vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
+        cells = [f"{v:.2f}" if v is not None else "–" for v in vals]
+        nums = [v for v in vals if v is not None]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean(nums):.2f} |")
     return lines
 
@@ -608,7 +662,10 @@ def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequ
          "with several seeds they are seed means.", "",
          "Seen tasks (fine-tuned): " + ", ".join(LABELS[t] for t in tasks) + ". Unseen (never trained on): "
          + ", ".join(LABELS[t] for t in ood) + ".", ""]
-    p += ["## Findings", "", "| | source | paper's claim | paper | here |", "|---|---|---|---|---|"]
+    p += ["## Findings", "",
+          "Computed from the numbers below. Where a standard error is quoted, a gap counts only when it exceeds one "
+          "binomial standard error of the difference (n test items per task, this run's seeds); smaller gaps are "
+          "ties.", "", "| | source | paper's claim | paper | here |", "|---|---|---|---|---|"]
     for f in findings:
         p.append(f"| {'✅ reproduced' if f.reproduced else '❌ not reproduced'} | {f.source} | {f.claim} | "
                  f"{f.paper} | {f.ours} |")
@@ -635,7 +692,8 @@ def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequ
           "Uniform soups (λ = 1/N) of the N task models per recipe; task arithmetic, TIES and DARE on the vanilla "
           "task vectors (W − W_pretrained; parameters in the configuration below); the greedy soup over all "
           f"{len(RECIPES) * len(tasks)} fine-tuned models.", ""]
-    p += _table({**spec_row, **r["scenario2"]}, tasks, "model") + [""]
+    const = {"best constant answer (chance)": r.get("baselines", {}).get("test", {})}
+    p += _table({**const, **spec_row, **r["scenario2"]}, tasks, "model") + [""]
     g = r.get("greedy_soup")
     if g:
         p += [f"Greedy soup: members {g['members']} (validation {g['score']:.2f})"
@@ -646,7 +704,7 @@ def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequ
           "`size`: *what size is the X?*; `largest-color`: *what color is the largest object?* (scenes with one "
           "large object). No further training; `specialist/<recipe>/vqa` is the VQA model (Table 20 uses the "
           "VQAv2 model).", ""]
-    p += _table({k: v for k, v in r["scenario3"].items() if v}, ood, "model") + [""]
+    p += _table({**const, **{k: v for k, v in r["scenario3"].items() if v}}, ood, "model") + [""]
     t = r.get("timings", {})
     p += ["## Timings", "", ", ".join(f"{k} {v:.0f}" + (" s" if k.endswith("_s") else "") for k, v in t.items()), ""]
     if plots:
