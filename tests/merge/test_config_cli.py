@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import msa_state_dict, write
 
 from vlmerge.merge import Grams, load_merge_config, merge_tensors, save_grams
 from vlmerge.merge.commands import register
@@ -78,8 +79,6 @@ def test_cli_regmean_with_gram_file(msa_pair, tmp_path: Path) -> None:
 
 
 def test_cli_inputs_soup(tmp_path: Path) -> None:
-    from conftest import msa_state_dict, write
-
     dirs = [write(tmp_path, f"m{i}", msa_state_dict(seed=i)) for i in range(3)]
     argv = ["merge", "--method", "average", "--inputs", *map(str, dirs), "-o", str(tmp_path / "soup")]
     assert run_cli(argv) == 0
