@@ -1,16 +1,11 @@
 """Shared fixtures: one short VL pre-training of a micro MSA (32-px images) for every fine-tuning test.
-
-Tiny models run on one intra-op thread: faster than two for these sizes, and immune to OpenMP spin-waiting
-when other processes share the cores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from vlmerge.pretrain import load_config, pretrain
 
@@ -21,21 +16,8 @@ PRETRAIN = ["model.preset=micro", "model.arch=msa", "model.overrides={image_size
             "train.log_every=50", "train.ckpt_every=1000", "train.device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pre-trained micro MSA checkpoint (ITC + ITM + MLM heads, the world tokenizer)."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return pretrain(load_config(None, PRETRAIN), out, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return pretrain(load_config(None, PRETRAIN), out, progress=False)

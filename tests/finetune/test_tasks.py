@@ -8,8 +8,8 @@ whatever the lr, head multiplier or scope; twice the size it learns them in a fe
 Segmentation uses the same scale on the full world (twice the margin at half the steps). The full-size
 world's classification is left to the study's runs.
 
-Classification and segmentation cycle their training split for many epochs: it is rendered once, from the
-same data config, and handed to ``finetune`` in memory (rendering, not the model, dominated their cost).
+Every task reads its scenes from a shard cache shared by the module (``data.cache_dir``): they cycle their
+training split for many epochs, and rendering, not the model, dominated their cost.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from safetensors.torch import load_file
 
 from vlmerge.finetune import evaluate, finetune, zero_shot
 from vlmerge.finetune.api import _prep, checkpoint_extras, make_config
-from vlmerge.finetune.data import Labeled, embedded_dataset, load_split, tokenizer_from_config
+from vlmerge.finetune.config import DataConfig
+from vlmerge.finetune.data import embedded_dataset, load_split, tokenizer_from_config
 from vlmerge.finetune.tasks import retrieval as retrieval_task
-from vlmerge.models import load_model, load_model_config, parse_param_name
+from vlmerge.models import load_model, parse_param_name
 
 SIMPLE_WORLD = "data.world={max_objects: 1, rotation: false, texture: false, noise: 0, size_scale: 2}"
 # Per task: settings (over the micro preset) and the margin over the baseline the test split must show.
@@ -41,29 +42,39 @@ SETTINGS: dict[str, tuple[list[str], float]] = {
     "seg": (["data.train_size=1500", "data.eval_size=300", "max_steps=300", "lr=2e-3", "batch_size=32",
              "data.world={size_scale: 2}"], 3.0),
 }
-IN_MEMORY = ("cls", "seg")  # tasks whose training split is rendered once (see the module docstring)
-
-
-def rendered_train_split(task: str, init: Path) -> Labeled:
-    """The training split ``finetune`` would load for ``task`` under its settings, rendered once into memory."""
-    d = make_config(task, init, sets=SETTINGS[task][0]).data
-    ds = load_split(task, d.train_split, d, load_model_config(init).image_size)
-    return Labeled([ds[i] for i in range(len(ds))], num_classes=ds.num_classes)
 
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """task -> its fine-tuned checkpoint (each task fine-tuned once per module)."""
     done: dict[str, Path] = {}
+    cache = tmp_path_factory.mktemp("scenes")
 
     def get(task: str) -> Path:
         if task not in done:
-            train_data = rendered_train_split(task, pretrained) if task in IN_MEMORY else None
             done[task] = finetune(task, pretrained, tmp_path_factory.mktemp(f"ft-{task}") / "out",
-                                  sets=SETTINGS[task][0], train_data=train_data)
+                                  sets=[*SETTINGS[task][0], f"data.cache_dir={cache}"])
         return done[task]
 
     return get
+
+
+def test_cached_datasets_match_rendering_on_the_fly(tmp_path: Path) -> None:
+    """``cache_dir`` changes where items come from, never what they are; NLVR2 examples and overridden
+    worlds get caches of their own, so one folder serves every task."""
+    for task, world in (("vqa", None), ("nlvr2", None), ("seg", {"size_scale": 2}), ("cls", None)):
+        fresh = embedded_dataset(task, "val", 6, seed=3, image_size=16, world=world)
+        cached = embedded_dataset(task, "val", 6, seed=3, image_size=16, world=world, cache_dir=tmp_path)
+        assert len(cached) == len(fresh)
+        for i in (0, len(fresh) - 1):
+            a, b = fresh[i], cached[i]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], (task, k)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and "val-16px-seed3" in names and "val-16px-seed3-nlvr2" in names, names
+    split = load_split("vqa", "val", DataConfig(eval_size=6, world_seed=3, cache_dir=str(tmp_path)), 16)
+    assert split.base.source.dir == tmp_path / "val-16px-seed3"  # the config's cache_dir reaches the dataset
 
 
 def metrics(out: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import msa_state_dict, write
+from merge_synthetic import msa_state_dict, write
 
 from vlmerge.merge import Grams, load_merge_config, merge_tensors, save_grams
 from vlmerge.merge.commands import register

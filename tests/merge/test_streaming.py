@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import msa_state_dict, write
+from merge_synthetic import msa_state_dict, write
 
 from vlmerge.merge import Grams, merge_checkpoint, merge_models, merge_tensors
 from vlmerge.merge.base import tensor_seed

@@ -23,14 +23,6 @@ SHRINK = ["steps=40", "eval_images=20", "regmean_batches=1", "pretrain_set=[trai
             for t in ("vqa", "nlvr2", "cls", "seg")]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study") / "micro"

@@ -55,6 +55,7 @@ class DataConfig(BaseModel):
     eval_size: int = Field(default=500, ge=1)  # embedded world: scenes (NLVR2: examples) in an eval split
     image_size: int | None = Field(default=None, ge=16, le=512)  # embedded render size; None = the model's
     world: dict[str, Any] = Field(default_factory=dict)  # embedded: WorldConfig overrides (max_objects, ...)
+    cache_dir: str | None = None  # embedded: render scenes once into .npz shards under this folder (None = on the fly)
     max_text_len: int | None = Field(default=None, ge=2)  # None = the model's max_text_len
     workers: int = Field(default=0, ge=0)  # DataLoader workers
 

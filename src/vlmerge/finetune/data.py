@@ -10,6 +10,9 @@ the data.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset, Subset
@@ -49,11 +52,14 @@ def tokenizer_from_config(cfg: dict[str, Any]) -> Any:
 
 
 def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size: int = 32,
-                     world: dict[str, Any] | None = None) -> Dataset:
+                     world: dict[str, Any] | None = None, cache_dir: str | Path | None = None) -> Dataset:
     """``task``'s dataset over the first ``size`` scenes (NLVR2: examples) of the world's ``split``,
     rendered at ``image_size`` px, ``world`` overriding :class:`~vlmerge.data.WorldConfig` fields.
 
     Retrieval / ITM: every caption of each scene (5 per image); VQA: every question (5 per scene).
+    ``cache_dir``: render once into ``.npz`` shards under this folder (:mod:`vlmerge.data.cache`), one
+    subfolder per split, size, seed, world and example kind, so runs that share the folder (and the
+    pre-training engine's ``data.cache_dir``) render each scene once.
     """
     from ..data import (
         ANSWERS,
@@ -71,17 +77,25 @@ def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown split {split!r} of the embedded world; allowed values: {list(EMBEDDED_SPLITS)}")
     wc = WorldConfig.from_dict({"image_size": max(16, min(512, image_size)), **(world or {})})
-    world = World(wc, split=split, seed=seed)
+    source = World(wc, split=split, seed=seed)
+    cache = None
+    if cache_dir is not None:  # the pre-training engine's naming, plus the kind and any world overrides
+        cache = Path(cache_dir) / f"{split}-{wc.image_size}px-seed{seed}"
+        if task == "nlvr2":
+            cache = cache.with_name(cache.name + "-nlvr2")
+        if world:
+            digest = hashlib.sha256(json.dumps(world, sort_keys=True, default=str).encode()).hexdigest()[:10]
+            cache = cache.with_name(f"{cache.name}-world{digest}")
     if task in ("retrieval", "itm"):
-        return ImageTextDataset(world, size, pairs=True)
+        return ImageTextDataset(source, size, pairs=True, cache_dir=cache)
     if task == "vqa":
-        return Labeled(VQADataset(world, size), num_answers=len(ANSWERS))
+        return Labeled(VQADataset(source, size, cache), num_answers=len(ANSWERS))
     if task == "nlvr2":
-        return NLVR2Dataset(world, size)
+        return NLVR2Dataset(source, size, cache)
     if task == "cls":
-        return Labeled(ClassificationDataset(world, size), num_classes=NUM_CLASSES)
+        return Labeled(ClassificationDataset(source, size, cache), num_classes=NUM_CLASSES)
     if task == "seg":
-        return Labeled(SegmentationDataset(world, size), num_classes=NUM_SEG_CLASSES)
+        return Labeled(SegmentationDataset(source, size, cache), num_classes=NUM_SEG_CLASSES)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -105,7 +119,7 @@ def load_split(task: str, split: str, cfg: DataConfig, image_size: int = 32, lim
     """
     if cfg.format == "embedded":
         n = size or (cfg.train_size if split == cfg.train_split else cfg.eval_size)
-        ds = embedded_dataset(task, split, n, cfg.world_seed, cfg.image_size or image_size, cfg.world)
+        ds = embedded_dataset(task, split, n, cfg.world_seed, cfg.image_size or image_size, cfg.world, cfg.cache_dir)
     else:
         ds = file_dataset(task, split, cfg, image_size)
     if limit is not None and limit < len(ds):

@@ -27,13 +27,15 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cells import Cell, CellStore, config_hash
 from .report import write_report
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 log = logging.getLogger("vlmerge.study")
 
@@ -94,23 +96,23 @@ def find_config(name_or_path: str, sub: str = "") -> Path:
     raise FileNotFoundError(f"no config {name_or_path!r} (looked for configs/{sub}/{name_or_path}.yaml)")
 
 
-def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig:
-    path = find_config(preset, "study")
+def load_preset(path: Path, model: type[ModelT], overrides: Sequence[str] = ()) -> ModelT:
+    """Read the YAML preset at ``path``, apply ``key.sub=value`` overrides and validate it as ``model``; a bad
+    value is reported with the file and the key."""
+    from ..pretrain.config import apply_overrides
+
     data = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if not _:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        node = data
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
     try:
-        return StudyConfig(**data)
+        return model(**apply_overrides(data, list(overrides)))
     except ValidationError as e:
         err = e.errors()[0]
-        raise ValueError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from e
+        raise ValueError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+
+
+def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    return load_preset(find_config(preset, "study"), StudyConfig, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -251,7 +253,8 @@ class Study:
         def run(c: Cell) -> dict[str, Any]:  # fine-tunes, then scores the test split (finetune's eval_split)
             shutil.rmtree(c.dir / "model", ignore_errors=True)  # left by a fine-tune killed before it finished
             ckpt = finetune(task, self.path(src["final"]), c.dir / "model", preset=self.cfg.finetune,
-                            sets=[f"seed={self.seed}", "data.eval_split=test", *self.cfg.finetune_set.get(task, [])])
+                            sets=[f"seed={self.seed}", "data.eval_split=test", *self.cfg.finetune_set.get(task, []),
+                                  f"data.cache_dir={self.out / 'data-cache'}"])  # not in the hash: data alike
             metrics = json.loads((ckpt / "metrics.json").read_text())
             shutil.rmtree(ckpt)  # only the numbers are kept: a study makes dozens of task models
             return metrics

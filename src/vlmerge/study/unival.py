@@ -39,12 +39,12 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json
 from .cells import Cell, CellStore, config_hash
 from .findings import Finding
-from .runner import find_config
+from .runner import find_config, load_preset
 
 log = logging.getLogger("vlmerge.study")
 
@@ -123,21 +123,7 @@ class UnivalConfig(_Strict):
 
 def load_unival_config(preset: str, overrides: Sequence[str] = ()) -> tuple[UnivalConfig, Path]:
     path = find_config(preset, "unival")
-    data = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        node = data
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
-    try:
-        return UnivalConfig(**data), path
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ValueError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    return load_preset(path, UnivalConfig, overrides), path
 
 
 def _mean(xs: Sequence[float]) -> float:
