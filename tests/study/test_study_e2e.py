@@ -123,12 +123,14 @@ def test_seeds_aggregate_to_mean_and_sample_std() -> None:
 @pytest.mark.parametrize("preset", ["micro", "tiny", "small", "paper"])
 def test_every_preset_and_its_pretraining_config_validate(preset: str) -> None:
     from vlmerge.finetune.config import resolve_config
-    from vlmerge.pretrain import load_config
-    from vlmerge.study.runner import find_config
+    from vlmerge.pretrain import validate_config
+    from vlmerge.study.runner import base_pretrain_config
 
     cfg = load_study_config(preset)
-    base = load_config(find_config(cfg.pretrain), [*cfg.pretrain_set, f"train.steps={cfg.steps}"])
+    base = base_pretrain_config(cfg)
     assert base.train.steps == cfg.steps
+    seed_steps = max(1, round(max(cfg.k_seed) * cfg.steps))  # the longest seed recipe must validate too
+    validate_config({**base.to_dict(), "recipe": {"name": "seed", "seed_steps": seed_steps}})
     for task in ["vqa", "nlvr2", "cls", "seg"]:
         ft = resolve_config(task, cfg.finetune, sets=cfg.finetune_set.get(task, []))
         assert ft.task == task

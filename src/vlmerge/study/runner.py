@@ -115,19 +115,23 @@ def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig
     return load_preset(find_config(preset, "study"), StudyConfig, overrides)
 
 
+def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
+    """The :class:`~vlmerge.pretrain.PretrainConfig` every pre-training cell starts from: the preset's
+    pre-training config with ``pretrain_set``, K steps and ``seed``; each cell then sets its recipe."""
+    from ..pretrain import load_config
+
+    return load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
+                                                      f"train.seed={seed}", "recipe={name: scratch}"])
+
+
 # ------------------------------------------------------------------------------------------------ the study
 class Study:
     """Runs the cells of one seed; :func:`run_study` aggregates seeds and writes the report."""
 
     def __init__(self, config: StudyConfig, out: Path, seed: int, progress: bool = True) -> None:
-        from ..pretrain import load_config
-
         self.cfg, self.out, self.seed, self.progress = config, out, seed, progress
         self.store = CellStore(out)
-        # the recipe is set per cell (scratch, or seed with K_seed steps)
-        base = load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
-                                                          f"train.seed={seed}", "recipe={name: scratch}"])
-        self.base = base.to_dict()
+        self.base = base_pretrain_config(config, seed).to_dict()
         self.cells: dict[str, dict[str, Any]] = {}
         self._eval_sets: dict[tuple[str, int], Any] = {}
 
