@@ -23,6 +23,7 @@ from vlmerge.data import (
     VQADataset,
     World,
     WorldConfig,
+    cache_folder,
     default_tokenizer,
     normalize,
     write_cache,
@@ -113,6 +114,24 @@ def test_cache_resumes_extends_and_refuses_other_worlds(tmp_path) -> None:
     (tmp_path / "orphan" / "shard-00000.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="has cache shards but no meta.json"):
         write_cache(w, 5, tmp_path / "orphan", progress=False)
+
+
+def test_cache_folder_names_one_folder_per_layout(tmp_path) -> None:
+    """Pre-training, fine-tuning and the study share one cache root: each split, size, seed, kind and world
+    gets its own folder (the default world keeps the plain name), and two caches never share a folder."""
+    plain = World(WorldConfig(image_size=16), "val", seed=3)
+    assert cache_folder(tmp_path, plain) == tmp_path / "val-16px-seed3"
+    assert cache_folder(tmp_path, plain, "nlvr2") == tmp_path / "val-16px-seed3-nlvr2"
+    scaled = World(WorldConfig(image_size=16, size_scale=2.0), "val", seed=3)
+    folders = {cache_folder(tmp_path, w, k) for w in (plain, scaled, World(WorldConfig(image_size=16,
+               max_objects=1), "val", 3)) for k in ("scenes", "nlvr2")}
+    assert len(folders) == 6
+    assert cache_folder(tmp_path, World(WorldConfig(image_size=16, size_scale=2.0), "val", 3)) == \
+        cache_folder(tmp_path, scaled)
+    for w, k in ((plain, "scenes"), (scaled, "scenes"), (plain, "nlvr2")):  # each folder takes its own cache
+        write_cache(w, 2, cache_folder(tmp_path, w, k), k, progress=False)
+    with pytest.raises(ValueError, match="cache kind"):
+        cache_folder(tmp_path, plain, "pairs")
 
 
 def test_datasets_read_the_cache_like_the_world(tmp_path) -> None:

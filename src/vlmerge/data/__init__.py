@@ -1,6 +1,6 @@
 """The embedded, procedurally generated image-text world, its tokenizer, torch datasets and disk cache."""
 
-from .cache import CachedWorld, open_cache, write_cache
+from .cache import CachedWorld, cache_folder, open_cache, write_cache
 from .datasets import (
     MEAN,
     STD,
@@ -31,5 +31,5 @@ __all__ = [
     "ANSWERS", "COLORS", "MEAN", "NUM_CLASSES", "NUM_SEG_CLASSES", "SHAPES", "STD", "CachedWorld",
     "ClassificationDataset", "Collate", "ImageTextDataset", "NLVR2Dataset", "NLVR2Example", "Scene",
     "SegmentationDataset", "Tokenizer", "VQADataset", "World", "WorldConfig", "answer_to_id",
-    "default_tokenizer", "normalize", "open_cache", "to_tensor", "write_cache",
+    "cache_folder", "default_tokenizer", "normalize", "open_cache", "to_tensor", "write_cache",
 ]

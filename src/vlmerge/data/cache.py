@@ -20,6 +20,7 @@ are stored uncompressed in the zip), so random access costs one copy of one exam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -57,6 +58,22 @@ def _config_record(config: WorldConfig) -> dict[str, Any]:
     if d["size_scale"] == 1.0:
         del d["size_scale"]
     return d
+
+
+def cache_folder(root: str | Path, world: World, kind: str = "scenes") -> Path:
+    """The folder under ``root`` that holds ``world``'s cache of ``kind``: ``{split}-{size}px-seed{seed}``,
+    then ``-nlvr2`` for NLVR2 examples and ``-world<hash>`` when the world's config is not the default at that
+    size. One root can so serve every split, size, kind and world (a cache holds one layout; it grows to the
+    largest ``n`` asked of it)."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache kind={kind!r} is invalid; allowed values: {list(CACHE_KINDS)}")
+    name = f"{world.split}-{world.config.image_size}px-seed{world.seed}"
+    if kind != "scenes":
+        name += f"-{kind}"
+    record = _config_record(world.config)
+    if record != _config_record(WorldConfig(image_size=world.config.image_size)):
+        name += "-world" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root) / name
 
 
 def _object_record(o: Obj) -> dict[str, Any]:

@@ -10,8 +10,6 @@ the data.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +55,8 @@ def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size
     rendered at ``image_size`` px, ``world`` overriding :class:`~vlmerge.data.WorldConfig` fields.
 
     Retrieval / ITM: every caption of each scene (5 per image); VQA: every question (5 per scene).
-    ``cache_dir``: render once into ``.npz`` shards under this folder (:mod:`vlmerge.data.cache`), one
-    subfolder per split, size, seed, world and example kind, so runs that share the folder (and the
-    pre-training engine's ``data.cache_dir``) render each scene once.
+    ``cache_dir``: render once into ``.npz`` shards in :func:`~vlmerge.data.cache_folder` under this folder,
+    so runs that share it (and the pre-training engine's ``data.cache_dir``) render each scene once.
     """
     from ..data import (
         ANSWERS,
@@ -72,20 +69,14 @@ def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size
         VQADataset,
         World,
         WorldConfig,
+        cache_folder,
     )
 
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown split {split!r} of the embedded world; allowed values: {list(EMBEDDED_SPLITS)}")
     wc = WorldConfig.from_dict({"image_size": max(16, min(512, image_size)), **(world or {})})
     source = World(wc, split=split, seed=seed)
-    cache = None
-    if cache_dir is not None:  # the pre-training engine's naming, plus the kind and any world overrides
-        cache = Path(cache_dir) / f"{split}-{wc.image_size}px-seed{seed}"
-        if task == "nlvr2":
-            cache = cache.with_name(cache.name + "-nlvr2")
-        if world:
-            digest = hashlib.sha256(json.dumps(world, sort_keys=True, default=str).encode()).hexdigest()[:10]
-            cache = cache.with_name(f"{cache.name}-world{digest}")
+    cache = None if cache_dir is None else cache_folder(cache_dir, source, "nlvr2" if task == "nlvr2" else "scenes")
     if task in ("retrieval", "itm"):
         return ImageTextDataset(source, size, pairs=True, cache_dir=cache)
     if task == "vqa":

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import ImageTextDataset, Tokenizer, World, WorldConfig, default_tokenizer
+from ..data import ImageTextDataset, Tokenizer, World, WorldConfig, cache_folder, default_tokenizer
 from ..data.datasets import MEAN, STD
 from .losses import SpecialTokens
 
@@ -47,13 +47,14 @@ def build_data(config: PretrainConfig) -> PretrainData:
     d = config.data
     world = WorldConfig(image_size=config.build_model_config(vocab_size=1, heads=()).image_size)
 
-    def cache(split: str) -> Path | None:  # a cache holds one world layout; it grows to the largest n asked
-        return Path(d.cache_dir) / f"{split}-{world.image_size}px-seed{d.seed}" if d.cache_dir else None
+    train, evals = World(world, "train", d.seed), World(world, d.eval_split, d.seed)
+
+    def cache(w: World) -> Path | None:
+        return cache_folder(d.cache_dir, w) if d.cache_dir else None
 
     return PretrainData(
-        train=ImageTextDataset(World(world, "train", d.seed), d.train_images, pairs=True, cache_dir=cache("train")),
-        eval=ImageTextDataset(World(world, d.eval_split, d.seed), d.eval_images, pairs=True,
-                              cache_dir=cache(d.eval_split)),
+        train=ImageTextDataset(train, d.train_images, pairs=True, cache_dir=cache(train)),
+        eval=ImageTextDataset(evals, d.eval_images, pairs=True, cache_dir=cache(evals)),
         tokenizer=Tokenizer.paper() if d.tokenizer == "paper" else default_tokenizer(),
     )
 
