@@ -7,13 +7,19 @@ For inputs W_m, base W0, τ_m = W_m − W0 and weights w_m (default 1):
     W   = W0 + λ Σ_m w_m τ̃_m / Σ_m w_m      (``normalize=True``, the default: an average of task vectors)
     W   = W0 + λ Σ_m w_m τ̃_m                 (``normalize=False``: a sum, task arithmetic)
 
-Masks come from ``torch.Generator().manual_seed(s)`` drawn in input order as ``torch.rand(shape) >= p``,
-where ``s = seed`` for :func:`~vlmerge.merge.merge_tensors` and ``tensor_seed(seed, name)`` per tensor in a
-checkpoint merge (so the result does not depend on the order tensors are visited).
+Masks come from numpy's PCG64 generator seeded with ``s``, drawn in input order as uint32 integers ``u``
+with ``M = u ≥ round(p · 2³²)`` (keep probability 1 − p to within 2⁻³²; the rescale uses that exact
+probability). ``s = seed`` for :func:`~vlmerge.merge.merge_tensors` and ``tensor_seed(seed, name)`` per
+tensor in a checkpoint merge (so the result does not depend on the order tensors are visited). uint32 draws
+cost ~5 ns an entry against ~16 ns for ``torch.rand`` with a seeded CPU generator: the draw, not the
+arithmetic, bounds DARE's speed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -27,12 +33,26 @@ class DareParams(MergeParams):
     normalize: bool = Field(True, description="divide by Σ w_m (average) instead of summing")
 
 
+def _threshold(drop: float) -> tuple[int, float]:
+    """(uint32 threshold, exact keep probability) for drop rate ``drop``."""
+    t = min(round(drop * 2**32), 2**32 - 1)
+    return t, (2**32 - t) / 2**32
+
+
+def _masks(shape: torch.Size | tuple[int, ...], drop: float, seed: int) -> Iterator[torch.Tensor]:
+    rng = np.random.Generator(np.random.PCG64(seed))
+    t, _ = _threshold(drop)
+    n = int(np.prod(shape, dtype=np.int64))
+    while True:
+        yield torch.from_numpy(rng.integers(0, 2**32, size=n, dtype=np.uint32) >= t).view(tuple(shape))
+
+
 def dare_keep_masks(
     shape: torch.Size | tuple[int, ...], n: int, drop: float, seed: int
 ) -> list[torch.Tensor]:
     """The ``n`` boolean keep-masks DARE draws for one slot (True = kept), reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(tuple(shape), generator=g) >= drop for _ in range(n)]
+    masks = _masks(shape, drop, seed)
+    return [next(masks) for _ in range(n)]
 
 
 @register_method
@@ -52,10 +72,8 @@ class Dare(MergeMethod):
         if p.normalize and sum(w) == 0:
             raise ValueError(f"dare: weights sum to 0 for {ctx.name!r}; cannot normalize")
         seed = tensor_seed(p.seed, ctx.name) if ctx.per_tensor_seed else p.seed
-        g = torch.Generator().manual_seed(seed)
         out = ctx.base.clone()
-        coef = p.lam * scale / (1.0 - p.drop)
-        for t, wi in zip(tensors, w, strict=True):
-            keep = torch.rand(t.shape, generator=g) >= p.drop
-            out.add_(torch.where(keep, t - ctx.base, 0.0), alpha=coef * wi)
+        coef = p.lam * scale / _threshold(p.drop)[1]
+        for t, wi, keep in zip(tensors, w, _masks(ctx.base.shape, p.drop, seed), strict=False):
+            out.add_((t - ctx.base).mul_(keep.to(t.device)), alpha=coef * wi)
         return out
