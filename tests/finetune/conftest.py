@@ -1,5 +1,4 @@
-"""Shared fixtures: one short VL pre-training of a micro MSA (32-px images) for every fine-tuning test.
-"""
+"""Shared fixtures: one short VL pre-training of a micro MSA (32-px images) for every fine-tuning test."""
 
 from __future__ import annotations
 

@@ -233,16 +233,17 @@ class Study:
 
     def retrieval(self, ckpt: str | Path, split: str) -> dict[str, float]:
         """Zero-shot retrieval (Avg TR / Avg IR and recalls) of ``ckpt`` on ``split``."""
-        from ..data import ImageTextDataset, World, WorldConfig, cache_folder, default_tokenizer
+        from ..data import default_tokenizer
+        from ..finetune.data import embedded_dataset
         from ..models import load_model
         from ..pretrain import evaluate_retrieval
 
         model = load_model(ckpt)
         key = (split, model.config.image_size)
         if key not in self._eval_sets:  # rendered once per process, read from the shared shard cache
-            world = World(WorldConfig(image_size=key[1]), split, self.base["data"]["seed"])
-            self._eval_sets[key] = ImageTextDataset(world, self.cfg.eval_images,
-                                                    cache_dir=cache_folder(self.out / "data-cache", world))
+            self._eval_sets[key] = embedded_dataset("retrieval", split, self.cfg.eval_images,
+                                                    self.base["data"]["seed"], key[1],
+                                                    cache_dir=self.out / "data-cache")
         r = evaluate_retrieval(model, self._eval_sets[key], default_tokenizer())
         return {"tr": r["tr_mean"], "ir": r["ir_mean"], **{k: v for k, v in r.items() if k.startswith(("tr_", "ir_"))}}
 
