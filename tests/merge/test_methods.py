@@ -109,8 +109,12 @@ def test_dare_matches_numpy(normalize: bool) -> None:
     p, seed = 0.3, 11
     got = merge_tensors("dare", ws, base=w0, drop=p, seed=seed, weights=[0.7, 0.6], normalize=normalize)
     masks = [m.numpy() for m in dare_keep_masks(w0.shape, 2, p, seed)]
+    assert not np.array_equal(masks[0], masks[1])  # one independent mask per input
+    # the drop rate is quantized to 2^-16 (uint16 draws) and the rescale uses that exact keep probability
+    keep_prob = 1 - round(p * 2**16) / 2**16
+    assert keep_prob != 1 - p and abs(keep_prob - (1 - p)) <= 2**-17
     taus = [(w - w0).numpy() for w in ws]
-    combo = 0.7 * masks[0] * taus[0] / (1 - p) + 0.6 * masks[1] * taus[1] / (1 - p)
+    combo = 0.7 * masks[0] * taus[0] / keep_prob + 0.6 * masks[1] * taus[1] / keep_prob
     want = w0.numpy() + (combo / 1.3 if normalize else combo)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     kept = masks[0].mean()
@@ -123,6 +127,40 @@ def test_dare_matches_numpy(normalize: bool) -> None:
     assert torch.equal(got, again)
     assert not torch.equal(got, merge_tensors("dare", ws, base=w0, drop=p, seed=seed + 1, weights=[0.7, 0.6],
                                               normalize=normalize))
+
+
+def test_dare_chunks_and_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge runs in chunks (7 here, the last partial) over strided inputs: still the masks'
+    formula entry by entry, with one independent stream per input."""
+    import vlmerge.merge.methods.dare as dare_module
+
+    monkeypatch.setattr(dare_module, "_CHUNK", 300)
+    ws = [rnd(40, 50, seed=s).t() for s in (1, 2, 3)]  # [50, 40] non-contiguous views
+    w0 = rnd(50, 40, seed=5)
+    p, seed = 0.6, 2
+    got = merge_tensors("dare", ws, base=w0, drop=p, seed=seed, normalize=False, lam=0.9)
+    masks = [m.numpy() for m in dare_keep_masks(w0.shape, 3, p, seed)]
+    keep_prob = 1 - round(p * 2**16) / 2**16
+    want = w0.numpy() + 0.9 * sum(m * (w - w0).numpy() for m, w in zip(masks, ws, strict=True)) / keep_prob
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    assert got.is_contiguous() and got.shape == (50, 40)
+    # the first two inputs' masks do not depend on how many inputs follow
+    two = dare_keep_masks(w0.shape, 2, p, seed)
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(two, masks, strict=False))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.5, 0.9])
+def test_dare_masks_are_independent_bernoulli(p: float) -> None:
+    """Four uint16 draws share each 64-bit word: kept fractions, neighbours within a word and the two inputs'
+    masks must still look like independent Bernoulli(1 − p) draws (each within 5 standard errors)."""
+    n = 400_000
+    a, b = (m.numpy().astype(np.float64) for m in dare_keep_masks((n,), 2, p, seed=3))
+    q = 1 - p
+    se = (q * (1 - q) / n) ** 0.5
+    assert abs(a.mean() - q) < 5 * se and abs(b.mean() - q) < 5 * se
+    for x, y in ((a[0::4], a[1::4]), (a[2::4], a[3::4]), (a, b)):  # same word; other input
+        both = (x * y).mean()
+        assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / len(x)) ** 0.5, both
 
 
 @pytest.mark.parametrize(("method", "kwargs", "match"), [

@@ -8,8 +8,9 @@ Both first build a plan from the safetensors headers only (names, shapes, dtypes
 can be checked without reading a weight (keys, shapes, dtypes, base, Grams, per-layer schedules), and only
 then open the output. The output is written into a temporary directory beside ``out_dir`` through
 :class:`~vlmerge.models.checkpoint.SafetensorsStreamWriter` and renamed into place at the end, so a failed
-or killed merge never leaves a partial checkpoint under ``out_dir``. Peak memory ≈ the largest slot's
-inputs + its output (plus the pages of the inputs the OS keeps mapped).
+or killed merge never leaves a partial checkpoint under ``out_dir``. Peak memory ≈ three of the largest
+slot's inputs + output (two slots read and merged ahead while one is written; plus the pages of the
+inputs the OS keeps cached).
 
 The output ``config.json`` is the input's with a ``"merge"`` record (method, params, weights, sources with
 file fingerprints, base, Grams, version). :func:`merge_checkpoint` merges every modality-specific slot, so
@@ -25,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -130,6 +132,12 @@ def _load(src: tuple[Any, str]) -> torch.Tensor:
     return reader.get(key)
 
 
+_WORKERS = 2
+"""Slots read and merged ahead of the one being written. Two beat one on the 2-core benchmark (DARE 6.4 ->
+4.7 s, interpolation 3.3 -> 2.5 s: a slot's read, its arithmetic and the previous slot's write all overlap)
+and cost one more slot of memory; more gained nothing."""
+
+
 def _execute(
     method: MergeMethod,
     params: MergeParams,
@@ -144,21 +152,25 @@ def _execute(
     try:
         specs = {j.target: (j.dtype, j.shape) for j in jobs}
         order = sorted(jobs, key=lambda j: j.target)
-        # One reader thread loads slot i + 1 while slot i is merged and written (pread, torch ops and
-        # file writes release the GIL): IO and arithmetic overlap, memory holds two slots at most.
+        # Worker threads read and merge slots i + 1 .. i + _WORKERS while the main thread writes slot i, in
+        # order (pread, torch and numpy ops and file writes release the GIL): the merge's arithmetic hides
+        # behind the output write, the larger half of the IO; memory holds _WORKERS + 1 slots at most.
+        def produce(job: Job) -> torch.Tensor:
+            return _merge_job(method, params, job, _load_job(job))
+
         with (
             SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, {"format": "pt"}) as writer,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmerge-read") as pool,
+            ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="vlmerge-merge") as pool,
         ):
-            nxt = pool.submit(_load_job, order[0]) if order else None
+            ahead = deque(pool.submit(produce, j) for j in order[:_WORKERS])
             for i, job in enumerate(
                 tqdm(order, disable=not progress, desc=f"merge:{method.name}", unit="tensor")
             ):
-                assert nxt is not None
-                loaded = nxt.result()
-                nxt = pool.submit(_load_job, order[i + 1]) if i + 1 < len(order) else None
-                writer.write(job.target, _merge_job(method, params, job, loaded))
-                del loaded
+                merged = ahead.popleft().result()
+                if i + _WORKERS < len(order):
+                    ahead.append(pool.submit(produce, order[i + _WORKERS]))
+                writer.write(job.target, merged)
+                del merged
         atomic_write_json(tmp / CONFIG_NAME, config)
         _publish(tmp, out)
     except BaseException:
@@ -169,7 +181,7 @@ def _execute(
 
 @dataclass
 class Loaded:
-    """One job's tensors, read (by the prefetch thread) and checked."""
+    """One job's tensors, read (by a worker thread) and checked."""
 
     tensors: list[torch.Tensor]
     base: list[torch.Tensor]
@@ -177,7 +189,7 @@ class Loaded:
 
 
 def _load_job(job: Job) -> Loaded:
-    """Read and NaN/Inf-check one job's tensors (runs in the prefetch thread, overlapping the merge)."""
+    """Read and NaN/Inf-check one job's tensors (in a worker thread, overlapping the write of earlier slots)."""
     tensors = [_load(s) for s in job.sources]
     for (reader, key), t in zip(job.sources, tensors, strict=True):
         if not is_finite(t):
