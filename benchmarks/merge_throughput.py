@@ -315,96 +315,71 @@ def main(argv: list[str] | None = None) -> int:
         )
         a, b, c = dirs["A"], dirs["B"], dirs["C"]
 
-        def run(label: str, group: str, task: dict[str, Any], python: str = py) -> dict[str, Any]:
-            out = work / "out"
-            task = {**task, "out": str(out), "err": str(work / "child.err")}
-            best: dict[str, Any] = {}
-            for _ in range(args.repeat):
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()  # no writeback of the previous output during this run
-                res = run_child_measured(python, task)
-                if "error" in res or not best or res["seconds"] < best["seconds"]:
-                    best = res
-                if "error" in res:
-                    break
-            res = best
-            res.update(label=label, group=group)
-            rows.append(res)
-            msg = f"{group:<9} {label:<32} " + (
-                f"ERROR {res['error']}"
-                if "error" in res
-                else f"{res['seconds']:7.2f}s  rss {res['rss_mb']:7.0f} MB"
-            )
-            print(msg, flush=True)
-            return res
+        # Every row is one spec; the specs run in rounds (each round runs every row once, in this order)
+        # so slow spells of the VM or its disk spread over all rows instead of hitting one row's repeats.
+        specs: list[dict[str, Any]] = []
 
-        # --- whole models: ours vs mergekit on the A/B pair (+ C as base)
-        floor2 = run(
-            "floor: read A,B + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b)]}
-        )
-        floor3 = run(
-            "floor: read A,B,C + write",
-            "models",
-            {"kind": "floor_models", "inputs": [str(a), str(b), str(c)]},
-        )
-        keep_ours = work / "ours_out"
+        def spec(label: str, group: str, task: dict[str, Any], floor: str | None = None, **kw: Any) -> None:
+            specs.append({"label": label, "group": group, "task": task, "floor": floor, **kw})
+
+        spec("floor: read A,B + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b)]})
+        spec("floor: read A,B,C + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b), str(c)]})
         for m in methods:
             base = None if m == "interpolation" else str(c)
-            res = run(
-                f"vlmerge {m}",
-                "models",
-                {
-                    "kind": "ours_models",
-                    "method": m,
-                    "inputs": [str(a), str(b)],
-                    "base": base,
-                    "params": OURS_PARAMS[m],
-                },
-            )
-            res["floor"] = (floor2 if base is None else floor3).get("seconds")
-            res["floor_rss"] = (floor2 if base is None else floor3).get("rss_mb")
-            shutil.rmtree(keep_ours, ignore_errors=True)
-            if (work / "out").exists():
-                os.rename(work / "out", keep_ours)
+            floor = "floor: read A,B + write" if base is None else "floor: read A,B,C + write"
+            task = {"kind": "ours_models", "method": m, "inputs": [str(a), str(b)], "base": base,
+                    "params": OURS_PARAMS[m]}
+            spec(f"vlmerge {m}", "models", task, floor, keep_output=True)
             if Path(args.mergekit_python).exists():
-                mk = run(
-                    f"mergekit {mergekit_yaml(m, a, b, c).split()[1]}",
-                    "models",
-                    {"kind": "mergekit", "yaml": mergekit_yaml(m, a, b, c)},
-                    python=args.mergekit_python,
-                )
-                mk["floor"], mk["floor_rss"] = res["floor"], res["floor_rss"]
-                if "error" not in mk and keep_ours.exists() and m != "dare":
-                    mk["max_abs_diff_vs_vlmerge"] = max_abs_diff(keep_ours, work / "out")
-                    print(
-                        f"          max |vlmerge − mergekit| = {mk['max_abs_diff_vs_vlmerge']:.3g}",
-                        flush=True,
-                    )
-        shutil.rmtree(keep_ours, ignore_errors=True)
-
-        # --- the paper's modality merge of one MSA checkpoint (+ the seed as base)
+                yaml_text = mergekit_yaml(m, a, b, c)
+                spec(f"mergekit {yaml_text.split()[1]}", "models", {"kind": "mergekit", "yaml": yaml_text}, floor,
+                     python=args.mergekit_python, compare=m != "dare")
         msa, seed = dirs["msa"], dirs["seed"]
-        f1 = run("floor: read MSA + write", "modality", {"kind": "floor_modality", "input": str(msa)})
-        f2 = run(
-            "floor: read MSA,seed + write",
-            "modality",
-            {"kind": "floor_modality", "input": str(msa), "base": str(seed)},
-        )
+        spec("floor: read MSA + write", "modality", {"kind": "floor_modality", "input": str(msa)})
+        spec("floor: read MSA,seed + write", "modality",
+             {"kind": "floor_modality", "input": str(msa), "base": str(seed)})
         for m in methods:
             base = None if m == "interpolation" else str(seed)
-            res = run(
-                f"vlmerge {m}",
-                "modality",
-                {
-                    "kind": "ours_modality",
-                    "method": m,
-                    "input": str(msa),
-                    "base": base,
-                    "params": OURS_PARAMS[m],
-                },
-            )
-            res["floor"] = (f1 if base is None else f2).get("seconds")
-            res["floor_rss"] = (f1 if base is None else f2).get("rss_mb")
+            floor = "floor: read MSA + write" if base is None else "floor: read MSA,seed + write"
+            task = {"kind": "ours_modality", "method": m, "input": str(msa), "base": base, "params": OURS_PARAMS[m]}
+            spec(f"vlmerge {m}", "modality", task, floor)
+
+        out, keep_ours = work / "out", work / "ours_out"
+        best: dict[tuple[str, str], dict[str, Any]] = {}
+        diffs: dict[tuple[str, str], float] = {}
+        for rnd in range(args.repeat):
+            for sp in specs:
+                key = (sp["group"], sp["label"])
+                if "error" in best.get(key, {}):
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # no writeback of the previous output during this run
+                task = {**sp["task"], "out": str(out), "err": str(work / "child.err")}
+                res = run_child_measured(sp.get("python", py), task)
+                if "error" in res or key not in best or res["seconds"] < best[key]["seconds"]:
+                    best[key] = {**res, "label": sp["label"], "group": sp["group"]}
+                print(
+                    f"round {rnd + 1}/{args.repeat}  {sp['group']:<9} {sp['label']:<32} "
+                    + (f"ERROR {res['error']}" if "error" in res else
+                       f"{res['seconds']:7.2f}s  rss {res['rss_mb']:7.0f} MB"),
+                    flush=True,
+                )
+                if rnd == 0 and sp.get("keep_output"):  # compared with mergekit's output, next row
+                    shutil.rmtree(keep_ours, ignore_errors=True)
+                    if out.exists():
+                        os.rename(out, keep_ours)
+                if rnd == 0 and sp.get("compare") and "error" not in res and keep_ours.exists():
+                    diffs[key] = max_abs_diff(keep_ours, out)
+                    print(f"          max |vlmerge − mergekit| = {diffs[key]:.3g}", flush=True)
+        shutil.rmtree(keep_ours, ignore_errors=True)
+        for sp in specs:
+            row = best[(sp["group"], sp["label"])]
+            if (sp["group"], sp["label"]) in diffs:
+                row["max_abs_diff_vs_vlmerge"] = diffs[(sp["group"], sp["label"])]
+            if sp["floor"] is not None:
+                ref = best[(sp["group"], sp["floor"])]
+                row["floor"], row["floor_rss"] = ref.get("seconds"), ref.get("rss_mb")
+            rows.append(row)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -448,7 +423,7 @@ def render(
         f" --{k.replace('_', '-')} {getattr(args, k)}"
         for k in ("layers", "dim", "ffn", "vocab")
         if getattr(args, k) != {"layers": 12, "dim": 1024, "ffn": 4096, "vocab": 8000}[k]
-    )
+    ) + f" --repeat {args.repeat}"
     lines = [
         "# Merge throughput and peak memory",
         "",
@@ -465,15 +440,17 @@ def render(
         "MSA = A's tensors as `v`, B's as `l`, random `vl` in the top "
         f"{args.vl_layers} layers; seed = C under the `shared` names.",
         "",
-        f"Each row is the fastest of {args.repeat} fresh processes (`os.sync()` before each). "
+        f"Each row is the fastest of {args.repeat} fresh processes (`os.sync()` before each), run in "
+        f"{args.repeat} rounds that each run every row once, so slow spells of the VM spread over all rows. "
         "*time*: in-process wall time of the merge call (imports excluded); "
         "*process*: the whole child process; *RSS*: the child's peak resident set (`ru_maxrss`). "
         "Floors, measured "
         "in the same run: read every input tensor once (`vlmerge.merge.io.StreamingReader`, pread into fresh "
         "memory) and write the output once (`SafetensorsStreamWriter`), single-threaded. vlmerge's merges "
-        "read the next slot in a second thread while merging the current one. mergekit reads through its "
-        "own lazy safetensors loader (mmap). Files are in the page cache (warm): these are memory-bandwidth, "
-        "not disk, numbers.",
+        "read and merge the next two slots in worker threads while the main thread writes the current one. "
+        "mergekit reads through its own lazy safetensors loader (mmap). Inputs are in the page cache (warm); "
+        "vlmerge's writer (floors included) fsyncs the output before returning, so every vlmerge row "
+        "includes putting the output on the (virtual) disk.",
         "",
         "| group | run | time (s) | process (s) | × floor | peak RSS (MB) | RSS − floor RSS (MB) | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
