@@ -89,8 +89,8 @@ class Dare(MergeMethod):
         if p.normalize and sum(w) == 0:
             raise ValueError(f"dare: weights sum to 0 for {ctx.name!r}; cannot normalize")
         seed = tensor_seed(p.seed, ctx.name) if ctx.per_tensor_seed else p.seed
-        coef = p.lam * scale / _threshold(p.drop)[1]
-        t = _threshold(p.drop)[0]
+        t, keep_prob = _threshold(p.drop)
+        coef = p.lam * scale / keep_prob
         base = ctx.base.reshape(-1)
         flat = [x.reshape(-1) for x in tensors]
         coefs = [coef * wi for wi in w]
