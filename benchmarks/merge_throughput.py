@@ -447,7 +447,9 @@ def render(
         "Floors, measured "
         "in the same run: read every input tensor once (`vlmerge.merge.io.StreamingReader`, pread into fresh "
         "memory) and write the output once (`SafetensorsStreamWriter`), single-threaded. vlmerge's merges "
-        "read and merge the next two slots in worker threads while the main thread writes the current one. "
+        "read and merge the next two slots in worker threads while the main thread writes the current one, "
+        "into recycled output buffers; the linear merges and DARE check their result for NaN / Inf instead of "
+        "every input (the floors check nothing). "
         "mergekit reads through its own lazy safetensors loader (mmap). Inputs are in the page cache (warm); "
         "vlmerge's writer (floors included) fsyncs the output before returning, so every vlmerge row "
         "includes putting the output on the (virtual) disk.",

@@ -6,8 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from vlmerge.models.checkpoint import save_checkpoint
+from vlmerge.models.checkpoint import (
+    CONFIG_NAME,
+    FORMAT,
+    WEIGHTS_NAME,
+    atomic_write_json,
+    save_checkpoint,
+)
 from vlmerge.models.roles import block_param_name
 
 D, H, DEPTH, M = 8, 16, 3, 1
@@ -49,4 +56,12 @@ def msa_state_dict(seed: int = 0, depth: int = DEPTH, m: int = M, shared_modules
 
 
 def write(tmp: Path, name: str, sd: dict[str, torch.Tensor], arch: str = "msa") -> Path:
-    return save_checkpoint(tmp / name, sd, {"model": {"arch": arch, "depth": DEPTH, "num_vl_layers": M}})
+    """A checkpoint folder. ``save_checkpoint`` refuses NaN / Inf, so weights holding them (to test that
+    merges catch them) are written with safetensors' own ``save_file``."""
+    cfg = {"model": {"arch": arch, "depth": DEPTH, "num_vl_layers": M}}
+    if all(not v.is_floating_point() or bool(torch.isfinite(v).all()) for v in sd.values()):
+        return save_checkpoint(tmp / name, sd, cfg)
+    (tmp / name).mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name / WEIGHTS_NAME))
+    atomic_write_json(tmp / name / CONFIG_NAME, {"format": FORMAT, **cfg})
+    return tmp / name

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlmerge.merge import METHODS, dare_keep_masks, get_method, merge_tensors
+from vlmerge.merge.base import MergeContext
 
 
 def rnd(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -161,6 +162,42 @@ def test_dare_masks_are_independent_bernoulli(p: float) -> None:
     for x, y in ((a[0::4], a[1::4]), (a[2::4], a[3::4]), (a, b)):  # same word; other input
         both = (x * y).mean()
         assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / len(x)) ** 0.5, both
+
+
+# Methods whose result keeps any NaN / Inf of an input or the base (streaming merges then check only the
+# result): params that multiply some input by 0 (0·NaN must still be NaN), (n inputs, base?, weights).
+PROPAGATING = {
+    "interpolation": [({"alpha": 0.0}, 2, False, None), ({"alpha": 1.0}, 2, False, None),
+                      ({"alpha": 1.0, "vl_ratio": 0.0}, 3, False, None), ({"vl_ratio": 1.0}, 3, False, None)],
+    "modality_arithmetic": [({"lam": 0.0}, 2, True, None), ({"lam": 1.0}, 3, True, None)],
+    "average": [({}, 2, False, (0.0, 1.0)), ({"normalize": False}, 3, True, (1.0, 0.0, 1.0))],
+    "dare": [({"drop": 0.99}, 2, True, None), ({"lam": 0.0}, 2, True, None), ({}, 3, True, (0.0, 1.0, 2.0))],
+}
+
+
+def test_propagating_methods_are_the_tested_ones() -> None:
+    assert {n for n, m in METHODS.items() if m.propagates_nonfinite} == set(PROPAGATING)
+
+
+@pytest.mark.parametrize("name", sorted(PROPAGATING))
+def test_nonfinite_inputs_reach_the_result(name: str) -> None:
+    """A NaN / ±Inf in any one input or the base leaves a non-finite entry in the result, whatever the
+    coefficients (0 included) and, for DARE, also where every mask drops the entry."""
+    method = get_method(name)
+    for kwargs, n, with_base, weights in PROPAGATING[name]:
+        params = method.parse_params(kwargs)
+        for where in range(n + with_base):
+            pos = (5, 7)
+            if name == "dare":  # an entry no mask keeps (where ≥ n: the base) or input `where`'s mask drops
+                masks = torch.stack(dare_keep_masks((16, 16), n, params.drop, params.seed))
+                dropped = ~masks[where] if where < n else ~masks.any(0)
+                pos = tuple(int(i) for i in dropped.nonzero()[0])
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                ts = [rnd(16, 16, seed=i) for i in range(n + 1)]
+                ts[where][pos] = bad
+                ctx = MergeContext(name="w", base=ts[n] if with_base else None, weights=weights)
+                out = method.merge(ts[:n], params, ctx)
+                assert not torch.isfinite(out[pos]), (kwargs, where, bad)
 
 
 @pytest.mark.parametrize(("method", "kwargs", "match"), [

@@ -225,6 +225,53 @@ def test_merge_models_soup(tmp_path: Path) -> None:
         assert torch.allclose(r.get(k), sds[2][k] + 0.5 * (sds[0][k] + sds[1][k] - 2 * sds[2][k]), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dare", "average", "modality_arithmetic", "ties"])
+def test_nonfinite_named_whether_checked_before_or_after_merging(tmp_path: Path, method: str) -> None:
+    """Methods that propagate NaN / Inf are checked on their result (ties on its inputs); either way the
+    error names the file and key of the bad input or base, and nothing is written."""
+    dirs, sds = models(tmp_path, 3)
+    key = "blocks.1.mlp.l.fc2.weight"
+    for i, bad in ((1, float("nan")), (2, float("-inf"))):
+        sd = {k: v.clone() for k, v in sds[i].items()}
+        sd[key][3, 2] = bad
+        bad_dir = write(tmp_path, f"bad{i}", sd)
+        ins = [dirs[0], bad_dir] if i == 1 else dirs[:2]
+        what = "tensor" if i == 1 else "base tensor"
+        with pytest.raises(ValueError, match=rf"{bad_dir}: {what} '{key}' contains NaN or Inf"):
+            merge_models(method, ins, tmp_path / "out", base_dir=bad_dir if i == 2 else dirs[2])
+        assert not (tmp_path / "out").exists()
+
+
+def test_overflow_from_finite_inputs_is_kept(tmp_path: Path) -> None:
+    """Checking the result must not reject finite inputs whose sum overflows (as an input check would not)."""
+    dirs, sds = models(tmp_path, 2)
+    key = "blocks.0.attn.v.proj.weight"
+    big = [{k: v.clone() for k, v in sd.items()} for sd in sds]
+    for sd in big:
+        sd[key][0, 0] = 3e38
+    ins = [write(tmp_path, f"big{i}", sd) for i, sd in enumerate(big)]
+    out = merge_models("average", ins, tmp_path / "out", weights=[1, 1], normalize=False)
+    with CheckpointReader(out) as r:
+        assert torch.isinf(r.get(key)[0, 0]) and torch.isfinite(r.get(key).view(-1)[1:]).all()
+
+
+def test_output_buffers_are_recycled_not_shared() -> None:
+    from vlmerge.merge.streaming import _OutputBuffers
+
+    pool = _OutputBuffers()
+    a, va = pool.take((4, 5))
+    b, vb = pool.take((3,))
+    assert va.shape == (4, 5) and va.is_contiguous() and a.data_ptr() != b.data_ptr()
+    pool.give(a)
+    c, vc = pool.take((2, 3))  # fits in a: reused, a view on its first entries
+    assert c.data_ptr() == a.data_ptr() and vc.shape == (2, 3)
+    d, _ = pool.take((2, 3))  # nothing free: fresh memory, never a buffer still in use
+    assert d.data_ptr() not in (b.data_ptr(), c.data_ptr())
+    pool.give(b)
+    e, _ = pool.take((100,))  # free ones too small: one is dropped, so the set does not grow
+    assert e.numel() == 100 and pool._free == []
+
+
 def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
     dirs, sds = models(tmp_path, 2)
     other = dict(sds[1])

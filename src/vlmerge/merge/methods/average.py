@@ -25,6 +25,7 @@ class Average(MergeMethod):
     base = "optional"
     uses_weights = True
     min_inputs = 2
+    propagates_nonfinite = True
     summary = "Σ w_m·W_m / Σ w_m, uniform 1/N by default (UnIVAL §5 soups)"
 
     def merge(self, tensors: list[torch.Tensor], params: MergeParams, ctx: MergeContext) -> torch.Tensor:
@@ -36,11 +37,11 @@ class Average(MergeMethod):
                 raise ValueError(f"average: weights sum to 0 for {ctx.name!r}; cannot normalize")
             w = [x / total for x in w]
         if ctx.base is not None:
-            out = ctx.base.mul(1.0 - sum(w))
+            out = torch.mul(ctx.base, 1.0 - sum(w), out=ctx.output(ctx.base))
             for t, wi in zip(tensors, w, strict=True):
                 out.add_(t, alpha=wi)
             return out
-        out = tensors[0].mul(w[0])
+        out = torch.mul(tensors[0], w[0], out=ctx.output(tensors[0]))
         for t, wi in zip(tensors[1:], w[1:], strict=True):
             out.add_(t, alpha=wi)
         return out

@@ -62,6 +62,7 @@ class Interpolation(MergeMethod):
     Params = InterpolationParams
     min_inputs = 1
     max_models = 2
+    propagates_nonfinite = True
     summary = "α·W_v + (1−α)·W_l; ⅔(α·W_v + (1−α)·W_l) + ⅓·W_vl in the top M layers (paper §4.1)"
 
     def check_layers(self, params: MergeParams, layers: Sequence[int | None]) -> None:
@@ -97,7 +98,7 @@ class Interpolation(MergeMethod):
             )
         by = dict(zip(mods, tensors, strict=True))
         a = alpha_at(p.alpha, ctx.layer, ctx.name)
-        out = torch.lerp(by["l"], by["v"], a)  # l + α (v − l) = α v + (1 − α) l, one pass
+        out = torch.lerp(by["l"], by["v"], a, out=ctx.output(by["l"]))  # l + α (v − l) = α v + (1 − α) l
         if "vl" in by:
             out.mul_(1.0 - p.vl_ratio).add_(by["vl"], alpha=p.vl_ratio)
         return out

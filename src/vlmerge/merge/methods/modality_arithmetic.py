@@ -24,13 +24,14 @@ class ModalityArithmetic(MergeMethod):
     Params = ModalityArithmeticParams
     base = "required"
     min_inputs = 1
+    propagates_nonfinite = True
     summary = "W0 + λ·Σ_m (W_m − W0) (paper §4.1; task arithmetic on whole models)"
 
     def merge(self, tensors: list[torch.Tensor], params: MergeParams, ctx: MergeContext) -> torch.Tensor:
         lam: float = params.lam  # type: ignore[attr-defined]
         assert ctx.base is not None
         # W0 + λ Σ (W_m − W0) = (1 − λ n) W0 + λ Σ W_m: one output buffer, n + 1 passes.
-        out = ctx.base.mul(1.0 - lam * len(tensors))
+        out = torch.mul(ctx.base, 1.0 - lam * len(tensors), out=ctx.output(ctx.base))
         for t in tensors:
             out.add_(t, alpha=lam)
         return out
