@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out, keep_ours = work / "out", work / "ours_out"
         best: dict[tuple[str, str], dict[str, Any]] = {}
+        times: dict[tuple[str, str], list[float]] = {}  # every round's time, for the medians
         diffs: dict[tuple[str, str], float] = {}
         for rnd in range(args.repeat):
             for sp in specs:
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.sync()  # no writeback of the previous output during this run
                 task = {**sp["task"], "out": str(out), "err": str(work / "child.err")}
                 res = run_child_measured(sp.get("python", py), task)
+                if "error" not in res:
+                    times.setdefault(key, []).append(res["seconds"])
                 if "error" in res or key not in best or res["seconds"] < best[key]["seconds"]:
                     best[key] = {**res, "label": sp["label"], "group": sp["group"]}
                 print(
@@ -374,11 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(keep_ours, ignore_errors=True)
         for sp in specs:
             row = best[(sp["group"], sp["label"])]
+            if (sp["group"], sp["label"]) in times:
+                row["median"] = statistics.median(times[(sp["group"], sp["label"])])
             if (sp["group"], sp["label"]) in diffs:
                 row["max_abs_diff_vs_vlmerge"] = diffs[(sp["group"], sp["label"])]
             if sp["floor"] is not None:
                 ref = best[(sp["group"], sp["floor"])]
                 row["floor"], row["floor_rss"] = ref.get("seconds"), ref.get("rss_mb")
+                row["floor_median"] = ref.get("median")
             rows.append(row)
     finally:
         if not args.keep:
@@ -442,7 +449,9 @@ def render(
         "",
         f"Each row is the fastest of {args.repeat} fresh processes (`os.sync()` before each), run in "
         f"{args.repeat} rounds that each run every row once, so slow spells of the VM spread over all rows. "
-        "*time*: in-process wall time of the merge call (imports excluded); "
+        "*time*: in-process wall time of the merge call (imports excluded), the fastest round, and "
+        "*× floor* its ratio to the fastest floor; *median*: the median round, and its ratio to the floor's "
+        "median (the VM's disk makes single rounds vary by up to ~50 %); "
         "*process*: the whole child process; *RSS*: the child's peak resident set (`ru_maxrss`). "
         "Floors, measured "
         "in the same run: read every input tensor once (`vlmerge.merge.io.StreamingReader`, pread into fresh "
@@ -454,24 +463,30 @@ def render(
         "vlmerge's writer (floors included) fsyncs the output before returning, so every vlmerge row "
         "includes putting the output on the (virtual) disk.",
         "",
-        "| group | run | time (s) | process (s) | × floor | peak RSS (MB) | RSS − floor RSS (MB) | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| group | run | time (s) | process (s) | × floor | median (s) | median × floor median | peak RSS (MB) "
+        "| RSS − floor RSS (MB) | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['group']} | {r['label']} | – | {r['wall']:.1f} | – | – | – | failed: {r['error']} |"
+                f"| {r['group']} | {r['label']} | – | {r['wall']:.1f} | – | – | – | – | – | failed: {r['error']} |"
             )
             continue
         ratio = (
             f"{r['seconds'] / r['floor']:.2f}" if r.get("floor") else "1.00" if "floor" in r["label"] else "–"
         )
         drss = f"{r['rss_mb'] - r['floor_rss']:+.0f}" if r.get("floor_rss") else "–"
+        mratio = (
+            f"{r['median'] / r['floor_median']:.2f}" if r.get("floor_median")
+            else "1.00" if "floor" in r["label"] else "–"
+        )
         note = ""
         if "max_abs_diff_vs_vlmerge" in r:
             note = f"max abs diff vs vlmerge {r['max_abs_diff_vs_vlmerge']:.2g}"
         lines.append(
             f"| {r['group']} | {r['label']} | {r['seconds']:.2f} | {r['wall']:.1f} | {ratio} | "
+            f"{r['median']:.2f} | {mratio} | "
             f"{r['rss_mb']:.0f} | {drss} | {note} |"
         )
     return "\n".join(lines) + "\n"
