@@ -377,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"          max |vlmerge − mergekit| = {diffs[key]:.3g}", flush=True)
         shutil.rmtree(keep_ours, ignore_errors=True)
         for sp in specs:
-            row = best[(sp["group"], sp["label"])]
-            if (sp["group"], sp["label"]) in times:
-                row["median"] = statistics.median(times[(sp["group"], sp["label"])])
-            if (sp["group"], sp["label"]) in diffs:
-                row["max_abs_diff_vs_vlmerge"] = diffs[(sp["group"], sp["label"])]
+            key = (sp["group"], sp["label"])
+            row = best[key]
+            if key in times:
+                row["median"] = statistics.median(times[key])
+            if key in diffs:
+                row["max_abs_diff_vs_vlmerge"] = diffs[key]
             if sp["floor"] is not None:
                 ref = best[(sp["group"], sp["floor"])]
                 row["floor"], row["floor_rss"] = ref.get("seconds"), ref.get("rss_mb")

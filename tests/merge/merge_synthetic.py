@@ -13,7 +13,6 @@ from vlmerge.models.checkpoint import (
     FORMAT,
     WEIGHTS_NAME,
     atomic_write_json,
-    save_checkpoint,
 )
 from vlmerge.models.roles import block_param_name
 
@@ -56,12 +55,10 @@ def msa_state_dict(seed: int = 0, depth: int = DEPTH, m: int = M, shared_modules
 
 
 def write(tmp: Path, name: str, sd: dict[str, torch.Tensor], arch: str = "msa") -> Path:
-    """A checkpoint folder. ``save_checkpoint`` refuses NaN / Inf, so weights holding them (to test that
-    merges catch them) are written with safetensors' own ``save_file``."""
-    cfg = {"model": {"arch": arch, "depth": DEPTH, "num_vl_layers": M}}
-    if all(not v.is_floating_point() or bool(torch.isfinite(v).all()) for v in sd.values()):
-        return save_checkpoint(tmp / name, sd, cfg)
+    """A checkpoint folder, written with safetensors' own ``save_file``: unlike ``save_checkpoint`` it
+    accepts NaN / Inf, so tests can check that merges catch them."""
     (tmp / name).mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name / WEIGHTS_NAME))
-    atomic_write_json(tmp / name / CONFIG_NAME, {"format": FORMAT, **cfg})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name / WEIGHTS_NAME), {"format": "pt"})
+    atomic_write_json(tmp / name / CONFIG_NAME, {"format": FORMAT, "model": {"arch": arch, "depth": DEPTH,
+                                                                             "num_vl_layers": M}})
     return tmp / name

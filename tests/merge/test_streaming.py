@@ -260,7 +260,7 @@ def test_output_buffers_are_recycled_not_shared() -> None:
 
     pool = _OutputBuffers()
     a, va = pool.take((4, 5))
-    b, vb = pool.take((3,))
+    b, _ = pool.take((3,))
     assert va.shape == (4, 5) and va.is_contiguous() and a.data_ptr() != b.data_ptr()
     pool.give(a)
     c, vc = pool.take((2, 3))  # fits in a: reused, a view on its first entries
