@@ -236,3 +236,36 @@ def test_bad_tensors() -> None:
         merge_tensors("interpolation", [a, b], weights=[1, 1])
     with pytest.raises(ValueError, match="use 'average' for N"):
         merge_tensors("interpolation", [a, b, a, b])
+
+
+def test_dare_seeds_every_tensor_by_its_name(tmp_path) -> None:
+    """One seeding rule: same-shaped tensors of different names get different masks, and merging a state dict
+    tensor by tensor (the UnIVAL soups' ``merge_states``) writes what the streaming ``merge_models`` writes."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmerge.finetune.soups import merge_states
+    from vlmerge.merge import merge_models, tensor_seed
+
+    keys = ["layer.0.q.weight", "layer.0.k.weight", "layer.0.v.weight"]
+    states = [{k: rnd(8, 8, seed=10 * m + j) for j, k in enumerate(keys)} for m in range(3)]
+    base = {k: rnd(8, 8, seed=100 + j) for j, k in enumerate(keys)}
+    soup = merge_states("dare", states[:2], base=base, drop=0.5, seed=7)
+    kept = [(soup[k] - base[k]) != 0 for k in keys]
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
+    masks = dare_keep_masks((8, 8), 2, 0.5, 7, name=keys[0])
+    assert tensor_seed(7, keys[0]) != tensor_seed(7, keys[1])
+    keep_prob = 1 - round(0.5 * 2**16) / 2**16
+    kept_sum = sum((s[keys[0]] - base[keys[0]]) * mk for s, mk in zip(states, masks, strict=False))
+    expected = base[keys[0]] + kept_sum / keep_prob / 2
+    assert torch.allclose(soup[keys[0]], expected, atol=1e-6)
+    dirs = []
+    for i, sd in enumerate([*states[:2], base]):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file(sd, str(d / "model.safetensors"))
+        (d / "config.json").write_text("{}")
+        dirs.append(d)
+    out = merge_models("dare", dirs[:2], tmp_path / "out", base_dir=dirs[2], drop=0.5, seed=7)
+    streamed = load_file(str(out / "model.safetensors"))
+    for k in keys:
+        assert torch.equal(streamed[k], soup[k]), k

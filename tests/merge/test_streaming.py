@@ -11,7 +11,6 @@ import torch
 from merge_synthetic import msa_state_dict, write
 
 from vlmerge.merge import Grams, merge_checkpoint, merge_models, merge_tensors
-from vlmerge.merge.base import tensor_seed
 from vlmerge.models import CheckpointReader
 from vlmerge.models.roles import merge_groups
 
@@ -24,9 +23,7 @@ def in_memory(method: str, sd: dict, base: dict | None, grams: dict | None = Non
     for g in merge_groups(sd):
         mods = g.modalities
         srcs = [sd[g.sources[m]] for m in mods]
-        kw = dict(params)
-        if method == "dare":
-            kw["seed"] = tensor_seed(params.get("seed", 0), g.target)
+        kw = dict(params)  # DARE: name=g.target seeds each tensor as the checkpoint merge does
         if grams is not None and g.module in ("attn", "mlp") and g.suffix.endswith(".weight"):
             kw["grams"] = [grams[g.sources[m]] for m in mods]
         b = base[g.sources[mods[0]]] if base is not None else None

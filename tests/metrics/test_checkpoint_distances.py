@@ -103,7 +103,8 @@ def test_distance_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "tssd" in out and "layer 2" in out and "Table 5" in out
     assert run_cli(["distance", str(ck), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert set(d["global"]) == {"l2", "cosine", "ssd", "tssd", "numel"}
+    assert set(d["global"]) == {"l2", "cosine", "ssd", "tssd", "sign_flips", "numel"}
+    assert 0 <= d["global"]["sign_flips"] <= d["global"]["numel"]
     assert run_cli(["distance", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("vlmerge distance: error:")
     with pytest.raises(SystemExit) as e:

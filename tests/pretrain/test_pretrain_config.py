@@ -7,12 +7,10 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 
 from vlmerge.models import ARCHS, PRESETS
 from vlmerge.pretrain import load_config, plan_stages
 from vlmerge.pretrain.config import ModelSection
-from vlmerge.pretrain.evaluate import chance_recall, recall_at_k
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -80,14 +78,3 @@ def test_recipes_plan_k_steps_in_total() -> None:
     assert [(s.kind, s.steps) for s in plan_stages("stagewise", "custom-ffn", 10, image_steps=2, text_steps=3)] == [
         ("image", 2), ("text", 3), ("vl", 5)]
     assert [(s.kind, s.steps, s.init) for s in plan_stages("scratch", "maa", 10)] == [("vl", 10, "scratch")]
-
-
-def test_recall_and_chance_on_hand_made_scores() -> None:
-    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.1, 0.2]])
-    relevant = torch.eye(3, dtype=torch.bool)
-    assert recall_at_k(sim, relevant, ks=(1, 2)) == {1: pytest.approx(200 / 3), 2: pytest.approx(100.0)}
-    relevant[1, 0] = True  # item 0 shares query 1's caption: a duplicate counts as a hit
-    assert recall_at_k(sim, relevant, ks=(1,))[1] == pytest.approx(100.0)
-    assert chance_recall(torch.tensor([1, 1, 1, 1]), 4, 1) == pytest.approx(25.0)
-    assert chance_recall(torch.tensor([2, 2]), 4, 1) == pytest.approx(50.0)
-    assert chance_recall(torch.tensor([1]), 10, 5) == pytest.approx(50.0)

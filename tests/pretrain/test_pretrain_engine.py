@@ -152,8 +152,11 @@ def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
 
 def test_itm_learns_to_match_beyond_its_class_prior(tmp_path: Path) -> None:
     """ITM alone (ITC and MLM weights 0, so negatives are drawn from an untrained similarity): after a plateau
-    at the 1:2 class prior (loss 0.6365), two fusion layers learn to tell matched pairs from mismatched ones."""
+    at the 1:2 class prior (loss 0.6365), two fusion layers learn to tell matched pairs from mismatched ones.
+    (The peak learning rate held by the wsd schedule escapes the plateau within 400 steps for training seeds
+    0, 1 and 2: ITM loss 0.35 / 0.48 / 0.31; a linear decay left seed 0 on it.)"""
     cfg = load_config(None, [*BASE, "train.batch_size=32", "optim.warmup_steps=20", "augment.num_ops=0",
+                             "optim.schedule=wsd",
                              "train.steps=400", "train.log_every=100", "loss.itc=0", "loss.mlm=0",
                              "model.overrides.num_vl_layers=2"])
     pretrain(cfg, tmp_path / "run", data=toy_data(1024), progress=False)

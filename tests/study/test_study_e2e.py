@@ -51,7 +51,13 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
     assert res["figure3"]["k_seed"] == [0, 10, 20, 30]
     assert {len(v) for v in res["table2"].values()} == {5}
     assert set(res["figure4"]) == {"msa", "custom-attn", "custom-ffn", "custom-ln", "maa"}
-    assert set(res["table3"]["ours"]) >= {"tr", "ir", "tr_ood", "ir_ood", "nlvr2", "cls", "seg"}
+    assert set(res["table3"]["ours"]) >= {"avg_tr", "avg_ir", "ood_avg_tr", "ood_avg_ir", "nlvr2", "cls", "seg"}
+    # every score carries its 95 % bootstrap interval, and the interval holds the point estimate
+    for row in (res["table1"]["msa"], res["table3"]["ours"], res["figure3"]["after"][0]):
+        for key, (lo, hi) in row["ci"].items():
+            assert lo <= row[key] <= hi, (key, lo, row[key], hi)
+    assert set(res["table1"]["msa"]["ci"]) >= {"avg_tr", "avg_ir", "r_mean", "vqa"}
+    assert res["baselines"]["retrieval"]["r_mean"] > 0 and res["meta"]["cpu"]
     # Real computation: the vision and language weights drift apart during VL pre-training from their tied
     # start, so the shorter the VL stage (the longer K_seed), the smaller the L2 distance (Table 5).
     l2 = res["table5"]["metrics"]["l2"]
@@ -61,9 +67,9 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
     assert interp["0.0"] != interp["1.0"]
     # the MAA has nothing to merge: "after" is "before"
     assert res["figure4"]["maa"]["before"] == res["figure4"]["maa"]["after"]
-    drop = [(b["tr"] + b["ir"]) / 2 - (a["tr"] + a["ir"]) / 2
-            for b, a in zip(res["figure3"]["before"], res["figure3"]["after"], strict=True)]
+    drop = [b["r_mean"] - a["r_mean"] for b, a in zip(res["figure3"]["before"], res["figure3"]["after"], strict=True)]
     assert res["table5"]["drop"] == pytest.approx(drop)
+    assert set(res["table5"]["pearson_ci"]) == {"l2", "cosine", "ssd", "tssd"}
     assert res["meta"]["command"].startswith("vlmerge study --preset micro --out ")
     assert res["meta"]["cells_computed"] == len({c["hash"] for c in res["cells"].values()})
 
@@ -72,7 +78,9 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
                   "## Configuration", "## Provenance"):
         assert title in report
     findings = json.loads((study / "findings.json").read_text())
-    assert len(findings) >= 10 and report.count("reproduced |") == len(findings)
+    assert len(findings) >= 10 and {f["outcome"] for f in findings} <= {"reproduced", "contradicted", "inconclusive"}
+    assert sum(report.count(f"{o} |") for o in ("✅ reproduced", "❌ contradicted", "➖ inconclusive")) == len(findings)
+    assert all(f["interval"] is not None for f in findings if f["id"] != "tssd_predicts_best")
     for png in ("figure3.png", "table2.png", "figure4.png", "table5.png"):
         data = (study / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -94,7 +102,7 @@ def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys
     assert again["meta"]["cells_computed"] == 1 and victim.is_file()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["table2"] == res["table2"]  # the recomputed merge gives the same numbers (determinism)
-    assert set(again) - {"meta", "cells"} == {"table2"}
+    assert set(again) - {"meta", "cells", "baselines"} == {"table2"}
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
@@ -112,12 +120,20 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_seeds_aggregate_to_mean_and_sample_std() -> None:
-    a = {"table1": {"msa": {"tr": 10.0, "ir": 20.0}}, "figure3": {"k_seed": [0, 5], "before": [{"tr": 1.0}]}}
-    b = {"table1": {"msa": {"tr": 14.0, "ir": 20.0}}, "figure3": {"k_seed": [0, 5], "before": [{"tr": 3.0}]}}
+    import numpy as np
+
+    from vlmerge.study.stats import Scores
+
+    def sc(tr: float, ir: float, shift: float) -> Scores:
+        return Scores({"avg_tr": tr, "avg_ir": ir}, {"avg_tr": np.arange(4.0) + shift, "avg_ir": np.zeros(4)})
+
+    a = {"table1": {"msa": sc(10.0, 20.0, 0.0)}, "figure3": {"k_seed": [0, 5], "before": [sc(1.0, 1.0, 2.0)]}}
+    b = {"table1": {"msa": sc(14.0, 20.0, 2.0)}, "figure3": {"k_seed": [0, 5], "before": [sc(3.0, 1.0, 4.0)]}}
     m = aggregate([a, b])
-    assert m["table1"]["msa"]["tr"] == 12.0 and m["table1"]["msa"]["tr_std"] == pytest.approx(math.sqrt(8))
-    assert m["table1"]["msa"]["ir_std"] == 0.0
-    assert m["figure3"]["k_seed"] == [0, 5] and m["figure3"]["before"][0]["tr"] == 2.0
+    msa = m["table1"]["msa"]
+    assert msa["avg_tr"] == 12.0 and msa["avg_tr_std"] == pytest.approx(math.sqrt(8)) and msa["avg_ir_std"] == 0.0
+    assert msa.boot["avg_tr"].tolist() == [1.0, 2.0, 3.0, 4.0]  # replicate b averaged over seeds
+    assert m["figure3"]["k_seed"] == [0, 5] and m["figure3"]["before"][0]["avg_tr"] == 2.0
 
 
 @pytest.mark.parametrize("preset", ["micro", "tiny", "small", "paper"])
@@ -154,3 +170,28 @@ def test_a_shared_seed_stage_gives_the_same_weights_as_the_architectures_own_see
     w0a, w0b = load_file(str(direct.parent / "w0" / "model.safetensors")), load_file(str(shared.parent / "w0" /
                                                                                           "model.safetensors"))
     assert all(torch.equal(w0a[k], w0b[k]) for k in w0a)
+
+
+def test_the_maa_run_passes_through_every_seed_stage(tmp_path: Path) -> None:
+    """With a wsd schedule the MAA trained from scratch *is* the seed stage up to K_seed (same init, data, draws
+    and learning rates), so its checkpoint there serves every K_seed's seed recipe (the study's MAA run)."""
+    from safetensors.torch import load_file
+
+    from vlmerge.pretrain import load_config, pretrain
+    from vlmerge.study.runner import start_from_checkpoint
+
+    sets = ["model.preset=micro", "train.steps=8", "train.batch_size=8", "data.train_images=12",
+            "data.eval_images=4", "train.device=cpu", "optim.warmup_steps=1", "optim.schedule=wsd",
+            "optim.decay_frac=0.25"]
+    seed = [*sets, "model.arch=custom-ln", "recipe={name: seed, seed_steps: 3}"]
+    direct = pretrain(load_config(None, seed), tmp_path / "direct", progress=False)
+    maa = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa", stop_after=3, progress=False)
+    start_from_checkpoint(maa, tmp_path / "shared")
+    shared = pretrain(load_config(None, seed), tmp_path / "shared", progress=False)
+    a, b = load_file(str(direct / "model.safetensors")), load_file(str(shared / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the MAA run goes on to its own end, unchanged by the stop
+    whole = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa-whole", progress=False)
+    resumed = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa", progress=False)
+    c, d = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(c[k], d[k]) for k in c)

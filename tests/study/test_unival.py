@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmerge.study.findings import OUTCOMES
 from vlmerge.study.unival import _front_gain, check_unival_findings, load_unival_config, run_unival
 
 
@@ -25,41 +26,56 @@ def _front(points: dict[float, tuple[float, float]], recipe: str = "vanilla") ->
 
 
 def test_findings_are_computed_from_the_numbers() -> None:
+    """Plain numbers (no bootstrap replicates): the margins follow the numbers, and with no interval every
+    finding is inconclusive (the bootstrap cases are in test_unival_stats.py)."""
     bulge = _front({0.0: (10, 80), 0.5: (50, 70), 1.0: (60, 20)})
     sag = _front({0.0: (10, 80), 0.5: (20, 30), 1.0: (60, 20)})
     assert _front_gain(bulge) > 0 > _front_gain(sag)
     soups = {"soup/vanilla": {"vqa": 10.0}, "soup/fusing": {"vqa": 20.0}, "soup/ratatouille": {"vqa": 30.0}}
     res = {"scenario1": {"vqa|cls|vanilla": bulge}, "scenario2": soups, "scenario3": soups}
     found = {f.id: f for f in check_unival_findings(res)}
-    assert found["convex_fronts"].reproduced and found["id_order"].reproduced and found["ood_order"].reproduced
-    assert found["id_wa_beats_vanilla"].reproduced
-    # with test-set sizes, gaps smaller than one standard error count as ties
-    noisy = {**res, "counts": {"test": {"vqa": 20}}}
-    assert not {f.id: f for f in check_unival_findings(noisy)}["id_order"].reproduced
-    assert not found["interpolation_beats_specialist"].reproduced  # 50 < 60 and 70 < 80
+    assert set(found) == {"convex_fronts", "interpolation_beats_specialist", "id_order", "id_wa_beats_vanilla",
+                          "ood_order", "ood_ratatouille_best"}
+    assert found["convex_fronts"].margin == pytest.approx(_front_gain(bulge))
+    assert found["id_order"].margin == pytest.approx(10.0) and found["id_wa_beats_vanilla"].margin == 10.0
+    assert found["interpolation_beats_specialist"].margin == pytest.approx(-10.0)  # 50 < 60 and 70 < 80
+    assert all(f.outcome == "inconclusive" and f.interval is None for f in found.values())
     flipped = {"soup/vanilla": {"vqa": 30.0}, "soup/fusing": {"vqa": 20.0}, "soup/ratatouille": {"vqa": 10.0}}
     res = {"scenario1": {"vqa|cls|vanilla": sag}, "scenario2": flipped, "scenario3": flipped}
-    found = {f.id: f for f in check_unival_findings(res)}
-    assert not any(f.reproduced for f in found.values())
+    assert all(f.margin < 0 for f in check_unival_findings(res))
 
 
 def test_micro_study_end_to_end(tmp_path: Path) -> None:
     report = run_unival("micro", tmp_path / "uv", progress=False)
     text = report.read_text()
     assert "vlmerge study unival --preset micro" in text and "head mode: **unified**" in text
+    assert "95 % bootstrap interval" in text and "margin [95 % interval]" in text
     assert (tmp_path / "uv" / "scenario1_fronts.png").is_file()
     r = json.loads((tmp_path / "uv" / "results.json").read_text())
     assert {f["id"] for f in r["findings"]} >= {"convex_fronts", "interpolation_beats_specialist", "id_order",
                                                  "ood_order"}
-    # λ = 1 / λ = 0 reproduce the endpoint (specialist) models' evaluations exactly
+    for f in r["findings"]:
+        assert f["outcome"] in OUTCOMES and f["decided_by"]
+        assert f["interval"] is not None and len(f["interval"]) == 2  # every margin has replicates here
+    assert r["meta"]["bootstrap"]["resamples"] > 0
+    # every score carries its 95 % interval (around the point estimate here: a mean of 0 / 100 outcomes)
+    for name, sc in r["scenario2"].items():
+        assert set(sc["ci"]) == set(r["tasks"]), name
+        for t in r["tasks"]:
+            lo, hi = sc["ci"][t]
+            assert 0 <= lo <= hi <= 100 and lo - 1e-3 <= sc[t] <= hi + 1e-3
+    assert set(r["scenario3"]["soup/ratatouille"]["ci"]) == {"vqa@ood", "size", "largest-color"}
+    # λ = 1 / λ = 0 reproduce the endpoint (specialist) models' evaluations exactly, intervals included
     for f in r["scenario1"].values():
         pts = {p["lambda"]: p["test"] for p in f["points"]}
         spec = r["specialists"][f["recipe"]]
-        assert pts[1.0] == {f["a"]: spec[f["a"]][f["a"]], f["b"]: spec[f["a"]][f["b"]]}
-        assert pts[0.0] == {f["a"]: spec[f["b"]][f["a"]], f["b"]: spec[f["b"]][f["b"]]}
+        for lam, model in ((1.0, f["a"]), (0.0, f["b"])):
+            for t in (f["a"], f["b"]):
+                assert pts[lam][t] == spec[model][t] and pts[lam]["ci"][t] == spec[model]["ci"][t]
     assert set(r["scenario2"]) >= {"soup/vanilla", "soup/fusing", "soup/ratatouille", "task_arithmetic/vanilla",
                                    "ties/vanilla", "dare/vanilla", "greedy_soup"}
-    assert set(r["scenario3"]["soup/ratatouille"]) == {"vqa@ood", "size", "largest-color"}
+    assert set(r["scenario3"]["soup/ratatouille"]) == {"vqa@ood", "size", "largest-color", "ci"}
     # a re-run resumes from the cells and gives the same numbers (determinism of the evaluations)
     again = json.loads((run_unival("micro", tmp_path / "uv", progress=False).parent / "results.json").read_text())
     assert again["scenario2"] == r["scenario2"] and again["scenario1"] == r["scenario1"]
+    assert again["findings"] == r["findings"]

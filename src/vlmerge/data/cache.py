@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json, read_json
-from .world import QA, NLVR2Example, Obj, Scene, Statement, World, WorldConfig
+from .world import COLOR_NAMES, QA, SHAPES, Meaning, NLVR2Example, Obj, Scene, Statement, World, WorldConfig
 
 FORMAT = 1
 CACHE_KINDS = ("scenes", "nlvr2")
@@ -52,11 +52,17 @@ def _shard_name(k: int) -> str:
 
 
 def _config_record(config: WorldConfig) -> dict[str, Any]:
-    """``config`` as recorded in ``meta.json``; ``size_scale`` only when it is not the default 1, so caches of
-    the default world written before that field existed still match."""
+    """``config`` as recorded in ``meta.json``; ``size_scale`` only when it is not the default 1 (and
+    ``shapes`` / ``colors`` only when they are subsets), so caches of the default world written before those
+    fields existed still match."""
     d = asdict(config)
     if d["size_scale"] == 1.0:
         del d["size_scale"]
+    for key, full in (("shapes", SHAPES), ("colors", COLOR_NAMES)):  # likewise the full vocabularies
+        if d[key] == full:
+            del d[key]
+        else:
+            d[key] = list(d[key])
     return d
 
 
@@ -85,13 +91,22 @@ def _object_record(o: Obj) -> dict[str, Any]:
 
 
 def _scene_record(s: Scene) -> dict[str, Any]:
-    return {"objects": [_object_record(o) for o in s.objects], "captions": s.captions,
-            "questions": [asdict(q) for q in s.questions], "label": s.label, "shift": s.shift}
+    rec = {"objects": [_object_record(o) for o in s.objects], "captions": s.captions,
+           "questions": [asdict(q) for q in s.questions], "label": s.label, "shift": s.shift}
+    if s.meanings is not None:
+        rec["meanings"] = [[m.kind, m.args] for m in s.meanings]
+    return rec
+
+
+def _frozen(x: Any) -> Any:
+    """JSON lists back to the tuples a :class:`Meaning` holds."""
+    return tuple(_frozen(v) for v in x) if isinstance(x, list) else x
 
 
 def _scene_from_record(rec: dict[str, Any], image: np.ndarray, mask: np.ndarray) -> Scene:
+    meanings = [Meaning(k, _frozen(a)) for k, a in rec["meanings"]] if "meanings" in rec else None
     return Scene([Obj(**o) for o in rec["objects"]], image, mask, rec["captions"],
-                 [QA(**q) for q in rec["questions"]], rec["label"], rec["shift"])
+                 [QA(**q) for q in rec["questions"]], rec["label"], rec["shift"], meanings)
 
 
 def _shard_bytes(examples: list[tuple[list[Scene], int, dict[str, Any]]]) -> bytes:

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from .cache import CachedWorld, open_cache
 from .tokenizer import Tokenizer
-from .world import ANSWERS, World
+from .world import ANSWERS, World, caption_relevance
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -90,8 +90,29 @@ class ImageTextDataset(_WorldDataset):
 
     def __init__(self, source: World | CachedWorld, n: int, pairs: bool = True, caption_seed: int = 0,
                  cache_dir: str | Path | None = None) -> None:
+        self.world = source if isinstance(source, World) else None  # what each caption means, for relevance()
         super().__init__(source, n, cache_dir)
         self.pairs, self.caption_seed = pairs, caption_seed
+        self._relevance: np.ndarray | None = None
+        self._last: tuple[int, Any] | None = None
+
+    def relevance(self) -> np.ndarray | None:
+        """relevant [n, len(self)] bool: item t's caption is true of scene i (its
+        :class:`~vlmerge.data.world.Meaning` tested on scene i's objects; the world knows what every caption
+        means). None when the meanings are unknown (a cache written before they were recorded, and no world
+        to regenerate them from). Computed once (no pixels are rendered)."""
+        if self._relevance is None:
+            if self.world is not None:
+                scenes = [self.world.content(i) for i in range(self.n)]
+            else:
+                scenes = [self.source[i] for i in range(self.n)]
+                if any(s.meanings is None for s in scenes):
+                    return None
+            items = [divmod(t, CAPTIONS_PER_IMAGE) if self.pairs else (t, int(np.random.default_rng(
+                [self.caption_seed, t]).integers(CAPTIONS_PER_IMAGE))) for t in range(len(self))]
+            meanings = [scenes[i].meanings[c] for i, c in items]  # type: ignore[index]
+            self._relevance = caption_relevance(meanings, [s.objects for s in scenes]).T
+        return self._relevance
 
     def __len__(self) -> int:
         return self.n * (CAPTIONS_PER_IMAGE if self.pairs else 1)
@@ -103,7 +124,9 @@ class ImageTextDataset(_WorldDataset):
         else:
             image_id = i
             caption = int(np.random.default_rng([self.caption_seed, i]).integers(CAPTIONS_PER_IMAGE))
-        scene = self.source[image_id]
+        if self._last is None or self._last[0] != image_id:  # consecutive items share a scene: decode it once
+            self._last = (image_id, self.source[image_id])
+        scene = self._last[1]
         return {"image": to_tensor(scene.image), "text": scene.captions[caption], "image_id": image_id}
 
 

@@ -10,7 +10,8 @@ random-access, the same seed always gives the same data, and splits draw from di
   (:data:`SIZES`) at a continuous position with an optional rotation, drawn in order over a textured,
   noisy background (later objects occlude earlier ones).
 * Per scene (:class:`Scene`): the image [H, W, 3] uint8; a mask [H, W] uint8 (0 = background, ``k`` = shape
-  index + 1 of the object visible at that pixel); 5 captions; 5 VQA questions, one of each kind in
+  index + 1 of the object visible at that pixel); 5 captions, each with its :class:`Meaning` (so retrieval
+  can count every image a caption truthfully describes, :func:`caption_relevance`); 5 VQA questions, one of each kind in
   :data:`QUESTION_KINDS` where the scene allows it (else an existence question), answered from the one
   vocabulary :data:`ANSWERS`; a class **label**: the shape index of the largest object, the earliest drawn
   one on ties (:data:`NUM_CLASSES` classes).
@@ -105,6 +106,11 @@ class WorldConfig:
         size_scale: every object's radius is its :data:`SIZES` entry times this, in [0.5, 2] (default 1,
             the world's own sizes). At 32 px with 8-px patches a small object spans about one patch; 2 makes
             shapes span several, which a tiny ViT learns to tell apart in a few hundred steps.
+        shapes: the shapes scenes draw from, a non-empty subset of :data:`SHAPES` (default: all 8), kept in
+            :data:`SHAPES` order. A smaller vocabulary is what a CPU-sized model learns in minutes; the answer
+            vocabulary, class and segmentation label sets stay the full ones (unused entries never occur).
+        colors: the colours scenes draw from, a non-empty subset of :data:`COLOR_NAMES` (default: all 10).
+            With either subset, the ``ood`` split needs at least one :data:`HELD_OUT` pair inside it.
     """
 
     image_size: int = 32
@@ -115,6 +121,8 @@ class WorldConfig:
     texture: bool = True
     min_gap: float = 1.0
     size_scale: float = 1.0
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = COLOR_NAMES
 
     def __post_init__(self) -> None:
         def integer(v: object, lo: int, hi: int) -> bool:
@@ -133,11 +141,30 @@ class WorldConfig:
             "texture": (isinstance(self.texture, bool), "True or False"),
             "min_gap": (number(self.min_gap, 0, 1.5), "a number in [0, 1.5]"),
             "size_scale": (number(self.size_scale, 0.5, 2), "a number in [0.5, 2]"),
+            "shapes": (_subset(self.shapes, SHAPES), f"a non-empty list of distinct names from {list(SHAPES)}"),
+            "colors": (_subset(self.colors, COLOR_NAMES),
+                       f"a non-empty list of distinct names from {list(COLOR_NAMES)}"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"world config: {name}={getattr(self, name)!r} is invalid; "
                                  f"allowed values: {allowed}")
+        # canonical order, so a subset names one world however it is listed (and caches match)
+        object.__setattr__(self, "shapes", tuple(x for x in SHAPES if x in self.shapes))
+        object.__setattr__(self, "colors", tuple(x for x in COLOR_NAMES if x in self.colors))
+        if not self.in_distribution:
+            raise ValueError(f"world config: colors={list(self.colors)} and shapes={list(self.shapes)} leave no "
+                             f"(colour, shape) pair outside the held-out ones {sorted(HELD_OUT)}")
+
+    @property
+    def in_distribution(self) -> tuple[tuple[str, str], ...]:
+        """(colour, shape) pairs of train/val/test scenes: the vocabulary's pairs outside :data:`HELD_OUT`."""
+        return tuple((c, s) for c in self.colors for s in self.shapes if (c, s) not in HELD_OUT)
+
+    @property
+    def held_out(self) -> tuple[tuple[str, str], ...]:
+        """The :data:`HELD_OUT` pairs inside the vocabulary, sorted: what ``ood`` scenes force one object to."""
+        return tuple(p for p in _HELD_OUT_PAIRS if p[0] in self.colors and p[1] in self.shapes)
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldConfig:
@@ -147,7 +174,13 @@ class WorldConfig:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"world config: unknown keys {unknown}; allowed keys: {known}")
+        d = {k: tuple(v) if k in ("shapes", "colors") and isinstance(v, list) else v for k, v in d.items()}
         return cls(**d)
+
+
+def _subset(values: object, vocabulary: tuple[str, ...]) -> bool:
+    return (isinstance(values, tuple) and len(values) > 0 and len(set(values)) == len(values)
+            and all(isinstance(v, str) and v in vocabulary for v in values))
 
 
 @dataclass(frozen=True)
@@ -193,6 +226,7 @@ class Scene:
     questions: list[QA]
     label: int
     shift: bool = False
+    meanings: list[Meaning] | None = None  # what each caption asserts (None: read from an old cache)
 
     @property
     def label_name(self) -> str:
@@ -339,11 +373,12 @@ def render(objects: list[Obj], config: WorldConfig, rng: np.random.Generator, sh
 # ------------------------------------------------------------------------------------------------- scenes
 def sample_objects(rng: np.random.Generator, config: WorldConfig, ood: bool = False) -> list[Obj]:
     """``min_objects``–``max_objects`` objects; in-distribution scenes draw (colour, shape) pairs from
-    :data:`IN_DISTRIBUTION`, OOD scenes force one random object to a :data:`HELD_OUT` pair."""
+    ``config.in_distribution``, OOD scenes force one random object to a pair of ``config.held_out``."""
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
-    pairs = [IN_DISTRIBUTION[k] for k in rng.integers(len(IN_DISTRIBUTION), size=n)]
+    allowed, held_out = config.in_distribution, config.held_out
+    pairs = [allowed[k] for k in rng.integers(len(allowed), size=n)]
     if ood:
-        pairs[int(rng.integers(n))] = _HELD_OUT_PAIRS[int(rng.integers(len(_HELD_OUT_PAIRS)))]
+        pairs[int(rng.integers(n))] = held_out[int(rng.integers(len(held_out)))]
     sizes = rng.integers(2, size=n).tolist()
     angles = rng.uniform(0, 2 * np.pi, size=n).tolist() if config.rotation else [0.0] * n
     objs: list[Obj] = []
@@ -427,88 +462,201 @@ def _number(n: int, singular: str, plural: str) -> str:
     return f"{NUMBER_WORDS[n]} {singular if n == 1 else plural}"
 
 
-def make_captions(objs: list[Obj], draws: Draws) -> list[str]:
-    """5 captions from a small grammar with synonyms and varied word order. The first lists every object
-    with its size and colour (so each scene has a complete caption); the other 4 are drawn without
-    replacement from six templates: listing, count, per-shape counts, colours, one object's size, and a
-    spatial relation (or, with no clear relation, the position of one object). Each template has 2–4
-    phrasings; only the drawn one is built."""
+class Meaning(NamedTuple):
+    """What a caption asserts about a scene, testable on any scene's objects (:meth:`holds`).
+
+    An object descriptor is ``(size, colour, shape)`` with ``size == ""`` for any size. Kinds and ``args``:
+
+    * ``objects`` ``(descriptors...)``, sorted: the scene's objects are exactly these (a listing);
+    * ``count`` ``(n,)``: the scene has n objects;
+    * ``shape_counts`` ``((shape, n)...)``: exactly these shapes occur, each n times;
+    * ``colors`` ``(colours...)``: exactly these colours occur;
+    * ``has`` ``(descriptor,)``: some object fits the descriptor;
+    * ``relation`` ``(descriptor a, rel, descriptor b)``: two objects fit a and b with ``relation(a, b) == rel``;
+    * ``position`` ``(descriptor, where)``: an object fits it with its centre ``left`` (x < 0.4), ``right``
+      (x > 0.6) or ``middle``.
+    """
+
+    kind: str
+    args: tuple
+
+    def holds(self, objs: Sequence[Obj]) -> bool:
+        """Whether the caption is true of a scene with ``objs``."""
+        k, a = self.kind, self.args
+        if k == "objects":
+            return len(a) == len(objs) and a == _descriptors(objs, bool(a) and a[0][0] != "")
+        if k == "count":
+            return len(objs) == a[0]
+        if k == "shape_counts":
+            return a == _shape_counts(objs)
+        if k == "colors":
+            return a == _colors(objs)
+        if k == "has":
+            return any(_fits(o, a[0]) for o in objs)
+        if k == "relation":
+            return any(_fits(x, a[0]) and _fits(y, a[2]) and relation(x, y) == a[1]
+                       for x in objs for y in objs if x is not y)
+        if k == "position":
+            return any(_fits(o, a[0]) and _where(o) == a[1] for o in objs)
+        raise ValueError(f"unknown caption meaning {k!r}")
+
+
+def _descriptor(o: Obj, with_size: bool) -> tuple[str, str, str]:
+    return (o.size if with_size else "", o.color, o.shape)
+
+
+def _descriptors(objs: Sequence[Obj], with_size: bool) -> tuple[tuple[str, str, str], ...]:
+    return tuple(sorted(_descriptor(o, with_size) for o in objs))
+
+
+def _shape_counts(objs: Sequence[Obj]) -> tuple[tuple[str, int], ...]:
+    return tuple((s, sum(o.shape == s for o in objs)) for s in SHAPES if any(o.shape == s for o in objs))
+
+
+def _colors(objs: Sequence[Obj]) -> tuple[str, ...]:
+    return tuple(c for c in COLOR_NAMES if any(o.color == c for o in objs))
+
+
+def _fits(o: Obj, d: tuple[str, str, str]) -> bool:
+    return o.color == d[1] and o.shape == d[2] and d[0] in ("", o.size)
+
+
+def _where(o: Obj) -> str:
+    return "left" if o.x < 0.4 else "right" if o.x > 0.6 else "middle"
+
+
+_WHERE_PHRASE = {"left": "on the left", "right": "on the right", "middle": "in the middle"}
+
+
+def make_captions(objs: list[Obj], draws: Draws) -> list[tuple[str, Meaning]]:
+    """5 captions from a small grammar with synonyms and varied word order, each with its :class:`Meaning`.
+    The first lists every object with its size and colour (so each scene has a complete caption); the other
+    4 are drawn without replacement from six templates: listing, count, per-shape counts, colours, one
+    object's size, and a spatial relation (or, with no clear relation, the position of one object). Each
+    template has 2–4 phrasings; only the drawn one is built."""
     pic, shows = draws.pick(_PICTURE), draws.pick(_SHOWS)
     be = "is" if len(objs) == 1 else "are"
 
-    def listing(with_size: bool) -> str:
-        return _join([_phrase(o, draws, with_size) for o in draws.shuffled(objs)])
+    def listing(with_size: bool) -> tuple[str, Meaning]:
+        text = _join([_phrase(o, draws, with_size) for o in draws.shuffled(objs)])
+        return text, Meaning("objects", _descriptors(objs, with_size))
 
-    def listing_caption() -> str:
+    def listing_caption() -> tuple[str, Meaning]:
         k = draws.index(3)
         if k == 0:
-            return f"the {pic} {shows} {listing(False)}"
+            text, meaning = listing(False)
+            return f"the {pic} {shows} {text}", meaning
         if k == 1:
-            return f"{listing(False)} in the {pic}"
-        return f"in the {pic} there {be} {listing(draws.flip())}"
+            text, meaning = listing(False)
+            return f"{text} in the {pic}", meaning
+        text, meaning = listing(draws.flip())
+        return f"in the {pic} there {be} {text}", meaning
 
-    def count_caption() -> str:
+    def count_caption() -> tuple[str, Meaning]:
         n = _number(len(objs), *draws.pick((("object", "objects"), ("shape", "shapes"))))
         k = draws.index(3)
         if k == 0:
-            return f"there {be} {n} in the {pic}"
-        return f"{n}: {listing(draws.flip())}" if k == 1 else f"the {pic} {shows} {n}"
+            return f"there {be} {n} in the {pic}", Meaning("count", (len(objs),))
+        if k == 1:
+            text, meaning = listing(draws.flip())
+            return f"{n}: {text}", meaning
+        return f"the {pic} {shows} {n}", Meaning("count", (len(objs),))
 
-    def shape_count_caption() -> str:
+    def shape_count_caption() -> tuple[str, Meaning]:
         shapes = draws.shuffled([s for s in SHAPES if any(o.shape == s for o in objs)])
         counts = _join([_number(sum(o.shape == s for o in objs), s, _plural(s)) for s in shapes])
-        return f"{_article(pic)} {pic} with {counts}" if draws.flip() else counts
+        meaning = Meaning("shape_counts", _shape_counts(objs))
+        return (f"{_article(pic)} {pic} with {counts}" if draws.flip() else counts), meaning
 
-    def color_caption() -> str:
+    def color_caption() -> tuple[str, Meaning]:
         colors = _join(draws.shuffled([c for c in COLOR_NAMES if any(o.color == c for o in objs)]))
         noun = "object" if len(objs) == 1 else "objects"
+        meaning = Meaning("colors", _colors(objs))
         if draws.flip():
-            return f"{colors} {noun} in {_article(pic)} {pic}"
-        return f"the {pic} {shows} {colors} {noun}"
+            return f"{colors} {noun} in {_article(pic)} {pic}", meaning
+        return f"the {pic} {shows} {colors} {noun}", meaning
 
-    def size_caption() -> str:
+    def size_caption() -> tuple[str, Meaning]:
         o = draws.pick(objs)
+        meaning = Meaning("has", (_descriptor(o, True),))
         if draws.flip():
-            return f"{_phrase(o, draws, False, 'the')} is {o.size}"
-        return f"there is {_phrase(o, draws, True)}"
+            return f"{_phrase(o, draws, False, 'the')} is {o.size}", meaning
+        return f"there is {_phrase(o, draws, True)}", meaning
 
-    def relation_caption() -> str:
+    def relation_caption() -> tuple[str, Meaning]:
         pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a, b)]
         if not pairs:
             o = objs[0]
-            where = "on the left" if o.x < 0.4 else "on the right" if o.x > 0.6 else "in the middle"
+            where = _where(o)
+            meaning = Meaning("position", (_descriptor(o, True), where))
             if draws.flip():
-                return f"{_phrase(o, draws, True)} {where}"
-            return f"{where} there is {_phrase(o, draws, True)}"
+                return f"{_phrase(o, draws, True)} {_WHERE_PHRASE[where]}", meaning
+            return f"{_WHERE_PHRASE[where]} there is {_phrase(o, draws, True)}", meaning
         a, b = draws.pick(pairs)
         rel = relation(a, b)
         phrase, converse = _RELATION_PHRASE[rel], _RELATION_PHRASE[_CONVERSE[rel]]
         k = draws.index(4)
+        sized = k == 1
+        meaning = Meaning("relation", (_descriptor(a, sized), rel, _descriptor(b, sized)))
         if k == 0:
-            return f"{_phrase(a, draws, False)} {phrase} {_phrase(b, draws, False)}"
+            return f"{_phrase(a, draws, False)} {phrase} {_phrase(b, draws, False)}", meaning
         if k == 1:
-            return f"{_phrase(a, draws, True, 'the')} is {phrase} {_phrase(b, draws, True, 'the')}"
+            return f"{_phrase(a, draws, True, 'the')} is {phrase} {_phrase(b, draws, True, 'the')}", meaning
         if k == 2:
-            return f"{phrase} {_phrase(b, draws, False)} there is {_phrase(a, draws, False)}"
-        return f"{_phrase(b, draws, False, 'the')} is {converse} {_phrase(a, draws, False, 'the')}"
+            return f"{phrase} {_phrase(b, draws, False)} there is {_phrase(a, draws, False)}", meaning
+        # "the b is <converse> the a": relation(b, a) is the converse of relation(a, b), so a's meaning holds
+        return f"{_phrase(b, draws, False, 'the')} is {converse} {_phrase(a, draws, False, 'the')}", meaning
 
     templates = (listing_caption, count_caption, shape_count_caption, color_caption, size_caption,
                  relation_caption)
     return [listing(True), *(template() for template in draws.shuffled(templates)[:4])]
 
 
-def make_questions(objs: list[Obj], draws: Draws) -> list[QA]:
+def caption_relevance(meanings: Sequence[Meaning], scenes: Sequence[Sequence[Obj]]) -> np.ndarray:
+    """``relevant`` [T, I] bool: caption t (its meaning) is true of scene i (its objects).
+
+    Equal to ``[[m.holds(objs) for objs in scenes] for m in meanings]``, computed fast: exact kinds
+    (``objects``, ``count``, ``shape_counts``, ``colors``) by looking up each scene's signature; the rest by
+    :meth:`Meaning.holds` on the scenes that hold every object the caption names.
+    """
+    out = np.zeros((len(meanings), len(scenes)), dtype=bool)
+    signatures: dict[tuple, list[int]] = {}
+    having: dict[tuple[str, str], set[int]] = {}
+    for i, objs in enumerate(scenes):
+        for sig in (("objects", _descriptors(objs, True)), ("objects", _descriptors(objs, False)),
+                    ("count", (len(objs),)), ("shape_counts", _shape_counts(objs)), ("colors", _colors(objs))):
+            signatures.setdefault(sig, []).append(i)
+        for o in objs:
+            having.setdefault((o.color, o.shape), set()).add(i)
+    unique: dict[Meaning, list[int]] = {}
+    for t, m in enumerate(meanings):
+        unique.setdefault(Meaning(m.kind, m.args), []).append(t)
+    for m, rows in unique.items():
+        if m.kind in ("objects", "count", "shape_counts", "colors"):
+            cols = signatures.get((m.kind, m.args), [])
+        else:
+            named = [m.args[0], m.args[2]] if m.kind == "relation" else [m.args[0]]
+            candidates = set.intersection(*(having.get((d[1], d[2]), set()) for d in named))
+            cols = [i for i in sorted(candidates) if m.holds(scenes[i])]
+        if cols:
+            out[np.ix_(rows, cols)] = True
+    return out
+
+
+def make_questions(objs: list[Obj], draws: Draws, config: WorldConfig | None = None) -> list[QA]:
     """One question of each kind in :data:`QUESTION_KINDS`; a kind the scene cannot support (colour needs a
     shape that occurs once, shape a colour that occurs once, relation two such shapes clearly apart) is
     replaced by an existence question. Existence questions ask about a present object half of the time and
-    avoid repeating an earlier question of the scene where 10 tries allow."""
+    avoid repeating an earlier question of the scene where 10 tries allow. Absent objects and shapes are
+    drawn from ``config``'s vocabulary (default: the full one)."""
+    config = config or WorldConfig()
     shapes, colors = [o.shape for o in objs], [o.color for o in objs]
     qs: list[QA] = []
 
     def exists() -> QA:
         for _ in range(10):
             o = draws.pick(objs)
-            c, s = (o.color, o.shape) if draws.flip() else (draws.pick(COLOR_NAMES), draws.pick(SHAPES))
+            c, s = (o.color, o.shape) if draws.flip() else (draws.pick(config.colors), draws.pick(config.shapes))
             present = any(ob.color == c and ob.shape == s for ob in objs)
             qa = QA(f"is there {_article(c)} {c} {s}?", "yes" if present else "no", "exists")
             if qa not in qs:
@@ -534,7 +682,7 @@ def make_questions(objs: list[Obj], draws: Draws) -> list[QA]:
         c = draws.pick(colors)
         qs.append(QA(f"how many {c} objects are there?", str(colors.count(c)), "count"))
     else:
-        s = draws.pick(SHAPES) if draws.random() < 0.3 else draws.pick(shapes)
+        s = draws.pick(config.shapes) if draws.random() < 0.3 else draws.pick(shapes)
         qs.append(QA(f"how many {_plural(s)} are there?", str(shapes.count(s)), "count"))
     qs.append(exists())
     pairs = [(a, b) for a in objs for b in objs
@@ -547,7 +695,7 @@ def make_questions(objs: list[Obj], draws: Draws) -> list[QA]:
     return qs
 
 
-def _random_statement(draws: Draws, left: list[Obj], right: list[Obj]) -> Statement:
+def _random_statement(draws: Draws, left: list[Obj], right: list[Obj], colors: Sequence[str]) -> Statement:
     kind, o = draws.pick(STATEMENT_KINDS), draws.pick(left + right)
     if kind == "more":
         return Statement(kind, (draws.pick(("left", "right")), o.shape))
@@ -557,7 +705,7 @@ def _random_statement(draws: Draws, left: list[Obj], right: list[Obj]) -> Statem
         return Statement(kind, (o.shape,))
     if kind == "total":
         return Statement(kind, (len(left) + len(right) + draws.pick((-1, 0, 1)),))
-    return Statement(kind, (o.color if draws.flip() else draws.pick(COLOR_NAMES), o.shape))
+    return Statement(kind, (o.color if draws.flip() else draws.pick(colors), o.shape))
 
 
 # -------------------------------------------------------------------------------------------------- world
@@ -573,6 +721,10 @@ class World:
         self.config = config or WorldConfig()
         self.split, self.seed = split, int(seed)
         self.ood = split == "ood"
+        if self.ood and not self.config.held_out:
+            raise ValueError(f"world config: the ood split needs a held-out (colour, shape) pair inside colors="
+                             f"{list(self.config.colors)} and shapes={list(self.config.shapes)}; held-out pairs: "
+                             f"{sorted(HELD_OUT)}")
 
     def __repr__(self) -> str:
         return f"World({self.config}, split={self.split!r}, seed={self.seed})"
@@ -582,21 +734,31 @@ class World:
             raise IndexError(f"world index must be an integer ≥ 0, got {index!r}")
         return np.random.default_rng([self.seed, SPLITS[self.split], stream, int(index), part, purpose])
 
-    def _content(self, stream: int, index: int, part: int) -> tuple[list[Obj], list[str], list[QA], int]:
+    def _content(self, stream: int, index: int, part: int
+                 ) -> tuple[list[Obj], list[tuple[str, Meaning]], list[QA], int]:
         rng = self._rng(stream, index, part, 0)
         objs = sample_objects(rng, self.config, self.ood)
         draws = Draws(rng)
         largest = max(range(len(objs)), key=lambda k: (objs[k].radius, -k))
         label = SHAPES.index(objs[largest].shape)
-        return objs, make_captions(objs, draws), make_questions(objs, draws), label
+        return objs, make_captions(objs, draws), make_questions(objs, draws, self.config), label
 
     def _scene(self, stream: int, index: int, part: int) -> Scene:
         objs, captions, questions, label = self._content(stream, index, part)
         image, mask = render(objs, self.config, self._rng(stream, index, part, 1), shift=self.ood)
-        return Scene(objs, image, mask, captions, questions, label, self.ood)
+        return Scene(objs, image, mask, [c for c, _ in captions], questions, label, self.ood,
+                     [m for _, m in captions])
 
     def __getitem__(self, index: int) -> Scene:
         return self._scene(0, index, 0)
+
+    def content(self, index: int) -> Scene:
+        """Scene ``index`` without its pixels (``image`` and ``mask`` are empty [0, 0] arrays): objects,
+        captions with their meanings, questions and label, at a fraction of a render's cost."""
+        objs, captions, questions, label = self._content(0, index, 0)
+        empty = np.zeros((0, 0), dtype=np.uint8)
+        return Scene(objs, empty, empty, [c for c, _ in captions], questions, label, self.ood,
+                     [m for _, m in captions])
 
     def nlvr2(self, index: int) -> NLVR2Example:
         """NLVR2-style example ``index``: two scenes and a statement, true with probability 1/2."""
@@ -609,7 +771,7 @@ class World:
         draws = Draws(self._rng(1, index, 2, 0))
         label = draws.flip()
         for _ in range(200):
-            st = _random_statement(draws, left, right)
+            st = _random_statement(draws, left, right, self.config.colors)
             if st.holds(left, right) == label:
                 return st, label
         total = len(left) + len(right)
@@ -621,7 +783,7 @@ class World:
         out: list[str] = []
         for i in range(n):
             _, captions, questions, _ = self._content(0, i, 0)
-            out += captions + [q.question for q in questions]
+            out += [c for c, _ in captions] + [q.question for q in questions]
             left, right = self._content(1, i, 0)[0], self._content(1, i, 1)[0]
             out.append(self._statement(i, left, right)[0].text)
         return out

@@ -4,99 +4,24 @@ chance / best-constant baselines each is compared against.
 Every score is a percentage in [0, 100], as the papers report them (merging paper §5: VQA / NLVR2
 accuracy, ImageNet top-1, ADE20k mIoU, and "Avg TR" / "Avg IR" = mean of R@1, R@5, R@10).
 
-Tie rule for recall (pessimistic): a query's rank is 1 + the number of *non-matching* candidates scoring
-**greater than or equal to** its best-scoring match. Ties therefore count against the query, so a model
-that scores every candidate the same gets R@k = 0 for k < #candidates rather than a flattering 100, and
-the result never depends on the sort order of equal scores.
+Retrieval recall is :mod:`vlmerge.pretrain.evaluate`'s (the one evaluator: relevance, pessimistic tie rule,
+keys), re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-
 import torch
 
-RECALL_KS: tuple[int, ...] = (1, 5, 10)
-
-
-# ------------------------------------------------------------------------------------------------ retrieval
-def match_ranks(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each query's best match under the pessimistic tie rule.
-
-    scores [Q, C] (higher = better), positives [Q, C] bool (True = a correct candidate; ≥ 1 per row)
-    -> ranks [Q] long, with rank = 1 + #{c not positive : scores[q, c] >= max_{p positive} scores[q, p]}.
-    NaN scores rank below everything.
-    """
-    if scores.shape != positives.shape or scores.dim() != 2:
-        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} must both be [Q, C]")
-    positives = positives.bool()
-    if not bool(positives.any(dim=1).all()):
-        raise ValueError("every query needs at least one positive candidate")
-    s = torch.nan_to_num(scores.double(), nan=-math.inf)
-    best = s.masked_fill(~positives, -math.inf).max(dim=1).values
-    return 1 + ((s >= best[:, None]) & ~positives).sum(dim=1)
-
-
-def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Iterable[int] = RECALL_KS) -> dict[int, float]:
-    """Recall@k in percent: the share of queries with a correct candidate among the top k.
-
-    scores [Q, C]; positives [Q, C] bool. Ties count against the query (see the module docstring).
-    """
-    ranks = match_ranks(scores, positives)
-    return {int(k): 100.0 * float((ranks <= k).double().mean()) for k in ks}
-
-
-def retrieval_metrics(
-    sim_i2t: torch.Tensor,
-    txt2img: torch.Tensor | Sequence[int],
-    ks: Iterable[int] = RECALL_KS,
-    sim_t2i: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Text retrieval (image queries) and image retrieval (text queries).
-
-    sim_i2t [I, T] (image i vs text t), txt2img [T] (the image each text describes; an image may have
-    several texts, as COCO's five captions). ``sim_t2i`` [T, I] scores the image-retrieval direction when
-    it differs from ``sim_i2tᵀ`` (after a rerank). Returns ``tr_r{k}``, ``ir_r{k}``, ``avg_tr``, ``avg_ir``
-    (mean over ks: the merging paper's "Avg TR"/"Avg IR") and ``r_mean`` (their mean), all percent.
-    """
-    ks = tuple(ks)
-    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
-    n_img, n_txt = sim_i2t.shape
-    if txt2img.shape != (n_txt,) or (n_txt and (int(txt2img.min()) < 0 or int(txt2img.max()) >= n_img)):
-        raise ValueError(f"txt2img must be [T={n_txt}] image indices in [0, {n_img})")
-    pos_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool)
-    pos_i2t[txt2img, torch.arange(n_txt)] = True
-    keep = pos_i2t.any(dim=1)  # an image without any caption cannot be a text-retrieval query
-    tr = recall_at_k(sim_i2t[keep], pos_i2t[keep], ks)
-    ir = recall_at_k(sim_i2t.t() if sim_t2i is None else sim_t2i, pos_i2t.t(), ks)
-    out = {f"tr_r{k}": v for k, v in tr.items()} | {f"ir_r{k}": v for k, v in ir.items()}
-    out["avg_tr"] = sum(tr.values()) / len(ks)
-    out["avg_ir"] = sum(ir.values()) / len(ks)
-    out["r_mean"] = (out["avg_tr"] + out["avg_ir"]) / 2
-    return out
-
-
-def retrieval_chance(txt2img: torch.Tensor | Sequence[int], n_images: int, ks: Iterable[int] = RECALL_KS
-                     ) -> dict[str, float]:
-    """Expected :func:`retrieval_metrics` of a random ranking (the chance baseline), in percent.
-
-    Image retrieval: a text has one image among ``n_images``: P(hit@k) = min(k, I) / I. Text retrieval:
-    image i with g_i of the T texts: P(hit@k) = 1 - C(T - g_i, k) / C(T, k), averaged over images.
-    """
-    ks = tuple(ks)
-    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
-    n_txt = len(txt2img)
-    counts = [c for c in torch.bincount(txt2img, minlength=n_images).tolist() if c > 0]
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"tr_r{k}"] = 100.0 * sum(1 - math.comb(n_txt - g, k) / math.comb(n_txt, k) if k < n_txt else 1.0
-                                      for g in counts) / max(len(counts), 1)
-        out[f"ir_r{k}"] = 100.0 * min(k, n_images) / n_images
-    out["avg_tr"] = sum(out[f"tr_r{k}"] for k in ks) / len(ks)
-    out["avg_ir"] = sum(out[f"ir_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["avg_tr"] + out["avg_ir"]) / 2
-    return out
+# Retrieval: one implementation, shared with pre-training and the study (relevance, tie rule, keys).
+from ..pretrain.evaluate import (  # noqa: F401  (re-exported)
+    RECALL_KS,
+    match_ranks,
+    owner_relevance,
+    recall_at_k,
+    retrieval_chance,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 
 # -------------------------------------------------------------------------------------------- classification

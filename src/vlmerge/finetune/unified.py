@@ -166,6 +166,9 @@ class UnifiedTask(Task):
 
     Metric: ``accuracy`` (= ``score``, percent; for VQA the VQA score of the arg-max answer, equal to the
     accuracy on the world's one-answer questions); baseline: the best constant answer on the same items.
+    ``per_example`` [n]: each item's outcome in percent (its target's score of the arg-max answer × 100: 100 / 0,
+    a soft VQA score in between), in dataset order; ``accuracy`` is their mean (ITM: an item is the pair its
+    batch position makes, positive or negative, see the module docstring).
     """
 
     heads: ClassVar[tuple[str, ...]] = ("mlm",)
@@ -273,6 +276,7 @@ class UnifiedTask(Task):
         hit = res["target"].gather(1, res["pred"][:, None]).squeeze(1)
         acc = float(hit.mean() * 100)
         return {"accuracy": acc, "score": acc, "n": len(hit), "head": "unified",
+                "per_example": (100.0 * hit.double()).tolist(),
                 "baseline": {"kind": "best constant answer", "accuracy": float(res["target"].mean(0).max() * 100)}}
 
 
@@ -296,7 +300,8 @@ def evaluate_unified(model: VLMo, task: str, dataset: Any, tokenizer: Any = None
                      mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
                      ) -> dict[str, Any]:
     """Score a model in memory on a unified task's ``dataset`` (any items the task reads); see
-    :meth:`UnifiedTask.evaluate`. ``tokenizer`` defaults to the world's."""
+    :meth:`UnifiedTask.evaluate` (``score`` = the mean of ``per_example``, each item's outcome in percent, what a
+    bootstrap over test items resamples). ``tokenizer`` defaults to the world's."""
     from .data import default_tokenizer
 
     t = task_for(task, "unified")

@@ -11,7 +11,16 @@ Methods (registered by name in :data:`METHODS`): ``interpolation``, ``modality_a
 """
 
 from . import methods  # noqa: F401  (registers the methods)
-from .base import METHODS, MergeContext, MergeMethod, MergeParams, get_method, merge_tensors, register_method
+from .base import (
+    METHODS,
+    MergeContext,
+    MergeMethod,
+    MergeParams,
+    get_method,
+    merge_tensors,
+    register_method,
+    tensor_seed,
+)
 from .config import MergeConfig, load_merge_config, run_merge_config
 from .grams import (
     GRAM_DATA,
@@ -48,6 +57,7 @@ __all__ = [
     "register_method",
     "run_merge_config",
     "run_vlmo",
+    "tensor_seed",
     "save_grams",
     "trim_to_density",
 ]

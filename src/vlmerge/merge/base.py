@@ -34,7 +34,8 @@ class MergeParams(BaseModel):
 class MergeContext:
     """What a method may know about the slot it merges, besides the tensors themselves.
 
-    ``name``        the output tensor's name (error messages; DARE derives its per-tensor seed from it).
+    ``name``        the output tensor's name (error messages; random methods seed each tensor with
+                    ``tensor_seed(seed, name)``, in a checkpoint merge and in :func:`merge_tensors` alike).
     ``layer``       0-based block index, for per-layer schedules (``None`` outside transformer blocks).
     ``modalities``  the modality of each input (``("v", "l")`` or ``("v", "l", "vl")``) in a modality merge;
                     ``None`` when the inputs are whole models (a soup).
@@ -42,8 +43,6 @@ class MergeContext:
     ``weights``     one weight per input, or ``None``.
     ``grams``       RegMean: one float64 Gram matrix [in, in] per input when the slot is a linear weight.
     ``linear``      True when the slot is a linear layer's ``weight`` [out, in] (RegMean solves those).
-    ``per_tensor_seed``  random methods seed each tensor with ``tensor_seed(seed, name)`` (checkpoint merges)
-                    instead of ``seed`` itself (:func:`merge_tensors`).
     ``out``         a contiguous float32 buffer of the output's shape that aliases no input, which the method
                     may write its result into (take it with :meth:`output`). Streaming merges recycle the
                     buffers of slots already written: first-touching fresh memory costs ~1.7 ns a float32
@@ -57,7 +56,6 @@ class MergeContext:
     weights: tuple[float, ...] | None = None
     grams: tuple[torch.Tensor, ...] | None = None
     linear: bool = False
-    per_tensor_seed: bool = False
     out: torch.Tensor | None = None
 
     def output(self, like: torch.Tensor) -> torch.Tensor:
@@ -218,7 +216,10 @@ def merge_tensors(
     >>> merge_tensors("interpolation", [w_v, w_l], alpha=0.75)        # 0.75 W_v + 0.25 W_l
     >>> merge_tensors("ties", [a, b], base=w0, density=0.5)
 
-    Arithmetic runs in float32 (RegMean solves in float64). For ``interpolation`` the inputs are read as
+    Arithmetic runs in float32 (RegMean solves in float64). ``name`` is the tensor's name: random methods
+    (DARE) draw from ``tensor_seed(seed, name)``, as a checkpoint merge does, so merging a state dict tensor by
+    tensor with ``name=key`` writes what ``vlmerge merge`` writes for the same seed (and same-shaped tensors
+    of different names get different masks). For ``interpolation`` the inputs are read as
     ``(W_v, W_l)`` or ``(W_v, W_l, W_vl)``; ``modalities`` says so explicitly. ``layer`` picks the value of a
     per-layer schedule. RegMean takes ``grams=[G_1, ...]`` (one [in, in] Gram per input) for a 2-D weight.
     Raises ``ValueError`` on a shape / dtype mismatch, NaN / Inf, an unknown or out-of-range parameter,

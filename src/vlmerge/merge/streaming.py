@@ -300,7 +300,6 @@ def _merge_job(
         weights=job.weights,
         grams=grams,
         linear=grams is not None,
-        per_tensor_seed=True,
         out=out,
     )
     merged = method.merge([t.to(torch.float32) for t in tensors], params, ctx)

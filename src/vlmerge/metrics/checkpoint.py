@@ -32,7 +32,10 @@ def _row(
     acc: DistanceAccumulator, x: torch.Tensor, y: torch.Tensor, k: float, ignore_zeros: bool
 ) -> dict[str, Any]:
     out: dict[str, Any] = acc.result(ignore_zeros)
-    out["tssd"] = ssd(truncate_smallest(x, k), truncate_smallest(y, k), ignore_zeros=ignore_zeros)
+    tx, ty = truncate_smallest(x, k), truncate_smallest(y, k)
+    out["tssd"] = ssd(tx, ty, ignore_zeros=ignore_zeros)
+    # what TSSD can see: entries kept in both whose signs disagree (0 when the copies have barely moved apart)
+    out["sign_flips"] = int(((tx * ty) < 0).sum())
     out["numel"] = acc.numel
     return out
 

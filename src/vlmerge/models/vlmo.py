@@ -246,16 +246,46 @@ class VLMo(nn.Module):
 
         Returns normed hidden states [B, L + 1 + P, D]; index 0 is [T_CLS], index L is [I_CLS].
         """
-        c = self.config
-        bottom, top = range(c.depth - c.num_vl_layers), range(c.depth - c.num_vl_layers, c.depth)
+        bottom = range(self.config.depth - self.config.num_vl_layers)
         x_img = self._run(self.embed_image(image), "v", bottom, None)
         x_txt = self._run(self.embed_text(input_ids), "l", bottom, self._attn_mask(attention_mask))
+        return self.fuse(x_txt, x_img, attention_mask)
+
+    def fuse(self, x_txt: torch.Tensor, x_img: torch.Tensor, attention_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The top M layers of the fusion route on bottom-layer states: x_txt [B, L, D] and x_img [B, 1 + P, D]
+        after the first N−M layers (``bottom`` of :meth:`routes`) -> normed states [B, L + 1 + P, D]."""
+        c = self.config
         x = torch.cat([x_txt, x_img], dim=1)
         mask = None
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], x_img.shape[1])
             mask = self._attn_mask(torch.cat([attention_mask, ones], dim=1))
-        return self.norm(self._run(x, "vl", top, mask))
+        return self.norm(self._run(x, "vl", range(c.depth - c.num_vl_layers, c.depth), mask))
+
+    def routes(self, image: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, top: bool = True) -> dict[str, torch.Tensor]:
+        """The retrieval routes, keeping the states after the bottom N−M layers for :meth:`fuse`.
+
+        Returns ``image`` / ``text``: normed states of all N layers (as :meth:`forward_image` /
+        :meth:`forward_text`) and ``image_bottom`` / ``text_bottom``: the states after layer N−M, which are
+        exactly the fusion route's inputs to its top layers (the bottom layers are the same experts), so
+        one pass serves ITC, ITM and MLM (pre-training computes each once instead of per objective).
+        ``top=False`` stops after the bottom layers (only the ``*_bottom`` entries).
+        """
+        c = self.config
+        cut = c.depth - c.num_vl_layers
+        out: dict[str, torch.Tensor] = {}
+        for name, x, modality, mask in (
+                ("image", None if image is None else self.embed_image(image), "v", None),
+                ("text", None if input_ids is None else self.embed_text(input_ids), "l",
+                 self._attn_mask(attention_mask))):
+            if x is None:
+                continue
+            out[f"{name}_bottom"] = x = self._run(x, modality, range(cut), mask)
+            if top:
+                out[name] = self.norm(self._run(x, modality, range(cut, c.depth), mask))
+        return out
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Retrieval embedding: [I_CLS] -> ITC projection -> L2 normalised, [B, proj_dim]."""

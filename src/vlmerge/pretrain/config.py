@@ -74,6 +74,17 @@ class DataSection(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     cache_dir: str | None = Field(None, description="render scenes once into .npz shards under this directory "
                                   "(one sub-folder per split, size and seed), shared by every run that uses it")
+    world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields (max_objects, shapes, "
+                                  "colors, size_scale, ...) other than image_size, which is the model's")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        from ..data import WorldConfig
+
+        if "image_size" in self.world:
+            raise ValueError("data.world.image_size is the model's image_size; set model.overrides.image_size")
+        WorldConfig.from_dict(self.world)  # raises naming the bad field
+        return self
 
 
 class OptimSection(_Section):
@@ -84,8 +95,9 @@ class OptimSection(_Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(2500, ge=0, description="per stage, capped at half the stage")
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "cosine", "wsd"] = "linear"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the last fraction of the run's steps that decays")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
 
 
@@ -98,6 +110,8 @@ class LossSection(_Section):
     mlm_prob: float = Field(0.15, gt=0, lt=1)
     mim_mask_ratio: float = Field(0.4, gt=0, lt=1, description="fraction of patches masked in the image stage")
     hard_negatives: Literal["global", "local"] = "global"
+    itm_fraction: float = Field(1.0, gt=0, le=1, description="share of each batch's pairs that ITM scores (each "
+                                "with a hard-negative text and image): its 3·n fusion passes are most of a step")
 
 
 class AugmentSection(_Section):

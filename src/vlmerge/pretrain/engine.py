@@ -140,7 +140,9 @@ def _enter_stage(run: _Run, stage: Stage, previous: VLMo | None) -> VLMo:
     cfg = run.config.build_model_config(run.data.tokenizer.vocab_size, heads, arch=stage.arch)
     if stage.init == "scratch":
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(dist.derive_seed(run.config.train.seed, "init", stage.name))
+            # one init per seed, whichever recipe's first stage it starts: a seed stage is then exactly the
+            # first K_seed steps of the MAA trained from scratch (with a wsd schedule)
+            torch.manual_seed(dist.derive_seed(run.config.train.seed, "init"))
             return VLMo(cfg)
     assert previous is not None, f"stage {stage.name!r} needs the previous stage's model"
     if stage.init == "continue":
@@ -170,7 +172,7 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
             block.compile()
     settings = ObjectiveSettings(lc.itc, lc.itm, lc.mlm, lc.mlm_prob, lc.mim_mask_ratio,
                                  lc.hard_negatives == "global", cfg.augment.num_ops, cfg.augment.magnitude,
-                                 cfg.augment.ops)
+                                 cfg.augment.ops, lc.itm_fraction)
     objective = PretrainObjective(model, stage.kind, settings, run.data.special, run.data.mean, run.data.std)
     objective = objective.to(info.device).train()
     net: torch.nn.Module = objective
@@ -180,8 +182,9 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and t.precision == "bf16" else nullcontext())
     sampler = dist.StreamSampler(len(run.data.train), dist.derive_seed(t.seed, "data"), run.micro, info.world,
                                  info.rank, run.accum, start_step=base + start)
+    collate = Collate(run.data.tokenizer, model.config.max_text_len, pad_to_longest=info.world == 1)
     loader = DataLoader(run.data.train, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=cuda,
-                        collate_fn=Collate(run.data.tokenizer, model.config.max_text_len))
+                        collate_fn=collate)
     batches = iter(loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
     warmup = min(o.warmup_steps, stage.steps // 2)
@@ -191,7 +194,8 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
 
     for step in range(start, stage.steps):
         g = base + step
-        set_lr(optimizer, lr_at(step, stage.steps, o.lr, warmup, o.schedule, o.min_lr_ratio))
+        set_lr(optimizer, lr_at(step, stage.steps, o.lr, warmup, o.schedule, o.min_lr_ratio, global_step=g,
+                                run_steps=t.steps, decay_frac=o.decay_frac))
         for a in range(run.accum):
             batch = {k: v.to(info.device, non_blocking=True) for k, v in next(batches).items()}
             gen = dist.generator(info.device, t.seed, "step", g, a, info.rank)

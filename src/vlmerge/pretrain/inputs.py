@@ -45,7 +45,8 @@ def build_data(config: PretrainConfig) -> PretrainData:
     """The world's train split (all 5 captions of ``data.train_images`` images) and ``data.eval_split``, rendered
     at the model's image size, with the world WordPiece tokenizer or bert-base-uncased (``data.tokenizer``)."""
     d = config.data
-    world = WorldConfig(image_size=config.build_model_config(vocab_size=1, heads=()).image_size)
+    image_size = config.build_model_config(vocab_size=1, heads=()).image_size
+    world = WorldConfig.from_dict({**d.world, "image_size": image_size})
 
     train, evals = World(world, "train", d.seed), World(world, d.eval_split, d.seed)
 
@@ -61,16 +62,22 @@ def build_data(config: PretrainConfig) -> PretrainData:
 
 class Collate:
     """Items -> ``{"image": [B, 3, S, S], "input_ids": [B, L], "attention_mask": [B, L], "image_id": [B]}`` with
-    L = ``max_len`` fixed (same shapes on every rank and step) and image_id −1 where the items have none."""
+    image_id −1 where the items have none. L = ``max_len``, the same on every rank and step (ranks gather
+    each other's texts for hard negatives), or with ``pad_to_longest`` the batch's longest text: padding is
+    masked out of attention and MLM, so it changes no result, only the cost (a single process)."""
 
-    def __init__(self, tokenizer: Any, max_len: int) -> None:
-        self.tokenizer, self.max_len = tokenizer, max_len
+    def __init__(self, tokenizer: Any, max_len: int, pad_to_longest: bool = False) -> None:
+        self.tokenizer, self.max_len, self.pad_to_longest = tokenizer, max_len, pad_to_longest
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer.encode([it["text"] for it in items], self.max_len)
+        ids, att = enc["input_ids"].long(), enc["attention_mask"].long()
+        if self.pad_to_longest:
+            longest = int(att.sum(dim=1).max())
+            ids, att = ids[:, :longest].contiguous(), att[:, :longest].contiguous()
         return {
             "image": torch.stack([it["image"] for it in items]).float(),
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
+            "input_ids": ids,
+            "attention_mask": att,
             "image_id": torch.tensor([int(it.get("image_id", -1)) for it in items]),
         }

@@ -174,6 +174,7 @@ class ObjectiveSettings:
     augment_ops: int = 0  # RandAugment ops per image; 0 = no augmentation
     augment_magnitude: float = 9.0
     augment_names: tuple[str, ...] = tuple(OPS)  # the operations to draw from
+    itm_fraction: float = 1.0  # share of each rank's pairs that get ITM's positive + 2 hard negatives
 
 
 class PretrainObjective(nn.Module):
@@ -249,9 +250,13 @@ class PretrainObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         m, s = self.model, self.s
         b = image.shape[0]
-        # ITC on the retrieval route (dual encoder).
-        img_emb, txt_emb = m.encode_image(image), m.encode_text(ids, att)
-        itc, logits = itc_loss(img_emb, txt_emb, m.heads["itc"].logit_scale)
+        # ITC on the retrieval route (dual encoder). The states after the bottom N−M layers are the fusion
+        # route's inputs to its top layers, so ITM and MLM below reuse them instead of recomputing them.
+        st = m.routes(image, ids, att)
+        itc_head = m.heads["itc"]
+        img_emb = F.normalize(itc_head.image_proj(st["image"][:, 0]), dim=-1)
+        txt_emb = F.normalize(itc_head.text_proj(st["text"][:, 0]), dim=-1)
+        itc, logits = itc_loss(img_emb, txt_emb, itc_head.logit_scale)
         # ITM: hard negatives drawn from the ITC similarities, over all ranks' pairs (global mining).
         rows = slice(rank() * b, (rank() + 1) * b)
         if s.global_negatives:
@@ -261,23 +266,30 @@ class PretrainObjective(nn.Module):
         else:
             i2t, t2i = logits[rows, rows], logits.t()[rows, rows]
             cand_img, cand_ids, cand_att, cand_iid = image, ids, att, image_id
+        # ITM on the first n pairs (all by default; the batch is shuffled, so any n are a random subset).
         # Not negatives: the positive, every identical caption, every pair of the same image (its other captions).
-        excluded = same_text(ids, cand_ids) | ((image_id[:, None] == cand_iid[None, :]) & (image_id[:, None] >= 0))
-        neg_txt, ok_txt = sample_hard_negatives(i2t, excluded, generator)  # a negative text per image
-        neg_img, ok_img = sample_hard_negatives(t2i, excluded, generator)  # a negative image per text
-        fused = m.forward_fusion(
-            torch.cat([image, cand_img[neg_img], image]),
-            torch.cat([ids, ids, cand_ids[neg_txt]]),
-            torch.cat([att, att, cand_att[neg_txt]]),
-        )
+        n = max(1, round(s.itm_fraction * b))
+        own = image_id[:n, None]
+        excluded = same_text(ids[:n], cand_ids) | ((own == cand_iid[None, :]) & (own >= 0))
+        neg_txt, ok_txt = sample_hard_negatives(i2t[:n], excluded, generator)  # a negative text per image
+        neg_img, ok_img = sample_hard_negatives(t2i[:n], excluded, generator)  # a negative image per text
+        pair_att = torch.cat([att[:n], att[:n], cand_att[neg_txt]])
+        if world_size() == 1:  # candidates are this batch's pairs: index their bottom states
+            x_img, x_txt = st["image_bottom"], st["text_bottom"]
+            fused = m.fuse(torch.cat([x_txt[:n], x_txt[:n], x_txt[neg_txt]]),
+                           torch.cat([x_img[:n], x_img[neg_img], x_img[:n]]), pair_att)
+        else:  # candidates come from other ranks too: their bottom states go through this rank's layers
+            fused = m.forward_fusion(torch.cat([image[:n], cand_img[neg_img], image[:n]]),
+                                     torch.cat([ids[:n], ids[:n], cand_ids[neg_txt]]), pair_att)
         itm_logits = m.heads["itm"](fused[:, 0])
-        itm_labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(image.device)
-        itm_w = torch.cat([torch.ones(b, device=image.device), ok_img.float(), ok_txt.float()])
+        itm_labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(image.device)
+        itm_w = torch.cat([torch.ones(n, device=image.device), ok_img.float(), ok_txt.float()])
         itm = itm_loss(itm_logits, itm_labels, itm_w)
         itm_acc = ((itm_logits.argmax(-1) == itm_labels).float() * itm_w).sum() / itm_w.sum()
         # MLM on the fusion route's text tokens.
         masked, labels = mask_tokens(ids, att, self.special, s.mlm_prob, generator)
-        mlm, mlm_acc = self._mlm_head(m.forward_fusion(image, masked, att)[:, : ids.shape[1]], labels)
+        masked_bottom = m.routes(input_ids=masked, attention_mask=att, top=False)["text_bottom"]
+        mlm, mlm_acc = self._mlm_head(m.fuse(masked_bottom, st["image_bottom"], att)[:, : ids.shape[1]], labels)
         loss = s.itc_weight * itc + s.itm_weight * itm + s.mlm_weight * mlm
         return {
             "loss": loss, "itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach(),

@@ -4,17 +4,22 @@ Every number comes from a cell (:mod:`vlmerge.study.cells`): pre-training runs, 
 fine-tunes and evaluations are cached under the hash of the config that made them, so a re-run or a run
 killed halfway recomputes nothing that finished. ``results.json`` (schema below) feeds the report.
 
-Schema of ``results`` (scores: ``tr``/``ir`` = Avg TR / Avg IR of zero-shot retrieval on the test split,
-plus fine-tuned task scores ``vqa``, ``nlvr2``, ``cls``, ``seg`` and OOD retrieval ``tr_ood``/``ir_ood``)::
+Schema of ``results`` (scores: ``avg_tr`` / ``avg_ir`` / ``r_mean`` = Avg TR, Avg IR and their mean of
+zero-shot retrieval on the test split, plus fine-tuned task scores ``vqa``, ``nlvr2``, ``cls``, ``seg`` and OOD
+retrieval ``ood_avg_tr`` / ``ood_avg_ir`` / ``ood_r_mean``; in ``results.json`` each score dict also holds
+``ci`` {key: [lo, hi]}, the 95 % bootstrap interval over test queries (:mod:`.stats`), and with several seeds
+``<key>_std``)::
 
-    table1:  {maa, msa, merging_baseline: scores}
-    figure3: {k_seed: [steps], before: [scores], after: [scores]}
-    table2:  {interpolation | modality_arithmetic | regmean: {param: scores}}
-    figure4: {arch: {before: scores, after: scores}}
-    table3:  {msa, maa, merging_baseline, ours: scores}
-    table5:  {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, spearman: {..}}
-    meta:    {preset, seeds, wall_time_s, command, config, config_hash, device}
-    cells:   {name: {hash, spec}} -- the provenance of every number
+    table1:    {maa, msa, merging_baseline: scores}
+    figure3:   {k_seed: [steps], k_seed_frac: [K_seed / K], before: [scores], after: [scores]}
+    table2:    {interpolation | modality_arithmetic | regmean: {param: scores}}
+    figure4:   {arch: {before: scores, after: scores}}
+    table3:    {msa, maa, merging_baseline, ours: scores}
+    table5:    {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, pearson_ci: {..},
+                spearman: {..}}
+    baselines: {retrieval: chance per key (test split), retrieval_ood, vqa | nlvr2 | cls | seg: best constant}
+    meta:      {preset, seeds, wall_time_s, command, config, config_hash, device, cpu}
+    cells:     {name: {hash, spec}} -- the provenance of every number
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .cells import Cell, CellStore, config_hash
 from .report import write_report
+from .stats import LEVEL, RESAMPLES, Scores, mean_over_seeds, mean_score, miou_score, retrieval_scores
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 log = logging.getLogger("vlmerge.study")
 
 PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5")
+EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
@@ -69,6 +76,8 @@ class StudyConfig(_Strict):
     archs: list[Literal["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"]] = Field(
         default_factory=lambda: ["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"])
     eval_images: int = Field(200, ge=10, description="test/OOD images for zero-shot retrieval (5 captions each)")
+    world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields of the embedded world every "
+                                  "cell uses (pre-training, Grams, fine-tuning, evaluation); {} = the full world")
     finetune: str = Field("tiny", description="fine-tuning preset (configs/finetune/<task>.yaml section)")
     finetune_set: dict[str, list[str]] = Field(default_factory=dict, description="per-task fine-tuning overrides")
     table1_tasks: list[Literal["vqa"]] = Field(default_factory=lambda: ["vqa"])
@@ -117,11 +126,26 @@ def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig
 
 def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
     """The :class:`~vlmerge.pretrain.PretrainConfig` every pre-training cell starts from: the preset's
-    pre-training config with ``pretrain_set``, K steps and ``seed``; each cell then sets its recipe."""
+    pre-training config with ``pretrain_set``, the study's world, K steps and ``seed``; each cell then sets
+    its recipe."""
     from ..pretrain import load_config
 
     return load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
+                                                      f"data.world={json.dumps(config.world)}",
                                                       f"train.seed={seed}", "recipe={name: scratch}"])
+
+
+def _cpu_name() -> str:
+    """The processor, as /proc/cpuinfo names it (timings are meaningless without it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -134,6 +158,7 @@ class Study:
         self.base = base_pretrain_config(config, seed).to_dict()
         self.cells: dict[str, dict[str, Any]] = {}
         self._eval_sets: dict[tuple[str, int], Any] = {}
+        self.baselines: dict[str, dict[str, float]] = {}
 
     # -- cells -----------------------------------------------------------------------------------------
     def rel(self, path: str | Path) -> str:
@@ -148,24 +173,50 @@ class Study:
         self.cells[name] = {"hash": cell.hash, "kind": kind, "spec": cell.spec}
         return cell
 
+    def k_seeds(self) -> list[int]:
+        """Every K_seed > 0 the study uses, in steps."""
+        fracs = {*self.cfg.k_seed, self.cfg.recipe_k_seed}
+        return sorted({round(f * self.cfg.steps) for f in fracs} - {0})
+
+    def shares_seed_stages(self) -> bool:
+        """Whether the MAA trained from scratch passes through every seed stage: with a ``wsd`` schedule whose
+        decay starts after the last K_seed and a warm-up that fits the shortest seed stage, its checkpoint at
+        step K_seed *is* the K_seed-step seed stage (same init, data, draws and learning rates)."""
+        o, ks = self.base["optim"], self.k_seeds()
+        if o["schedule"] != "wsd" or not ks:
+            return False
+        decay = max(1, round(o["decay_frac"] * self.cfg.steps))
+        return max(ks) <= self.cfg.steps - decay and o["warmup_steps"] <= min(ks) // 2
+
     def pretrain(self, arch: str, k_seed_frac: float) -> dict[str, Any]:
-        """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe."""
+        """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe.
+        The MAA's run also leaves the seed stages behind when :meth:`shares_seed_stages`."""
         from ..pretrain import pretrain
 
         k_seed = round(k_seed_frac * self.cfg.steps)
         data = {**self.base, "model": {**self.base["model"], "arch": arch}}
         data["recipe"] = ({"name": "seed", "seed_steps": k_seed} if k_seed and arch != "maa" else {"name": "scratch"})
-        spec = {"pretrain": data}
+        snapshots = arch == "maa" and not k_seed and self.shares_seed_stages()
+        spec = {"pretrain": data, "eval": EVAL_VERSION, **({"seed_stages": self.k_seeds()} if snapshots else {})}
         label = f"{arch}/kseed={k_seed}"
         cell = self._record(f"pretrain/{label}", "pretrain", spec)
 
         def run(c: Cell) -> dict[str, Any]:
             if data["recipe"]["name"] == "seed":  # the MAA seed stage is the same for every architecture
                 start_from_checkpoint(self.path(self.seed_stage(k_seed)), c.dir / "run")
+            stages: dict[str, str] = {}
+            for k in self.k_seeds() if snapshots else ():
+                stop = pretrain(self._cached(data), c.dir / "run", stop_after=k, progress=self.progress)
+                keep = c.dir / f"seed-stage-{k}" / stop.name
+                if not keep.is_dir():
+                    shutil.copytree(stop, keep.with_name(keep.name + ".tmp"), dirs_exist_ok=True)
+                    (keep.with_name(keep.name + ".tmp")).rename(keep)
+                    shutil.copy(c.dir / "run" / "metrics.jsonl", keep.parent / "metrics.jsonl")
+                stages[str(k)] = self.rel(keep)
             final = pretrain(self._cached(data), c.dir / "run", progress=self.progress)
             w0 = c.dir / "run" / "w0"
             return {"final": self.rel(final), "w0": self.rel(w0) if (w0 / "config.json").is_file() else None,
-                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test")}
+                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test"), "seed_stages": stages}
 
         return {**self.store.run("pretrain", cell.spec, run), "label": label}
 
@@ -178,9 +229,12 @@ class Study:
 
     def seed_stage(self, k_seed: int) -> str:
         """The training checkpoint that closes a K_seed-step MAA seed stage (shared by the seed recipe of every
-        architecture: the seed stage never depends on the architecture it will be expanded into)."""
+        architecture: the seed stage never depends on the architecture it will be expanded into): a checkpoint
+        of the MAA's own run where :meth:`shares_seed_stages`, else a run of its own."""
         from ..pretrain import pretrain
 
+        if self.shares_seed_stages():
+            return self.pretrain("maa", 0.0)["seed_stages"][str(k_seed)]
         data = {**self.base, "model": {**self.base["model"], "arch": "msa"},
                 "recipe": {"name": "seed", "seed_steps": k_seed}}
         cell = self._record(f"seed-stage/kseed={k_seed}", "seed-stage", {"pretrain": data, "stop_after": k_seed})
@@ -197,7 +251,7 @@ class Study:
 
         if src.get("arch_is_maa"):
             return src
-        spec = {"src": src["final"], "method": method, "params": params}
+        spec = {"src": src["final"], "method": method, "params": params, "eval": EVAL_VERSION}
         label = f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
         cell = self._record(f"merge/{label}", "merge", spec)
 
@@ -220,19 +274,20 @@ class Study:
         from ..merge.gram_data import world_batches
         from ..models import load_model
 
-        spec = {"src": src["final"], "batches": self.cfg.regmean_batches, "seed": self.seed}
+        spec = {"src": src["final"], "batches": self.cfg.regmean_batches, "seed": self.seed, "world": self.cfg.world}
         cell = self._record(f"grams/{src['label']}", "grams", spec)
 
         def run(c: Cell) -> dict[str, Any]:
             model = load_model(self.path(src["final"])).eval()
-            g = collect_grams(model, world_batches(model, self.cfg.regmean_batches, self.seed))
+            g = collect_grams(model, world_batches(model, self.cfg.regmean_batches, self.seed, world=self.cfg.world))
             save_grams(g, c.dir / "grams.safetensors")
             return {"path": self.rel(c.dir / "grams.safetensors")}
 
         return load_grams(self.path(self.store.run("grams", cell.spec, run)["path"]))
 
-    def retrieval(self, ckpt: str | Path, split: str) -> dict[str, float]:
-        """Zero-shot retrieval (Avg TR / Avg IR and recalls) of ``ckpt`` on ``split``."""
+    def retrieval(self, ckpt: str | Path, split: str) -> dict[str, Any]:
+        """Zero-shot retrieval of ``ckpt`` on ``split``: the metric keys, the chance levels and the per-query
+        ranks (for the bootstrap)."""
         from ..data import default_tokenizer
         from ..finetune.data import embedded_dataset
         from ..models import load_model
@@ -242,51 +297,69 @@ class Study:
         key = (split, model.config.image_size)
         if key not in self._eval_sets:  # rendered once per process, read from the shared shard cache
             self._eval_sets[key] = embedded_dataset("retrieval", split, self.cfg.eval_images,
-                                                    self.base["data"]["seed"], key[1],
+                                                    self.base["data"]["seed"], key[1], world=self.cfg.world,
                                                     cache_dir=self.out / "data-cache")
-        r = evaluate_retrieval(model, self._eval_sets[key], default_tokenizer())
-        return {"tr": r["tr_mean"], "ir": r["ir_mean"], **{k: v for k, v in r.items() if k.startswith(("tr_", "ir_"))}}
+        return evaluate_retrieval(model, self._eval_sets[key], default_tokenizer(), ranks=True)
 
-    def task(self, src: Mapping[str, Any], task: str) -> dict[str, float]:
-        """Fine-tune ``src`` on ``task`` and evaluate on the test split; ``{task: score}``."""
+    def retrieval_scores(self, r: Mapping[str, Any], split: str = "test", prefix: str = "") -> Scores:
+        """Avg TR / Avg IR / their mean with bootstrap replicates over ``split``'s images."""
+        self.baselines.setdefault("retrieval" + (f"_{split}" if split != "test" else ""), r["chance"])
+        sc = retrieval_scores(r["ranks"], r["images"], f"retrieval/{split}")
+        return Scores({prefix + k: v for k, v in sc.items()}, {prefix + k: v for k, v in sc.boot.items()})
+
+    def task(self, src: Mapping[str, Any], task: str) -> Scores:
+        """Fine-tune ``src`` on ``task`` and evaluate on the test split: ``{task: score}`` with replicates."""
         from ..finetune import finetune
 
         spec = {"src": src["final"], "task": task, "preset": self.cfg.finetune, "seed": self.seed,
-                "sets": self.cfg.finetune_set.get(task, [])}
+                "sets": self.cfg.finetune_set.get(task, []), "world": self.cfg.world, "eval": EVAL_VERSION}
         cell = self._record(f"finetune/{src['label']}/{task}", "finetune", spec)
 
         def run(c: Cell) -> dict[str, Any]:  # fine-tunes, then scores the test split (finetune's eval_split)
             shutil.rmtree(c.dir / "model", ignore_errors=True)  # left by a fine-tune killed before it finished
             ckpt = finetune(task, self.path(src["final"]), c.dir / "model", preset=self.cfg.finetune,
-                            sets=[f"seed={self.seed}", "data.eval_split=test", *self.cfg.finetune_set.get(task, []),
+                            sets=[f"seed={self.seed}", "data.eval_split=test",
+                                  f"data.world={json.dumps(self.cfg.world)}", *self.cfg.finetune_set.get(task, []),
                                   f"data.cache_dir={self.out / 'data-cache'}"])  # not in the hash: data alike
             metrics = json.loads((ckpt / "metrics.json").read_text())
             shutil.rmtree(ckpt)  # only the numbers are kept: a study makes dozens of task models
             return metrics
 
-        metrics = self.store.run("finetune", cell.spec, run)
-        return {task: float(metrics["score"])}
+        m = self.store.run("finetune", cell.spec, run)
+        base = m.get("baseline", {})
+        self.baselines.setdefault(task, {"kind": base.get("kind"), "score": next(
+            (float(v) for k, v in base.items() if k != "kind"), math.nan)})
+        split = f"{task}/test/{m['n']}"
+        if task == "seg":
+            pe = m["per_example"]
+            return miou_score(task, pe["tp"], pe["fp"], pe["fn"], split)
+        return mean_score(task, m["per_example"], split)
 
     # -- parts -----------------------------------------------------------------------------------------
-    @staticmethod
-    def scores(r: Mapping[str, Any]) -> dict[str, float]:
-        return {"tr": r["retrieval"]["tr"], "ir": r["retrieval"]["ir"]}
+    def scores(self, r: Mapping[str, Any]) -> Scores:
+        return self.retrieval_scores(r["retrieval"])
 
     def run(self, parts: Sequence[str]) -> dict[str, Any]:
         c, res = self.cfg, {}
+        maa = {**self.pretrain("maa", 0.0), "arch_is_maa": True}  # first: its run holds the seed stages
         msa0 = self.pretrain("msa", 0.0)
         recipe = self.pretrain("msa", c.recipe_k_seed)
-        maa = {**self.pretrain("maa", 0.0), "arch_is_maa": True}
         baseline = self.merge(msa0, "interpolation", alpha=c.baseline_alpha)
         if "table1" in parts:
             rows = {"maa": maa, "msa": msa0, "merging_baseline": baseline}
-            res["table1"] = {k: {**self.scores(v), **{t: self.task(v, t)[t] for t in c.table1_tasks}}
-                             for k, v in rows.items()}
-        runs = {f: self.pretrain("msa", f) for f in sorted(c.k_seed)}
+            res["table1"] = {}
+            for k, v in rows.items():
+                sc = self.scores(v)
+                for t in c.table1_tasks:
+                    sc = sc.merged(self.task(v, t))
+                res["table1"][k] = sc
+        fracs = sorted(c.k_seed)
+        runs = {f: self.pretrain("msa", f) for f in fracs}
         merged = {f: self.merge(r, "interpolation", alpha=c.baseline_alpha) for f, r in runs.items()}
         if "figure3" in parts or "table5" in parts:
-            res["figure3"] = {"k_seed": [runs[f]["k_seed"] for f in runs], "before": [self.scores(r) for r in
-                              runs.values()], "after": [self.scores(m) for m in merged.values()]}
+            res["figure3"] = {"k_seed": [runs[f]["k_seed"] for f in runs], "k_seed_frac": fracs,
+                              "before": [self.scores(r) for r in runs.values()],
+                              "after": [self.scores(m) for m in merged.values()]}
         if "table2" in parts:
             grid = c.table2
             res["table2"] = {
@@ -311,24 +384,20 @@ class Study:
             rows = {"msa": msa0, "maa": maa, "merging_baseline": baseline, "ours": ours}
             t3 = {}
             for k, v in rows.items():
-                ood = self.retrieval(self.path(v["final"]), "ood")
-                t3[k] = {**self.scores(v), "tr_ood": ood["tr"], "ir_ood": ood["ir"]}
+                ood = self.retrieval_scores(self.retrieval(self.path(v["final"]), "ood"), "ood", prefix="ood_")
+                sc = self.scores(v).merged(ood)
                 for t in c.table3_tasks:
-                    t3[k].update(self.task(v, t))
+                    sc = sc.merged(self.task(v, t))
+                t3[k] = sc
             res["table3"] = t3
         if "table5" in parts:
-            from ..metrics import checkpoint_distances, correlate
+            from ..metrics import checkpoint_distances
 
             dist = [checkpoint_distances(self.path(runs[f]["final"]))["global"] for f in runs]
-            metrics = {m: [float(d[m]) for d in dist] for m in ("l2", "cosine", "ssd", "tssd")}
-            drops = [_retrieval(b) - _retrieval(a) for b, a in zip(res["figure3"]["before"], res["figure3"]["after"],
-                                                                       strict=True)]
-            corr = correlate(metrics, drops)
-            res["table5"] = {"k_seed": res["figure3"]["k_seed"], "metrics": metrics, "drop": drops,
-                             "pearson": {m: _finite(corr[m]["pearson"]) for m in metrics},
-                             "spearman": {m: _finite(corr[m]["spearman"]) for m in metrics}}
-            if "figure3" not in parts:
-                del res["figure3"]
+            res["table5"] = {"k_seed": res["figure3"]["k_seed"],
+                             "metrics": {m: [float(d[m]) for d in dist] for m in ("l2", "cosine", "ssd", "tssd")},
+                             "sign_flips": [d["sign_flips"] for d in dist], "numel": dist[0]["numel"]}
+        res["baselines"] = dict(self.baselines)
         return res
 
 
@@ -354,26 +423,15 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _retrieval(s: Mapping[str, float]) -> float:
-    return (s["tr"] + s["ir"]) / 2
-
-
 def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of every number, with ``<key>_std`` beside score entries when there are several seeds."""
-    if len(per_seed) == 1:
-        return dict(per_seed[0])
-
+    """Mean over seeds of every number: :class:`~.stats.Scores` by :func:`~.stats.mean_over_seeds` (with
+    ``<key>_std`` and averaged replicates), other numbers by their mean, anything else from the first seed."""
     def merge(values: list[Any]) -> Any:
         first = values[0]
+        if isinstance(first, Scores):
+            return mean_over_seeds(values)
         if isinstance(first, Mapping):
-            out: dict[str, Any] = {}
-            for k in first:
-                out[k] = merge([v[k] for v in values])
-                if isinstance(first[k], (int, float)) and not isinstance(first[k], bool):
-                    xs = [float(v[k]) for v in values]
-                    m = sum(xs) / len(xs)
-                    out[f"{k}_std"] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-            return out
+            return {k: merge([v[k] for v in values]) for k in first}
         if isinstance(first, list):
             return [merge([v[i] for v in values]) for i in range(len(first))]
         if isinstance(first, (int, float)) and not isinstance(first, bool):
@@ -381,6 +439,29 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return first
 
     return merge(list(per_seed))
+
+
+def finish_table5(results: dict[str, Any]) -> None:
+    """Table 5's drops (from Figure 3) and each metric's Pearson / Spearman correlation with them, with the
+    Pearson r's 95 % bootstrap interval over test queries (the K_seed runs held fixed)."""
+    import numpy as np
+
+    from ..metrics import correlate
+    from .findings import pearson
+    from .stats import percentile_interval
+
+    t5, f3 = results.get("table5"), results.get("figure3")
+    if not t5 or not f3:
+        return
+    before, after = f3["before"], f3["after"]
+    t5["drop"] = [b["r_mean"] - a["r_mean"] for b, a in zip(before, after, strict=True)]
+    corr = correlate(t5["metrics"], t5["drop"])
+    t5["pearson"] = {m: _finite(corr[m]["pearson"]) for m in t5["metrics"]}
+    t5["spearman"] = {m: _finite(corr[m]["spearman"]) for m in t5["metrics"]}
+    if all("r_mean" in x.boot for x in (*before, *after)):
+        drops = np.stack([b.boot["r_mean"] - a.boot["r_mean"] for b, a in zip(before, after, strict=True)], axis=1)
+        cis = {m: percentile_interval(np.array([pearson(v, d) for d in drops])) for m, v in t5["metrics"].items()}
+        t5["pearson_ci"] = {m: list(ci) if all(map(math.isfinite, ci)) else None for m, ci in cis.items()}
 
 
 def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequence[str] | None = None,
@@ -422,12 +503,15 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
         if on_seed:
             on_seed(seed, per_seed[-1])
     results = aggregate(per_seed)
+    finish_table5(results)
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
         "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg.model_dump(mode="json")), "device": "cuda" if torch.cuda.is_available() else
-        "cpu", "cells_computed": computed,
+        "cpu", "cpu": _cpu_name(), "threads": torch.get_num_threads(), "cells_computed": computed,
+        "bootstrap": {"resamples": RESAMPLES, "level": LEVEL,
+                      "unit": "test images (retrieval), examples (tasks); the same resamples for every model"},
     }
     results["cells"] = cells
     return write_report(out, results)

@@ -21,8 +21,18 @@ model has the same parameters and merges whole. ``head: task`` fine-tunes task-s
 retrieval); merges then combine the backbones and each task keeps its own head; the OOD question families
 need the unified head and are skipped.
 
-Writes ``report.md`` (tables, PNG plots, the computed findings beside the paper's numbers), ``results.json``
-and ``findings.json``. Fine-tunes are cells (:mod:`vlmerge.study.cells`): a re-run resumes.
+**Statistics** (:mod:`vlmerge.study.stats`). Every score is a mean over test examples and carries its
+bootstrap replicates (:class:`~vlmerge.study.stats.Scores`): B resamples of the test set's examples, the same
+resamples for every model scored on that set (split name ``unival/<task>/<split>``), so differences between
+models are paired. With several ``--seeds`` the scores are seed means with ``<key>_std`` beside them and the
+replicates averaged over seeds. Each finding is a :class:`~vlmerge.study.findings.Claim` with a margin (positive:
+the paper's direction) evaluated on the point values and on every replicate: reproduced / contradicted /
+inconclusive as its 95 % interval lies above 0 / below 0 / contains 0 (:func:`~vlmerge.study.findings.decide`).
+
+Writes ``report.md`` (tables with intervals, PNG plots, the computed findings beside the paper's numbers),
+``results.json`` (every score with ``ci`` {task: [lo, hi]}) and ``findings.json``. Pre-training and fine-tunes
+are cells (:mod:`vlmerge.study.cells`): a re-run resumes. Their results are model directories only; the
+evaluations (and so the per-example outcomes behind the intervals) are recomputed on every run, never cached.
 """
 
 from __future__ import annotations
@@ -37,14 +47,28 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json
 from .cells import Cell, CellStore, config_hash
-from .findings import Finding
+from .findings import Claim, Finding, evaluate_claims
+from .report import OUTCOME_MARK
 from .runner import find_config, load_preset
+from .stats import (
+    LEVEL,
+    RESAMPLES,
+    Scores,
+    mean_over_seeds,
+    mean_score,
+    n_resamples,
+    percentile_interval,
+    replicate_view,
+    retrieval_scores,
+    with_intervals,
+)
 
 log = logging.getLogger("vlmerge.study")
 
@@ -243,7 +267,13 @@ class Unival:
         m.load_state_dict(dict(state), strict=True)
         return m.eval()
 
-    def score(self, merged: Mapping[str, Any], task: str, split: str = "test") -> float:
+    def score(self, merged: Mapping[str, Any], task: str, split: str = "test") -> Scores:
+        """``{task: score}`` (percent) with its bootstrap replicates over the split's test examples.
+
+        The replicates come from the evaluation's ``per_example`` outcomes (task-head ITM, i.e. retrieval: the
+        per-query ranks, resampling images) under the split name ``unival/<task>/<split>``, so every model
+        scored on one split gets the same resamples (:func:`~.stats.resample_counts`) and differences are paired.
+        """
         from ..finetune.config import FinetuneConfig
         from ..finetune.tasks import Prep, get_task
         from ..finetune.unified import evaluate_unified
@@ -251,25 +281,61 @@ class Unival:
         sp = "ood" if "@" in task else split
         items = self.items(task, sp)
         model = self.model_for(merged, task)
+        name = f"unival/{task}/{sp}"
+        kind = task.split("@")[0]
         with torch.no_grad():
             if self.unified:
-                r = evaluate_unified(model, task.split("@")[0], items, self.tok, batch_size=self.cfg.eval_batch_size)
+                r = evaluate_unified(model, kind, items, self.tok, batch_size=self.cfg.eval_batch_size)
             else:
-                name = TASK_HEAD_NAMES[task.split("@")[0]]
                 prep = Prep(self.tok, model.config.max_text_len, model.config.image_size)
-                r = get_task(name).evaluate(model, items, prep, FinetuneConfig(
-                    task=name, eval_batch_size=self.cfg.eval_batch_size))  # type: ignore[arg-type]
+                if kind == "itm":
+                    r = self._retrieval(model, items, prep)
+                else:
+                    name_ = TASK_HEAD_NAMES[kind]
+                    r = get_task(name_).evaluate(model, items, prep, FinetuneConfig(
+                        task=name_, eval_batch_size=self.cfg.eval_batch_size))  # type: ignore[arg-type]
         self.n_evals += 1
         base = r.get("baseline", {})
         nums = [v for k, v in base.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        value = base.get("accuracy", base.get("vqa_score", nums[0] if nums else None))
+        value = next((base[k] for k in ("accuracy", "vqa_score", "top1", "r_mean") if k in base),
+                     nums[0] if nums else None)
+        which = split if sp != "ood" else "test"
         if value is not None:
-            self.baselines.setdefault(split if sp != "ood" else "test", {})[task] = float(value)
-        self.counts.setdefault(split if sp != "ood" else "test", {})[task] = int(r.get("n", 0))
-        return float(r["score"])
+            self.baselines.setdefault(which, {})[task] = float(value)
+        self.counts.setdefault(which, {})[task] = int(r.get("n", len(items)))
+        if "ranks" in r:
+            sc = retrieval_scores(r["ranks"], r["n_images"], name)
+            out = Scores({task: sc["r_mean"]}, {task: sc.boot["r_mean"]})
+        else:
+            if "per_example" not in r:
+                raise ValueError(f"{task}: the evaluation returned no 'per_example' outcomes (needed for the "
+                                 "bootstrap intervals)")
+            out = mean_score(task, r["per_example"], name)
+        if abs(out[task] - float(r["score"])) > 1e-3:
+            raise ValueError(f"{task}: the mean of the per-example outcomes ({out[task]:.4f}) differs from the "
+                             f"evaluation's score ({float(r['score']):.4f})")
+        return out
 
-    def scores(self, merged: Mapping[str, Any], tasks: Sequence[str], split: str = "test") -> dict[str, float]:
-        return {t: self.score(merged, t, split) for t in tasks}
+    def _retrieval(self, model: Any, items: Sequence[Mapping[str, Any]], prep: Any) -> dict[str, Any]:
+        """Task-head ITM = retrieval (the fine-tuning task's metric, ``r_mean``) with its per-query ranks."""
+        from ..finetune.tasks.retrieval import encode_split
+        from ..pretrain.evaluate import dataset_relevance, recalls_from_ranks, retrieval_chance, retrieval_ranks
+
+        enc = encode_split(model, items, prep, self.cfg.eval_batch_size)
+        rel, _ = dataset_relevance(items, enc["txt2img"].tolist(), enc["texts"])
+        rk = retrieval_ranks(enc["img"] @ enc["txt"].t(), rel)
+        return {"score": recalls_from_ranks(rk["tr"], rk["ir"])["r_mean"], "n": len(items),
+                "n_images": int(enc["img"].shape[0]),
+                "ranks": {"tr": rk["tr"].tolist(), "tr_query": rk["tr_query"].tolist(), "ir": rk["ir"].tolist(),
+                          "ir_image": enc["txt2img"].tolist()},
+                "baseline": {"kind": "chance", "r_mean": retrieval_chance(rel)["r_mean"]}}
+
+    def scores(self, merged: Mapping[str, Any], tasks: Sequence[str], split: str = "test") -> Scores:
+        """One :class:`~.stats.Scores` with every task of ``tasks`` (values and replicates)."""
+        out = Scores()
+        for t in tasks:
+            out = out.merged(self.score(merged, t, split))
+        return out
 
     # -- the scenarios ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -332,7 +398,7 @@ class Unival:
                             {a: states[r][a], b: states[r][b]})
                     pts.append({"lambda": lam, "test": self.scores(merged, [a, b]),
                                 "val": self.scores(merged, [a, b], "val")})
-                vals = {str(p["lambda"]): _mean(list(p["val"].values())) for p in pts}
+                vals = {str(p["lambda"]): _mean([p["val"][t] for t in (a, b)]) for p in pts}
                 best = max(pts, key=lambda p: (vals[str(p["lambda"])], -p["lambda"]))
                 fronts[f"{a}|{b}|{r}"] = {"a": a, "b": b, "recipe": r, "points": pts,
                                           "grid_search": {"best_lambda": best["lambda"], "val": vals,
@@ -362,7 +428,8 @@ class Unival:
                                         keys=[k for k in pool[key[0]] if not soups.is_head_key(k)])
                         m = {t: {**bb, **{k: v for k, v in states["vanilla"][t].items() if soups.is_head_key(k)}}
                              for t in tasks}
-                    cache[key] = _mean(list(self.scores(m, tasks, "val").values()))
+                    val = self.scores(m, tasks, "val")
+                    cache[key] = _mean([val[t] for t in tasks])
                 return cache[key]
 
             greedy = soups.greedy_soup(list(pool), val_of)
@@ -379,11 +446,11 @@ class Unival:
             for r in RECIPES:
                 ood_scores[f"specialist/{r}/vqa"] = self.scores(spec_view(r, "vqa") if self.unified
                                                                 else {"vqa": states[r]["vqa"]}, ood)
-        ood_scores["pretrained"] = self.scores(base_state, ood) if self.unified else {}
+        ood_scores["pretrained"] = self.scores(base_state, ood) if self.unified else Scores()
         self.timings["evaluate_s"] = time.time() - t0
         return {
             "tasks": tasks, "ood": ood, "head": c.head,
-            "val_scores": {r: {t: self.score(spec_view(r, t), t, "val") for t in tasks} for r in RECIPES},
+            "val_scores": {r: {t: self.score(spec_view(r, t), t, "val")[t] for t in tasks} for r in RECIPES},
             "specialists": specialists,
             "scenario1": fronts,
             "scenario2": id_scores,
@@ -397,9 +464,15 @@ class Unival:
 
 # ----------------------------------------------------------------------------------------------- aggregate
 def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of every number (structure of the first seed); lists of dicts element-wise."""
+    """Mean over seeds, structure of the first seed: each :class:`~.stats.Scores` by
+    :func:`~.stats.mean_over_seeds` (seed mean, ``<key>_std`` beside it, replicates averaged over seeds: the test
+    sets are the same for every seed, so replicate b of each seed resamples the same examples), every other
+    number by its mean; mappings key-wise (keys all seeds have), lists of equal length element-wise, anything
+    else (strings, lists of other lengths) from the first seed. One seed: its results unchanged."""
     def merge(vals: list[Any]) -> Any:
         v0 = vals[0]
+        if isinstance(v0, Scores) and all(isinstance(v, Scores) for v in vals):
+            return mean_over_seeds(vals)
         if isinstance(v0, bool) or v0 is None or isinstance(v0, str):
             return v0
         if isinstance(v0, (int, float)):
@@ -433,130 +506,213 @@ def _front_gain(front: Mapping[str, Any]) -> float:
     return _mean(gains) * 2
 
 
-def _se_diff(r: Mapping[str, Any], tasks: Sequence[str], scores: Sequence[Mapping[str, float]]) -> float:
-    """Binomial standard error of the difference between two models' mean scores over ``tasks`` (n test items
-    per task from ``r["counts"]``, p the compared models' mean score); 0 when the counts are unknown."""
-    counts = (r.get("counts") or {}).get("test", {})
-    if not all(counts.get(t) for t in tasks):
-        return 0.0
-    var = 0.0
-    for t in tasks:
-        p = min(max(_mean([s[t] for s in scores]) / 100, 0.0), 1.0)
-        var += 2 * p * (1 - p) / counts[t]
-    return 100 * math.sqrt(var) / len(tasks)
+def _endpoint(front: Mapping[str, Any], lam: float) -> Mapping[str, Any] | None:
+    """The test scores of ``front``'s point at ``lam`` (None when the grid lacks it)."""
+    return next((p["test"] for p in front["points"] if p["lambda"] == lam), None)
 
 
-def _ordered(m: Mapping[str, float], order: Sequence[str], se: float) -> bool:
-    """``m[order[0]] > m[order[1]] > …``, each gap larger than ``se`` (smaller gaps count as ties)."""
-    return all(m[a] - m[b] > se for a, b in zip(order, order[1:], strict=False))
+def _specialist_gap(front: Mapping[str, Any], task: str, end: float) -> float:
+    """The best interior λ's score on ``task`` minus the specialist's (the front's end point ``end``: λ = 1 is
+    the A model, λ = 0 the B model), the best λ taken on the scores given (a view: per replicate)."""
+    spec = _endpoint(front, end)
+    inner = [p["test"][task] for p in front["points"] if 0 < p["lambda"] < 1]
+    return max(inner) - spec[task] if spec is not None and inner else float("nan")
 
 
-def check_unival_findings(r: Mapping[str, Any]) -> list[Finding]:
-    """UnIVAL's findings, each computed from ``r`` (the aggregated results)."""
-    out: list[Finding] = []
+def _transfer(fronts: Mapping[str, Any], pairs: Sequence[tuple[str, str]], recipe: str) -> float:
+    """Mean cross-task score of ``recipe``'s endpoint models over ``pairs``: the A model (λ = 1) on B and the B
+    model (λ = 0) on A."""
+    vals: list[float] = []
+    for a, b in pairs:
+        f = fronts[f"{a}|{b}|{recipe}"]
+        vals += [_endpoint(f, 1.0)[b], _endpoint(f, 0.0)[a]]  # type: ignore[index]
+    return _mean(vals)
+
+
+def _recipe_means(part: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, float]:
+    """Each recipe's uniform soup's mean score over ``tasks``."""
+    return {x: _mean([part[f"soup/{x}"][t] for t in tasks]) for x in RECIPES}
+
+
+def _task_keys(r: Mapping[str, Any], key: str, row: Mapping[str, Any]) -> list[str]:
+    """The tasks of ``r[key]`` (``tasks`` / ``ood``) that ``row`` scores; without ``r[key]``, the row's own score
+    keys (not ``<key>_std`` / ``ci``)."""
+    names = r.get(key)
+    if names is None:
+        names = [k for k in row if k != "ci" and not k.endswith("_std")]
+    return [t for t in names if t in row]
+
+
+FINDING_PARTS = ("scenario1", "scenario2", "scenario3")
+"""The parts of the results the findings' margins read (the bootstrap views are built over these only)."""
+
+
+def unival_claims(r: Mapping[str, Any]) -> list[Claim]:
+    """UnIVAL's claims whose inputs ``r`` holds (point values: a plain view of the aggregated results), each with
+    a margin (positive: the paper's direction) evaluated on the views of :func:`check_unival_findings`."""
+    out: list[Claim] = []
     fronts = r.get("scenario1") or {}
-    van = {k: f for k, f in fronts.items() if f["recipe"] == "vanilla"}
+    chance_of = ((r.get("baselines") or {}).get("test") or {})
+    van = {k: f for k, f in fronts.items() if f["recipe"] == "vanilla" and math.isfinite(_front_gain(f))}
     if van:
-        gains = {f"{f['a']}–{f['b']}": _front_gain(f) for f in van.values()}
-        ok = [g > 0 for g in gains.values() if not math.isnan(g)]
-        out.append(Finding(
+        gains = {k: _front_gain(f) for k, f in van.items()}
+        label = {k: f"{f['a']}–{f['b']}" for k, f in van.items()}
+        out.append(Claim(
             "convex_fronts", "§5 Scenario 1, Fig. 2",
             "interpolation reveals convex fronts: interpolated models trade off the two tasks better than the "
             "straight line between the two task models",
             "qualitative (Fig. 2 curves bulge outward for every pair)",
-            "mean gain over the chord (points, A+B): " + ", ".join(f"{k} {v:+.2f}" for k, v in gains.items())
-            + f" (vanilla fronts; reproduced when most are > 0: {sum(ok)}/{len(ok)})",
-            bool(ok) and sum(ok) * 2 > len(ok)))
-        beats = []
-        for f in fronts.values():
-            pts = f["points"]
-            for t, end in ((f["a"], 1.0), (f["b"], 0.0)):
-                spec = next(p for p in pts if p["lambda"] == end)["test"][t]
-                best = max((p for p in pts if 0 < p["lambda"] < 1), key=lambda p: p["test"][t], default=None)
-                if best is not None:
-                    se = _se_diff(r, [t], [{t: spec}, {t: best["test"][t]}])
-                    beats.append((best["test"][t] - spec, se, f"{t} ({f['recipe']}, {f['a']}–{f['b']}): best λ="
-                                  f"{best['lambda']} {best['test'][t]:.2f} vs specialist {spec:.2f}"))
-        top = max(beats, key=lambda x: x[0] - x[1]) if beats else None
-        if top is not None:
-            out.append(Finding(
-                "interpolation_beats_specialist", "§5 Scenario 1, Fig. 2",
-                "some interpolated model outperforms the specialist on its own task",
-                PAPER["fig2_beats_specialist"],
-                f"largest margin: {top[2]} ({top[0]:+.2f}, one standard error {top[1]:.2f}); "
-                f"{sum(b[0] > b[1] for b in beats)}/{len(beats)} task curves have an interior λ above their "
-                "specialist by more than one standard error", top[0] > top[1]))
-        rat = {(f["a"], f["b"]): f for f in fronts.values() if f["recipe"] == "ratatouille"}
-        trans: dict[str, list[float]] = {"vanilla": [], "ratatouille": []}
-        trans_tasks: list[str] = []
-        for (a, b), fr in rat.items():
-            fv = fronts.get(f"{a}|{b}|vanilla")
-            if fv is None:
-                continue
-            for rec, f in (("vanilla", fv), ("ratatouille", fr)):
-                p1 = next(p for p in f["points"] if p["lambda"] == 1.0)  # the A model scored on B
-                p0 = next(p for p in f["points"] if p["lambda"] == 0.0)  # the B model scored on A
-                trans[rec] += [p1["test"][b], p0["test"][a]]
-            trans_tasks += [b, a]
-        if trans["vanilla"]:
-            v, t = _mean(trans["vanilla"]), _mean(trans["ratatouille"])
-            counts = (r.get("counts") or {}).get("test", {})
-            se = 0.0
-            if all(counts.get(x) for x in trans_tasks):
-                var = sum(2 * (q := min(max((a + b) / 200, 0.0), 1.0)) * (1 - q) / counts[x]
-                          for a, b, x in zip(trans["vanilla"], trans["ratatouille"], trans_tasks, strict=True))
-                se = 100 * math.sqrt(var) / len(trans_tasks)
-            pv, pr = PAPER["fig2_transfer"]["vanilla"], PAPER["fig2_transfer"]["ratatouille"]
-            out.append(Finding(
-                "ratatouille_transfer", "§5 Scenario 1, Fig. 2",
-                "at λ = 0 or 1, Ratatouille models transfer better to the other task than vanilla ones",
-                f"{'/'.join(map(str, pr))} vs {'/'.join(map(str, pv))} ({', '.join(PAPER['fig2_transfer']['pairs'])})",
-                f"mean cross-task score {t:.2f} (Ratatouille) vs {v:.2f} (vanilla) over {len(trans['vanilla'])} "
-                f"endpoint evaluations (one standard error {se:.2f})", t - v > se))
+            "gain over the chord (points, A+B): " + ", ".join(f"{label[k]} {v:+.2f}" for k, v in gains.items())
+            + f"; mean {_mean(list(gains.values())):+.2f} (vanilla fronts)",
+            lambda x: _mean([_front_gain(x["scenario1"][k]) for k in van]),
+            "the mean over the vanilla fronts of the mean gain over the chord, paired"))
+    curves = [(k, t, end) for k, f in fronts.items() for t, end in ((f["a"], 1.0), (f["b"], 0.0))
+              if math.isfinite(_specialist_gap(f, t, end))]
+    if curves:
+        gaps = {c: _specialist_gap(fronts[c[0]], c[1], c[2]) for c in curves}
+        top = max(curves, key=gaps.__getitem__)
+        f, t, end = fronts[top[0]], top[1], top[2]
+        best = max((p for p in f["points"] if 0 < p["lambda"] < 1), key=lambda p: p["test"][t])
+        out.append(Claim(
+            "interpolation_beats_specialist", "§5 Scenario 1, Fig. 2",
+            "some interpolated model outperforms the specialist on its own task",
+            PAPER["fig2_beats_specialist"],
+            f"largest margin: {t} ({f['recipe']}, {f['a']}–{f['b']}): best λ={best['lambda']} "
+            f"{best['test'][t]:.2f} vs specialist {_endpoint(f, end)[t]:.2f} ({gaps[top]:+.2f}); "  # type: ignore[index]
+            f"{sum(g > 0 for g in gaps.values())}/{len(gaps)} task curves have an interior λ above their specialist "
+            "(point estimates)",
+            lambda x, k=top[0], t=t, end=end: _specialist_gap(x["scenario1"][k], t, end),
+            f"the best interior λ (maximum on each resample) minus the specialist, on the task curve with the largest "
+            f"point margin ({t}, {f['recipe']}, {f['a']}–{f['b']}), paired"))
+    pairs = [(f["a"], f["b"]) for f in fronts.values() if f["recipe"] == "ratatouille"
+             and f"{f['a']}|{f['b']}|vanilla" in fronts
+             and all(_endpoint(fronts[f"{f['a']}|{f['b']}|{x}"], lam) is not None
+                     for x in ("vanilla", "ratatouille") for lam in (0.0, 1.0))]
+    if pairs:
+        v, t_ = _transfer(fronts, pairs, "vanilla"), _transfer(fronts, pairs, "ratatouille")
+        pv, pr = PAPER["fig2_transfer"]["vanilla"], PAPER["fig2_transfer"]["ratatouille"]
+        out.append(Claim(
+            "ratatouille_transfer", "§5 Scenario 1, Fig. 2",
+            "at λ = 0 or 1, Ratatouille models transfer better to the other task than vanilla ones",
+            f"{'/'.join(map(str, pr))} vs {'/'.join(map(str, pv))} ({', '.join(PAPER['fig2_transfer']['pairs'])})",
+            f"mean cross-task score {t_:.2f} (Ratatouille) vs {v:.2f} (vanilla) over {2 * len(pairs)} endpoint "
+            "evaluations",
+            lambda x: _transfer(x["scenario1"], pairs, "ratatouille") - _transfer(x["scenario1"], pairs, "vanilla"),
+            "the mean cross-task score of the endpoint models, Ratatouille − vanilla, paired"))
     s2 = r.get("scenario2") or {}
     if all(f"soup/{x}" in s2 for x in RECIPES):
-        m = {x: _mean(list(s2[f"soup/{x}"].values())) for x in RECIPES}
-        tasks = list(s2["soup/vanilla"])
-        se = _se_diff(r, tasks, [s2[f"soup/{x}"] for x in RECIPES])
-        chance = _mean([v for t, v in ((r.get("baselines") or {}).get("test") or {}).items() if t in tasks])
-        out.append(Finding(
+        tasks = _task_keys(r, "tasks", s2["soup/vanilla"])
+        m = _recipe_means(s2, tasks)
+        chance = _mean([chance_of[t] for t in tasks if t in chance_of])
+        means = "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
+        note = f" (best constant answer {chance:.2f})" if math.isfinite(chance) else ""
+
+        def id_order(x: Mapping[str, Any]) -> float:
+            q = _recipe_means(x["scenario2"], tasks)
+            return min(q["ratatouille"] - q["fusing"], q["fusing"] - q["vanilla"])
+
+        def id_wa(x: Mapping[str, Any]) -> float:
+            q = _recipe_means(x["scenario2"], tasks)
+            return min(q["ratatouille"] - q["vanilla"], q["fusing"] - q["vanilla"])
+
+        out.append(Claim(
             "id_order", "§5 Scenario 2, Fig. 3; App. J.2",
             "on seen tasks (ID) the uniform soups rank Ratatouille > Fusing > vanilla",
             "Fig. 3: Ratatouille and Fusing soups above vanilla; App. J.2: Ratatouille better than Fusing",
-            "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
-            + f" (best constant answer {chance:.2f}; gaps below one standard error, {se:.2f}, count as ties)",
-            _ordered(m, ("ratatouille", "fusing", "vanilla"), se)))
-        out.append(Finding(
+            means + note, id_order,
+            "the smaller of the consecutive gaps of the mean ID score (Ratatouille − Fusing, Fusing − vanilla), "
+            "paired"))
+        out.append(Claim(
             "id_wa_beats_vanilla", "§5 Scenario 2, Fig. 3",
             "on seen tasks (ID) both the Ratatouille and the Fusing soups outperform the vanilla soup",
-            "Fig. 3 (ID bars): Ratatouille and Fusing above vanilla",
-            "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + f" (one standard error {se:.2f})",
-            _ordered(m, ("ratatouille", "vanilla"), se) and _ordered(m, ("fusing", "vanilla"), se)))
+            "Fig. 3 (ID bars): Ratatouille and Fusing above vanilla", means + note, id_wa,
+            "the smaller of Ratatouille − vanilla and Fusing − vanilla (mean ID score), paired"))
     s3 = r.get("scenario3") or {}
     if all(f"soup/{x}" in s3 and s3[f"soup/{x}"] for x in RECIPES):
-        m = {x: _mean(list(s3[f"soup/{x}"].values())) for x in RECIPES}
+        ood = _task_keys(r, "ood", s3["soup/vanilla"])
+        m = _recipe_means(s3, ood)
         p = {x: _mean(list(PAPER["table20"][x].values())) for x in RECIPES}
-        ood = list(s3["soup/vanilla"])
-        se = _se_diff(r, ood, [s3[f"soup/{x}"] for x in RECIPES])
-        chance = _mean([v for t, v in ((r.get("baselines") or {}).get("test") or {}).items() if t in ood])
-        note = f" (best constant answer {chance:.2f}; gaps below one standard error, {se:.2f}, count as ties)"
-        out.append(Finding(
+        chance = _mean([chance_of[t] for t in ood if t in chance_of])
+        means = "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
+        note = f" (best constant answer {chance:.2f})" if math.isfinite(chance) else ""
+
+        def ood_order(x: Mapping[str, Any]) -> float:
+            q = _recipe_means(x["scenario3"], ood)
+            return min(q["ratatouille"] - q["fusing"], q["fusing"] - q["vanilla"])
+
+        def ood_best(x: Mapping[str, Any]) -> float:
+            q = _recipe_means(x["scenario3"], ood)
+            return min(q["ratatouille"] - q["fusing"], q["ratatouille"] - q["vanilla"])
+
+        out.append(Claim(
             "ood_order", "§5 Scenario 3, Fig. 3; Table 20",
             "on unseen tasks (OOD, no further training) Ratatouille > Fusing > vanilla",
             "Table 20 mean of OKVQA / VizWiz / NoCaps: " + ", ".join(f"{x} {p[x]:.2f}" for x in RECIPES)
-            + " (Ratatouille best; Fusing below vanilla on 2 of 3)",
-            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + note,
-            _ordered(m, ("ratatouille", "fusing", "vanilla"), se)))
-        out.append(Finding(
+            + " (Ratatouille best; Fusing below vanilla on 2 of 3)", means + note, ood_order,
+            "the smaller of the consecutive gaps of the mean OOD score (Ratatouille − Fusing, Fusing − vanilla), "
+            "paired"))
+        out.append(Claim(
             "ood_ratatouille_best", "Table 20",
             "Ratatouille beats both Fusing and vanilla on the unseen tasks",
-            "Table 20: " + ", ".join(f"{x} {p[x]:.2f}" for x in RECIPES),
-            "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES) + note,
-            _ordered(m, ("ratatouille", "fusing"), se) and _ordered(m, ("ratatouille", "vanilla"), se)))
+            "Table 20: " + ", ".join(f"{x} {p[x]:.2f}" for x in RECIPES), means + note, ood_best,
+            "the smaller of Ratatouille − Fusing and Ratatouille − vanilla (mean OOD score), paired"))
     return out
 
 
+def check_unival_findings(r: Mapping[str, Any]) -> list[Finding]:
+    """UnIVAL's findings on ``r`` (the aggregated results), each reproduced / contradicted / inconclusive by the
+    95 % bootstrap interval of its margin (:func:`~.findings.evaluate_claims`: the margin on the point values and
+    on every replicate; the replicates of all models scored on one test set resample the same examples, so the
+    margins' differences are paired). Without replicates (plain numbers, e.g. read back from JSON) every finding
+    is inconclusive."""
+    claims = unival_claims(replicate_view(r, None))
+    return evaluate_claims(claims, {k: r[k] for k in FINDING_PARTS if k in r})
+
+
 # --------------------------------------------------------------------------------------------------- report
+def _interval(row: Any, key: str) -> tuple[float, float] | None:
+    """The 95 % interval of ``row[key]``: from its replicates (in memory) or its ``ci`` entry (JSON)."""
+    if isinstance(row, Scores):
+        return row.interval(key)
+    ci = row.get("ci") if isinstance(row, Mapping) else None
+    return tuple(ci[key]) if isinstance(ci, Mapping) and key in ci else None  # type: ignore[return-value]
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _cell(row: Mapping[str, Any], key: str, digits: int = 2) -> str:
+    """``x [lo, hi] ± std``: the score, its 95 % bootstrap interval and (several seeds) its std over seeds."""
+    v = _num(row.get(key))
+    if v is None:
+        return "–"
+    ci, std = _interval(row, key), _num(row.get(f"{key}_std"))
+    return (f"{v:.{digits}f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci and all(map(math.isfinite, ci)) else "")
+            + (f" ± {std:.2f}" if std is not None else ""))
+
+
+def _row_mean(row: Mapping[str, Any], cols: Sequence[str]) -> str:
+    """The row's mean over ``cols`` (those it has), with the interval of the mean when every one has replicates."""
+    keys = [c for c in cols if _num(row.get(c)) is not None]
+    if not keys:
+        return "–"
+    m = _mean([float(row[c]) for c in keys])
+    if isinstance(row, Scores) and all(c in row.boot for c in keys):
+        lo, hi = percentile_interval(np.mean([row.boot[c] for c in keys], axis=0))
+        return f"{m:.2f} [{lo:.1f}, {hi:.1f}]"
+    return f"{m:.2f}"
+
+
+def _yerr(rows: Sequence[Mapping[str, Any]], key: str) -> list[list[float]] | None:
+    """Asymmetric error bars from each row's 95 % interval of ``key`` (None unless every row has one)."""
+    cis = [_interval(r, key) for r in rows]
+    if not rows or any(c is None or not all(map(math.isfinite, c)) for c in cis):
+        return None
+    return [[float(r[key]) - c[0] for r, c in zip(rows, cis, strict=True)],  # type: ignore[index]
+            [c[1] - float(r[key]) for r, c in zip(rows, cis, strict=True)]]  # type: ignore[index]
+
+
 def _plots(r: Mapping[str, Any], out: Path) -> list[str]:
     import io
 
@@ -585,7 +741,9 @@ def _plots(r: Mapping[str, Any], out: Path) -> list[str]:
                     continue
                 pts = sorted(f["points"], key=lambda p: p["lambda"])
                 xs, ys = [p["test"][a] for p in pts], [p["test"][b] for p in pts]
-                ax.plot(xs, ys, style, label=rec, ms=4)
+                tests = [p["test"] for p in pts]
+                ax.errorbar(xs, ys, xerr=_yerr(tests, a), yerr=_yerr(tests, b), fmt=style, label=rec, ms=4,
+                            capsize=2, elinewidth=0.6)
                 for p, x, y in zip(pts, xs, ys, strict=True):
                     if p["lambda"] in (0.0, 0.5, 1.0):
                         ax.annotate(f"λ={p['lambda']:g}", (x, y), fontsize=7)
@@ -593,21 +751,25 @@ def _plots(r: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_ylabel(f"{LABELS[b]} score")
             ax.set_title(f"λ·W_{a} + (1−λ)·W_{b}")
             ax.legend(fontsize=8)
-        fig.suptitle("Scenario 1 (UnIVAL Fig. 2): interpolation fronts")
+        fig.suptitle("Scenario 1 (UnIVAL Fig. 2): interpolation fronts (bars: 95 % bootstrap intervals)")
         written.append(save(fig, "scenario1_fronts.png"))
     s2, s3 = r.get("scenario2") or {}, r.get("scenario3") or {}
     if s2:
         names = [f"soup/{x}" for x in RECIPES if f"soup/{x}" in s2]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for ax, data, title in ((axes[0], s2, "ID (seen tasks)"), (axes[1], s3, "OOD (unseen)")):
-            tasks = list(next(iter(data[n] for n in names if n in data and data[n]), {}))
-            width = 0.8 / max(1, len(names))
-            for i, n in enumerate(names):
-                if n in data and data[n]:
-                    ax.bar([j + i * width for j in range(len(tasks))], [data[n][t] for t in tasks], width,
-                           label=n.split("/")[1])
+        for ax, data, cols, title in ((axes[0], s2, r.get("tasks") or [], "ID (seen tasks)"),
+                                      (axes[1], s3, r.get("ood") or [], "OOD (unseen)")):
+            present = [n for n in names if n in data and data[n]]
+            tasks = [t for t in cols if present and all(t in data[n] for n in present)]
             if not tasks:
                 continue
+            width = 0.8 / max(1, len(names))
+            for i, n in enumerate(names):
+                if n in present:
+                    rows = [Scores({"s": data[n][t]}, {"s": data[n].boot[t]} if isinstance(data[n], Scores)
+                                   and t in data[n].boot else {}) for t in tasks]
+                    ax.bar([j + i * width for j in range(len(tasks))], [data[n][t] for t in tasks], width,
+                           yerr=_yerr(rows, "s"), capsize=2, label=n.split("/")[1])
             if title.startswith("ID"):
                 spec = r.get("specialists", {}).get("vanilla", {})
                 ax.scatter([j + 0.4 - width / 2 for j in range(len(tasks))], [spec.get(t, {}).get(t, float("nan"))
@@ -617,44 +779,79 @@ def _plots(r: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_title(title)
             ax.set_ylabel("score")
             ax.legend(fontsize=7)
-        fig.suptitle("Scenarios 2-3 (UnIVAL Fig. 3 / Table 20): uniform soups λ = 1/N")
+        fig.suptitle("Scenarios 2-3 (UnIVAL Fig. 3 / Table 20): uniform soups λ = 1/N (95 % bootstrap intervals)")
         written.append(save(fig, "scenario23_soups.png"))
     return written
 
 
-def _table(rows: Mapping[str, Mapping[str, float]], cols: Sequence[str], first: str) -> list[str]:
+def _table(rows: Mapping[str, Mapping[str, Any]], cols: Sequence[str], first: str) -> list[str]:
     lines = [f"| {first} | " + " | ".join(LABELS.get(c, c) for c in cols) + " | mean |",
              "|---" * (len(cols) + 2) + "|"]
     for name, row in rows.items():
-        vals = [row.get(c) for c in cols]
-        vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
-        cells = [f"{v:.2f}" if v is not None else "–" for v in vals]
-        nums = [v for v in vals if v is not None]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean(nums):.2f} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in cols) + f" | {_row_mean(row, cols)} |")
     return lines
+
+
+def _diagonal(spec: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> Scores:
+    """Each task's specialist on its own task, one row (values, std over seeds, replicates)."""
+    out = Scores()
+    for t in tasks:
+        row = spec.get(t) or {}
+        if t in row:
+            out[t] = row[t]
+            if f"{t}_std" in row:
+                out[f"{t}_std"] = row[f"{t}_std"]
+            if isinstance(row, Scores) and t in row.boot:
+                out.boot[t] = row.boot[t]
+    return out
+
+
+def _gain_interval(front: Mapping[str, Any]) -> tuple[float, float] | None:
+    b = n_resamples(front)
+    return percentile_interval([_front_gain(replicate_view(front, i)) for i in range(b)]) if b else None
 
 
 def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequence[str]) -> str:
     meta = r["meta"]
     tasks, ood = r["tasks"], r["ood"]
+    seeds = meta["seeds"]
+    b = (meta.get("bootstrap") or {}).get("resamples") or n_resamples(r)
     p = [f"# UnIVAL §5 on the embedded world: preset `{meta['preset']}`", "",
          f"Command: `{meta['command']}`  ",
-         f"Seeds: {meta['seeds']} · wall time {meta['wall_time_s']:.0f} s · {meta['device']} · config hash "
+         f"Seeds: {seeds} · wall time {meta['wall_time_s']:.0f} s · {meta['device']} · config hash "
          f"`{meta['config_hash']}` · head mode: **{r['head']}**"
          + (" (unified answer head: every model has the same parameters and merges whole)" if r["head"] == "unified"
             else " (task heads: backbones merged, each task keeps its own head)"), "",
          "Scores are percent on the test split (OOD sets: see below); for every task the score is accuracy "
-         "(VQA: VQA score = accuracy, one answer per question). Every number is computed by this run; "
-         "with several seeds they are seed means.", "",
+         "(VQA: VQA score = accuracy, one answer per question)"
+         + ("" if r["head"] == "unified" else "; ITM in task-head mode is retrieval, the mean of Avg TR and Avg IR")
+         + ". Every number is computed by this run.", "",
+         f"Each score is followed by its 95 % bootstrap interval, `[lo, hi]`: {b} resamples of the test examples "
+         "(questions, statements, images, image-caption pairs"
+         + ("" if r["head"] == "unified" else "; task-head retrieval: the test images with their queries")
+         + "), the same resamples for every model scored on one test set, so differences between models are "
+         "paired (percentile interval)."
+         + (f" With {len(seeds)} seeds every score is the seed mean, `± std` the sample standard deviation over "
+            "seeds, and the interval comes from the replicates averaged over seeds (it covers the test examples' "
+            "noise, the std the seed-to-seed noise)." if len(seeds) > 1 else ""), "",
          "Seen tasks (fine-tuned): " + ", ".join(LABELS[t] for t in tasks) + ". Unseen (never trained on): "
          + ", ".join(LABELS[t] for t in ood) + ".", ""]
+    counts = {o: sum(f.outcome == o for f in findings) for o in OUTCOME_MARK}
     p += ["## Findings", "",
-          "Computed from the numbers below. Where a standard error is quoted, a gap counts only when it exceeds one "
-          "binomial standard error of the difference (n test items per task, this run's seeds); smaller gaps are "
-          "ties.", "", "| | source | paper's claim | paper | here |", "|---|---|---|---|---|"]
+          f"{counts['reproduced']} reproduced, {counts['contradicted']} contradicted, {counts['inconclusive']} "
+          f"inconclusive of {len(findings)}. Each finding has a *margin*, positive in the paper's direction, "
+          "computed from the numbers below; it is evaluated on the point estimates and on every bootstrap "
+          "replicate (the same resampled test examples for every model). The finding is **reproduced** when the "
+          "95 % interval of the margin lies above 0, **contradicted** when it lies below 0, **inconclusive** when "
+          "it contains 0. *Decided by* names the margin.", "",
+          "| | source | paper's claim | paper | here | margin [95 % interval] | decided by |",
+          "|---|---|---|---|---|---|---|"]
     for f in findings:
-        p.append(f"| {'✅ reproduced' if f.reproduced else '❌ not reproduced'} | {f.source} | {f.claim} | "
-                 f"{f.paper} | {f.ours} |")
+        ci = (f"[{f.interval[0]:.2f}, {f.interval[1]:.2f}]" if f.interval and all(map(math.isfinite, f.interval))
+              else "no interval")
+        margin = f"{f.margin:+.2f}" if math.isfinite(f.margin) else "undefined"
+        p.append(f"| {OUTCOME_MARK[f.outcome]} | {f.source} | {f.claim} | {f.paper} | {f.ours} | {margin} {ci} | "
+                 f"{f.decided_by} |")
     p += ["", "## Specialists", "", "Each recipe's model for a task, scored on every seen task (diagonal: its own "
           "task; off-diagonal: transfer). Its validation score on its own task in brackets.", ""]
     for rec, rows in r["specialists"].items():
@@ -663,21 +860,26 @@ def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequ
         p.append("")
     p += ["## Scenario 1 (Fig. 2): interpolating two task models", "",
           "W = λ·W_A + (1 − λ)·W_B; λ = 1 is the A model, λ = 0 the B model. Grid search: λ maximising the "
-          "mean validation score of A and B, its test scores.", ""]
+          "mean validation score of A and B, its test scores. The front's gain over the chord: the mean over "
+          "interior λ of (A + B) above the straight line between the end points, with its 95 % interval.", ""]
     for f in r["scenario1"].values():
-        a, b = f["a"], f["b"]
+        a, b_ = f["a"], f["b"]
         pts = sorted(f["points"], key=lambda q: q["lambda"])
-        p += [f"**{a} ↔ {b}, {f['recipe']}** (front gain over the chord {_front_gain(f):+.2f}; grid-searched "
-              f"λ = {f['grid_search']['best_lambda']}: {LABELS[a]} {f['grid_search']['test'][a]:.2f}, "
-              f"{LABELS[b]} {f['grid_search']['test'][b]:.2f})", "",
-              "| λ | " + " | ".join(f"{q['lambda']:g}" for q in pts) + " |", "|---" * (len(pts) + 1) + "|",
-              f"| {LABELS[a]} | " + " | ".join(f"{q['test'][a]:.1f}" for q in pts) + " |",
-              f"| {LABELS[b]} | " + " | ".join(f"{q['test'][b]:.1f}" for q in pts) + " |", ""]
-    spec_row = {"specialists (vanilla, own task)": {t: r["specialists"]["vanilla"][t][t] for t in tasks}}
+        gi = _gain_interval(f)
+        gain = f"{_front_gain(f):+.2f}" + (f" [{gi[0]:+.2f}, {gi[1]:+.2f}]" if gi and all(map(math.isfinite, gi))
+                                          else "")
+        gs = f["grid_search"]
+        p += [f"**{a} ↔ {b_}, {f['recipe']}** (front gain over the chord {gain}; grid-searched "
+              f"λ = {gs['best_lambda']}: {LABELS[a]} {_cell(gs['test'], a)}, {LABELS[b_]} {_cell(gs['test'], b_)})",
+              "", "| λ | " + " | ".join(f"{q['lambda']:g}" for q in pts) + " |", "|---" * (len(pts) + 1) + "|",
+              f"| {LABELS[a]} | " + " | ".join(_cell(q["test"], a, 1) for q in pts) + " |",
+              f"| {LABELS[b_]} | " + " | ".join(_cell(q["test"], b_, 1) for q in pts) + " |", ""]
+    spec_row = {"specialists (vanilla, own task)": _diagonal(r["specialists"]["vanilla"], tasks)}
     p += ["## Scenario 2 (Fig. 3, ID): one merged model for all seen tasks", "",
           "Uniform soups (λ = 1/N) of the N task models per recipe; task arithmetic, TIES and DARE on the vanilla "
           "task vectors (W − W_pretrained; parameters in the configuration below); the greedy soup over all "
-          f"{len(RECIPES) * len(tasks)} fine-tuned models.", ""]
+          f"{len(RECIPES) * len(tasks)} fine-tuned models. The mean column: the mean over the tasks, with the "
+          "interval of that mean.", ""]
     const = {"best constant answer (chance)": r.get("baselines", {}).get("test", {})}
     p += _table({**const, **spec_row, **r["scenario2"]}, tasks, "model") + [""]
     g = r.get("greedy_soup")
@@ -697,7 +899,8 @@ def render_report(r: Mapping[str, Any], findings: Sequence[Finding], plots: Sequ
         p += ["## Plots", ""] + [f"![{x}]({x})" for x in plots] + [""]
     p += ["## Configuration", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", "",
           f"{len(r.get('cells', {}))} cells (pre-training and fine-tunes) under `cells/<kind>-<hash>/` "
-          "(spec.json, result.json); the model weights there are not part of the committed report.", ""]
+          "(spec.json, result.json); the model weights there are not part of the committed report. The "
+          "evaluations are not cached: every run scores the models again.", ""]
     return "\n".join(p)
 
 
@@ -741,10 +944,13 @@ def run_unival(preset: str, out: str | Path, *, seeds: Sequence[int] = (0,), ove
                        "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg.model_dump(mode="json")),
                        "device": f"cpu ({platform.machine()}, torch {torch.__version__}, "
                                  f"{cfg.threads or threads} threads)",
-                       "wall_time_s": time.time() - t0}
+                       "wall_time_s": time.time() - t0,
+                       "bootstrap": {"resamples": n_resamples(results) or RESAMPLES, "level": LEVEL,
+                                     "unit": "test examples (task-head ITM: test images); the same resamples for "
+                                             "every model scored on one test set"}}
     findings = check_unival_findings(results)
     results["findings"] = [f.to_dict() for f in findings]
-    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", with_intervals(results))
     atomic_write_json(out_dir / "findings.json", results["findings"])
     plots = _plots(results, out_dir)
     report = out_dir / "report.md"

@@ -67,4 +67,5 @@ class NLVR2(Task):
         res = predict_all(model, loader, lambda m, b: {"pred": self.logits(m, b).argmax(1), "label": b["label"]})
         acc = accuracy(res["pred"], res["label"])
         return {"accuracy": acc, "score": acc, "n": len(res["pred"]),
+                "per_example": (100.0 * (res["pred"] == res["label"]).double()).tolist(),
                 "baseline": {"kind": "majority label", "accuracy": majority_accuracy(res["label"])}}

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ...models import VLMo
+from ...pretrain.evaluate import dataset_relevance, retrieval_chance, retrieval_metrics
 from ...pretrain.losses import itc_loss, itm_loss, same_text, sample_hard_negatives
 from ..config import FinetuneConfig
-from ..metrics import retrieval_chance, retrieval_metrics
 from .base import Prep, Task, register
 
 
@@ -95,9 +95,11 @@ class Retrieval(Task):
         model.eval()
         enc = encode_split(model, dataset, prep, config.eval_batch_size)
         sim = enc["img"] @ enc["txt"].t()
-        out: dict[str, Any] = retrieval_metrics(sim, enc["txt2img"])
-        out |= {"n_images": sim.shape[0], "n_texts": sim.shape[1]}
-        out["baseline"] = {"kind": "chance", **retrieval_chance(enc["txt2img"], sim.shape[0])}
+        rel, rule = dataset_relevance(dataset, enc["txt2img"].tolist(), enc["texts"])
+        enc["relevant"] = rel
+        out: dict[str, Any] = retrieval_metrics(sim, rel)
+        out |= {"n_images": sim.shape[0], "n_texts": sim.shape[1], "relevance": rule}
+        out["baseline"] = {"kind": "chance", **retrieval_chance(rel)}
         if config.rerank_k > 0:
             if "itm" not in model.heads:
                 raise ValueError("rerank_k > 0 needs the model's 'itm' head (pre-trained with ITM, or fine-tuned "
@@ -131,12 +133,13 @@ def itm_hard_negative_loss(
 def encode_split(model: VLMo, dataset: Any, prep: Prep, batch_size: int) -> dict[str, Any]:
     """One pass over ``dataset``: embeddings of its distinct images and of all its texts.
 
-    Returns ``img`` [I, E], ``txt`` [T, E], ``txt2img`` [T], ``image_item`` [I] (an item index showing each
-    image, to fetch its pixels again for a rerank), ``ids`` / ``att`` [T, L] (token ids, for a rerank).
+    Returns ``img`` [I, E], ``txt`` [T, E], ``txt2img`` [T], ``texts`` [T] (the strings), ``image_item`` [I] (an
+    item index showing each image, to fetch its pixels again for a rerank), ``ids`` / ``att`` [T, L] (token
+    ids, for a rerank).
     """
     device = next(model.parameters()).device
     seen: dict[Any, int] = {}
-    img_emb, txt_emb, ids_all, att_all, txt2img, image_item = [], [], [], [], [], []
+    img_emb, txt_emb, ids_all, att_all, txt2img, image_item, texts = [], [], [], [], [], [], []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         new_images = []
@@ -150,10 +153,11 @@ def encode_split(model: VLMo, dataset: Any, prep: Prep, batch_size: int) -> dict
         if new_images:
             img_emb.append(model.encode_image(prep.images(new_images).to(device)).float().cpu())
         ids, att = prep.texts([it["text"] for it in items])
+        texts += [it["text"] for it in items]
         txt_emb.append(model.encode_text(ids.to(device), att.to(device)).float().cpu())
         ids_all.append(ids)
         att_all.append(att)
-    return {"img": torch.cat(img_emb), "txt": torch.cat(txt_emb), "txt2img": torch.tensor(txt2img),
+    return {"img": torch.cat(img_emb), "txt": torch.cat(txt_emb), "txt2img": torch.tensor(txt2img), "texts": texts,
             "image_item": image_item, "ids": torch.cat(ids_all), "att": torch.cat(att_all)}
 
 
@@ -184,7 +188,7 @@ def rerank_metrics(model: VLMo, dataset: Any, prep: Prep, enc: Mapping[str, Any]
 
     i2t = rerank_scores(sim, k, pair_scores)
     t2i = rerank_scores(sim.t(), k, lambda t, i: pair_scores(i, t))
-    out: dict[str, Any] = retrieval_metrics(i2t, enc["txt2img"], sim_t2i=t2i)
+    out: dict[str, Any] = retrieval_metrics(i2t, enc["relevant"], sim_t2i=t2i)
     out["k"] = k
     return out
 
@@ -206,6 +210,8 @@ class ZeroShotITM(Task):
 
     @torch.no_grad()
     def evaluate(self, model: VLMo, dataset: Any, prep: Prep, config: FinetuneConfig) -> dict[str, Any]:
+        """The metrics and ``per_example`` [2n]: 100 / 0 per pair (classified correctly or not), item i's
+        positive pair at 2i and its negative at 2i + 1; ``accuracy`` is their mean."""
         if "itm" not in model.heads:
             raise ValueError("zero-shot ITM needs the model's 'itm' head (a VL pre-trained checkpoint)")
         model.eval()
@@ -231,5 +237,8 @@ class ZeroShotITM(Task):
         p, q = torch.cat(pos), torch.cat(neg)
         pos_acc, neg_acc = 100.0 * float((p > 0).double().mean()), 100.0 * float((q <= 0).double().mean())
         acc = (pos_acc + neg_acc) / 2
+        # Both kinds count n times, so the pairs' mean is ``accuracy``; reshape to [n, 2] to resample items (an
+        # item's two pairs share its image) rather than pairs.
+        per_pair = 100.0 * torch.stack([(p > 0), (q <= 0)], dim=1).double().reshape(-1)
         return {"accuracy": acc, "pos_acc": pos_acc, "neg_acc": neg_acc, "n_pairs": 2 * n, "score": acc,
-                "baseline": {"kind": "chance", "accuracy": 50.0}}
+                "per_example": per_pair.tolist(), "baseline": {"kind": "chance", "accuracy": 50.0}}

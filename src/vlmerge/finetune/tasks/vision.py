@@ -81,6 +81,7 @@ class Classification(Task):
         res = predict_all(model, loader, lambda m, b: {"pred": self.logits(m, b).argmax(1), "label": b["label"]})
         top1 = accuracy(res["pred"], res["label"])
         return {"top1": top1, "score": top1, "n": len(res["pred"]),
+                "per_example": (100.0 * (res["pred"] == res["label"]).double()).tolist(),
                 "baseline": {"kind": "majority class", "top1": majority_accuracy(res["label"])}}
 
 
@@ -130,10 +131,17 @@ class Segmentation(Task):
         c = model.config.num_seg_classes
         loader = self.loader(dataset, prep, config.eval_batch_size, train=False)
 
-        def cm(m: VLMo, b: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-            return {"cm": confusion_matrix(self.logits(m, b).argmax(1), b["mask"], c, IGNORE_INDEX)[None]}
+        def cm(m: VLMo, b: Mapping[str, Any]) -> dict[str, torch.Tensor]:  # one confusion matrix per image
+            pred = self.logits(m, b).argmax(1)
+            return {"cm": torch.stack([confusion_matrix(p, t, c, IGNORE_INDEX) for p, t in zip(pred, b["mask"],
+                                                                                              strict=True)])}
 
-        total = predict_all(model, loader, cm)["cm"].sum(0)
+        per_image = predict_all(model, loader, cm)["cm"]  # [N, C, C]
+        total = per_image.sum(0)
         res = miou_from_confusion(total)
-        return {**res, "score": res["miou"], "n": len(dataset),
+        tp = per_image.diagonal(dim1=1, dim2=2)
+        # per image and class: TP, FP (predicted c, truth not c), FN (truth c, predicted not c); cm[n, truth, pred]
+        per_example = {"tp": tp.tolist(), "fp": (per_image.sum(1) - tp).tolist(),
+                       "fn": (per_image.sum(2) - tp).tolist()}
+        return {**res, "score": res["miou"], "n": len(dataset), "per_example": per_example,
                 "baseline": {"kind": "best constant class", "miou": miou_best_constant(total)}}

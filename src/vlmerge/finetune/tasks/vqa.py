@@ -81,5 +81,6 @@ class VQA(Task):
         loader = self.loader(dataset, prep, config.eval_batch_size, train=False)
         res = predict_all(model, loader, lambda m, b: {"pred": self.logits(m, b).argmax(1), "target": b["target"]})
         score = vqa_score(res["pred"], res["target"])
-        return {"vqa_score": score, "score": score, "n": len(res["pred"]),
+        per_question = 100.0 * res["target"].gather(1, res["pred"].long()[:, None])[:, 0].double()
+        return {"vqa_score": score, "score": score, "n": len(res["pred"]), "per_example": per_question.tolist(),
                 "baseline": {"kind": "best constant answer", "vqa_score": vqa_best_constant(res["target"])}}

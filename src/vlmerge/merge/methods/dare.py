@@ -11,8 +11,9 @@ Masks: input m's mask comes from its own numpy SFC64 stream, seeded with ``SeedS
 64-bit outputs, read as little-endian uint16 draws ``u`` in the tensor's flat (row-major) order, give
 ``M_m = u ≥ round(p · 2¹⁶)``. The drop rate is thus quantized to 2⁻¹⁶ (p = 0.9 drops with probability
 0.899994); the rescale divides by that exact keep probability, so every τ̃_m is still unbiased.
-``s = seed`` for :func:`~vlmerge.merge.merge_tensors` and ``tensor_seed(seed, name)`` per tensor in a
-checkpoint merge (so the result does not depend on the order tensors are visited).
+``s = tensor_seed(seed, name)`` per tensor, in a checkpoint merge and in :func:`~vlmerge.merge.merge_tensors`
+alike (so the result does not depend on the order tensors are visited, and same-shaped tensors of different
+names get different masks).
 :func:`dare_keep_masks` returns the masks a merge draws.
 
 Speed (2-core benchmark, ``benchmarks/merge_throughput.py``): the random draw bounds DARE. Raw SFC64 words
@@ -65,12 +66,14 @@ def _draw_mask(bits: np.random.SFC64, threshold: int, out: torch.Tensor) -> torc
 
 
 def dare_keep_masks(
-    shape: torch.Size | tuple[int, ...], n: int, drop: float, seed: int
+    shape: torch.Size | tuple[int, ...], n: int, drop: float, seed: int, name: str = "tensor"
 ) -> list[torch.Tensor]:
-    """The ``n`` boolean keep-masks DARE draws for one slot (True = kept), reproducible from ``seed``."""
+    """The ``n`` boolean keep-masks DARE draws for the slot ``name`` (True = kept), from ``tensor_seed(seed,
+    name)``: the masks of a merge with ``seed`` that names the tensor ``name`` (``merge_tensors``' default)."""
     size = int(np.prod(shape, dtype=np.int64))
     t = _threshold(drop)[0]
-    return [_draw_mask(b, t, torch.empty(size)).bool().view(tuple(shape)) for b in _streams(seed, n)]
+    return [_draw_mask(b, t, torch.empty(size)).bool().view(tuple(shape))
+            for b in _streams(tensor_seed(seed, name), n)]
 
 
 @register_method
@@ -90,7 +93,7 @@ class Dare(MergeMethod):
         scale = 1.0 / sum(w) if p.normalize else 1.0
         if p.normalize and sum(w) == 0:
             raise ValueError(f"dare: weights sum to 0 for {ctx.name!r}; cannot normalize")
-        seed = tensor_seed(p.seed, ctx.name) if ctx.per_tensor_seed else p.seed
+        seed = tensor_seed(p.seed, ctx.name)
         t, keep_prob = _threshold(p.drop)
         coef = p.lam * scale / keep_prob
         base = ctx.base.reshape(-1)
