@@ -151,3 +151,23 @@ def test_tied_init_starts_modality_copies_equal() -> None:
         assert all(torch.equal(values[0], v) for v in values[1:]), g.target
     untied = VLMo(tied.config.replace(tied_init=False)).state_dict()
     assert not torch.equal(untied["blocks.0.attn.v.qkv.weight"], untied["blocks.0.attn.l.qkv.weight"])
+
+
+@pytest.mark.parametrize("arch", ["msa", "custom-ffn", "maa"])
+def test_routes_keep_the_fusion_routes_inputs(arch: str) -> None:
+    """Pre-training computes the bottom N−M layers once: ``routes`` equals the retrieval routes, and ``fuse`` on
+    its (indexed) bottom states equals ``forward_fusion`` on the indexed inputs, padding included."""
+    torch.manual_seed(0)
+    m = VLMo(preset_config("micro", arch, vocab_size=50, num_vl_layers=1, depth=3, heads=("itc",))).eval()
+    image = torch.randn(4, 3, 16, 16)
+    ids = torch.randint(4, 50, (4, 7))
+    att = torch.ones(4, 7, dtype=torch.long)
+    att[1, 4:] = 0
+    att[3, 2:] = 0
+    st = m.routes(image, ids, att)
+    assert torch.allclose(st["image"], m.forward_image(image), atol=1e-6)
+    assert torch.allclose(st["text"], m.forward_text(ids, att), atol=1e-6)
+    ti, ii = torch.tensor([0, 1, 3, 3]), torch.tensor([2, 0, 1, 3])
+    fused = m.fuse(st["text_bottom"][ti], st["image_bottom"][ii], att[ti])
+    assert torch.allclose(fused, m.forward_fusion(image[ii], ids[ti], att[ti]), atol=1e-5)
+    assert set(m.routes(input_ids=ids, attention_mask=att, top=False)) == {"text_bottom"}

@@ -168,3 +168,38 @@ def test_lr_schedule() -> None:
     assert lr_at(99, 100, 1.0, 10, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     mid = lr_at(54, 100, 1.0, 10, "cosine")
     assert 0.45 < mid < 0.55
+
+
+def test_wsd_schedule_warms_up_holds_and_decays_each_stage() -> None:
+    """Warm-up, the peak until the stage's last decay_frac, then linear decay to min_ratio at its last step: a
+    shorter stage is a longer one's prefix up to its own decay."""
+    run = [lr_at(s, 100, 1.0, 10, "wsd", decay_frac=0.2) for s in range(100)]
+    assert run[0] == pytest.approx(0.1) and run[9] == pytest.approx(1.0) and run[79] == pytest.approx(1.0)
+    assert run[80] == pytest.approx(1 - 1 / 20) and run[99] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(run[9:], run[10:], strict=False))
+    seed_stage = [lr_at(s, 40, 1.0, 10, "wsd", decay_frac=0.2) for s in range(40)]
+    assert seed_stage[:32] == run[:32] and seed_stage[32] < 1.0 and seed_stage[39] == pytest.approx(0.0)
+    assert lr_at(99, 100, 2.0, 10, "wsd", 0.1) == pytest.approx(0.2)
+
+
+def test_padding_to_the_longest_text_changes_no_loss() -> None:
+    """Padding is masked out of attention: a batch trimmed to its longest text gives the ITC and ITM losses of
+    the same batch padded to max_len (the draws that pick hard negatives do not depend on the text length)."""
+    from vlmerge.pretrain.losses import ObjectiveSettings, PretrainObjective
+
+    torch.manual_seed(0)
+    model = VLMo(preset_config("micro", "msa", vocab_size=40, num_vl_layers=2, heads=("itc", "itm", "mlm")))
+    obj = PretrainObjective(model, "vl", ObjectiveSettings(itm_fraction=0.5), SpecialTokens(0, 1, 2, 3, 40),
+                            (0.5,) * 3, (0.5,) * 3).eval()
+    ids = torch.zeros(8, 24, dtype=torch.long)
+    for i in range(8):
+        n = 3 + i % 5
+        ids[i, :n] = torch.randint(4, 40, (n,), generator=gen(i))
+        ids[i, 0], ids[i, n - 1] = 1, 2
+    batch = {"image": torch.rand(8, 3, 16, 16, generator=gen(9)), "input_ids": ids,
+             "attention_mask": (ids != 0).long(), "image_id": torch.arange(8)}
+    longest = int(batch["attention_mask"].sum(1).max())
+    trimmed = {**batch, "input_ids": ids[:, :longest], "attention_mask": batch["attention_mask"][:, :longest]}
+    a, b = obj(batch, gen(5)), obj(trimmed, gen(5))
+    for key in ("itc", "itm", "itm_acc"):
+        assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key

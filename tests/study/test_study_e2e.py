@@ -173,19 +173,23 @@ def test_a_shared_seed_stage_gives_the_same_weights_as_the_architectures_own_see
 
 
 def test_the_maa_run_passes_through_every_seed_stage(tmp_path: Path) -> None:
-    """With a wsd schedule the MAA trained from scratch *is* the seed stage up to K_seed (same init, data, draws
-    and learning rates), so its checkpoint there serves every K_seed's seed recipe (the study's MAA run)."""
+    """With a wsd schedule a K_seed-step seed stage is the MAA trained from scratch up to the start of its decay
+    (same init, data, draws and learning rates), then its own decay: resumed from the MAA's checkpoint there
+    (the study's MAA run), the seed recipe ends with the weights of the seed recipe run on its own."""
     from safetensors.torch import load_file
 
     from vlmerge.pretrain import load_config, pretrain
+    from vlmerge.pretrain.optim import wsd_decay_steps
     from vlmerge.study.runner import start_from_checkpoint
 
     sets = ["model.preset=micro", "train.steps=8", "train.batch_size=8", "data.train_images=12",
             "data.eval_images=4", "train.device=cpu", "optim.warmup_steps=1", "optim.schedule=wsd",
             "optim.decay_frac=0.25"]
-    seed = [*sets, "model.arch=custom-ln", "recipe={name: seed, seed_steps: 3}"]
+    seed = [*sets, "model.arch=custom-ln", "recipe={name: seed, seed_steps: 4}"]
+    branch = 4 - wsd_decay_steps(4, 0.25)
+    assert branch == 3
     direct = pretrain(load_config(None, seed), tmp_path / "direct", progress=False)
-    maa = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa", stop_after=3, progress=False)
+    maa = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa", stop_after=branch, progress=False)
     start_from_checkpoint(maa, tmp_path / "shared")
     shared = pretrain(load_config(None, seed), tmp_path / "shared", progress=False)
     a, b = load_file(str(direct / "model.safetensors")), load_file(str(shared / "model.safetensors"))

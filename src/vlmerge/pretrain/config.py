@@ -97,7 +97,7 @@ class OptimSection(_Section):
     warmup_steps: int = Field(2500, ge=0, description="per stage, capped at half the stage")
     schedule: Literal["linear", "cosine", "wsd"] = "linear"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the last fraction of the run's steps that decays")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the last fraction of each stage's steps, which decays")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
 
 

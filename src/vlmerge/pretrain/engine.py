@@ -140,8 +140,8 @@ def _enter_stage(run: _Run, stage: Stage, previous: VLMo | None) -> VLMo:
     cfg = run.config.build_model_config(run.data.tokenizer.vocab_size, heads, arch=stage.arch)
     if stage.init == "scratch":
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            # one init per seed, whichever recipe's first stage it starts: a seed stage is then exactly the
-            # first K_seed steps of the MAA trained from scratch (with a wsd schedule)
+            # one init per seed, whichever recipe's first stage it starts: a seed stage (wsd) is then the MAA
+            # trained from scratch up to its own decay
             torch.manual_seed(dist.derive_seed(run.config.train.seed, "init"))
             return VLMo(cfg)
     assert previous is not None, f"stage {stage.name!r} needs the previous stage's model"
@@ -194,8 +194,8 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
 
     for step in range(start, stage.steps):
         g = base + step
-        set_lr(optimizer, lr_at(step, stage.steps, o.lr, warmup, o.schedule, o.min_lr_ratio, global_step=g,
-                                run_steps=t.steps, decay_frac=o.decay_frac))
+        set_lr(optimizer, lr_at(step, stage.steps, o.lr, warmup, o.schedule, o.min_lr_ratio,
+                                decay_frac=o.decay_frac))
         for a in range(run.accum):
             batch = {k: v.to(info.device, non_blocking=True) for k, v in next(batches).items()}
             gen = dist.generator(info.device, t.seed, "step", g, a, info.rank)

@@ -44,23 +44,27 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+def wsd_decay_steps(total: int, decay_frac: float) -> int:
+    """Steps at the end of a ``total``-step stage over which ``wsd`` decays."""
+    return max(1, round(decay_frac * total))
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str, min_ratio: float = 0.0, *,
-          global_step: int | None = None, run_steps: int | None = None, decay_frac: float = 0.2) -> float:
+          decay_frac: float = 0.2) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of a stage of ``total`` steps.
 
     Linear warm-up from peak/warmup to peak over ``warmup`` steps, then
 
     * ``linear`` / ``cosine``: decay over the rest of the stage to ``min_ratio·peak`` at its last step;
-    * ``wsd`` (warm-up, stable, decay): the peak until the last ``decay_frac`` of the *run*, then linear decay
-      to ``min_ratio·peak`` at its last step, by ``global_step`` of ``run_steps``. A stage that ends before
-      the decay (a seed stage) is then exactly the first steps of a longer run with the same warm-up, so one
-      MAA run's intermediate checkpoints serve as every K_seed's seed stage.
+    * ``wsd`` (warm-up, stable, decay): the peak until the stage's last ``decay_frac``
+      (:func:`wsd_decay_steps`), then linear decay to ``min_ratio·peak`` at its last step. Every stage still
+      ends annealed, and a shorter stage with the same warm-up is a longer one's prefix up to its decay: a
+      K_seed-step seed stage is the MAA's own K-step run up to step K_seed − decay, then its own decay.
     """
     warm = (step + 1) / warmup if step < warmup else 1.0
     if schedule == "wsd":
-        g, n = (step, total) if global_step is None or run_steps is None else (global_step, run_steps)
-        decay = max(1, round(decay_frac * n))
-        t = min(1.0, max(0.0, (g - (n - decay) + 1) / decay))
+        decay = wsd_decay_steps(total, decay_frac)
+        t = min(1.0, max(0.0, (step - (total - decay) + 1) / decay))
         return peak * warm * (1.0 - (1.0 - min_ratio) * t)
     if step < warmup:
         return peak * warm

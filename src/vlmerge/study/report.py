@@ -236,9 +236,12 @@ def _baselines(results: Mapping[str, Any]) -> list[str]:
             rows[name] = sc
     f3 = results.get("figure3") or {}
     for k, sc in zip(f3.get("k_seed", []), f3.get("before", []), strict=False):
-        rows[f"msa K_seed={k}"] = sc
+        if k:  # K_seed = 0 is Table 1's msa
+            rows[f"msa K_seed={k}"] = sc
     for arch, v in (results.get("figure4") or {}).items():
-        rows.setdefault(f"{arch} K_seed=recipe" if arch not in ("maa",) else arch, v["before"])
+        if (arch == "maa" and "maa" in rows) or (arch == "msa" and f3):  # already a row (Table 1, Figure 3)
+            continue
+        rows[arch if arch == "maa" else f"{arch} (K_seed = recipe)"] = v["before"]
     if not rows:
         return []
     ceiling = 100.0

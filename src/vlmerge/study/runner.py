@@ -178,15 +178,23 @@ class Study:
         fracs = {*self.cfg.k_seed, self.cfg.recipe_k_seed}
         return sorted({round(f * self.cfg.steps) for f in fracs} - {0})
 
+    def branch_step(self, k_seed: int) -> int:
+        """Where a K_seed-step ``wsd`` seed stage leaves the MAA's own run: the start of its decay."""
+        from ..pretrain.optim import wsd_decay_steps
+
+        return k_seed - wsd_decay_steps(k_seed, self.base["optim"]["decay_frac"])
+
     def shares_seed_stages(self) -> bool:
-        """Whether the MAA trained from scratch passes through every seed stage: with a ``wsd`` schedule whose
-        decay starts after the last K_seed and a warm-up that fits the shortest seed stage, its checkpoint at
-        step K_seed *is* the K_seed-step seed stage (same init, data, draws and learning rates)."""
+        """Whether the MAA trained from scratch passes through every seed stage up to its decay: with a ``wsd``
+        schedule and a warm-up that fits the shortest seed stage, the MAA's checkpoint at K_seed − decay *is*
+        the seed stage's (same init, data, draws and learning rates), so a seed stage costs only its decay."""
+        from ..pretrain.optim import wsd_decay_steps
+
         o, ks = self.base["optim"], self.k_seeds()
         if o["schedule"] != "wsd" or not ks:
             return False
-        decay = max(1, round(o["decay_frac"] * self.cfg.steps))
-        return max(ks) <= self.cfg.steps - decay and o["warmup_steps"] <= min(ks) // 2
+        maa_stable = self.cfg.steps - wsd_decay_steps(self.cfg.steps, o["decay_frac"])
+        return all(0 < self.branch_step(k) <= maa_stable for k in ks) and o["warmup_steps"] <= min(ks) // 2
 
     def pretrain(self, arch: str, k_seed_frac: float) -> dict[str, Any]:
         """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe.
@@ -197,7 +205,8 @@ class Study:
         data = {**self.base, "model": {**self.base["model"], "arch": arch}}
         data["recipe"] = ({"name": "seed", "seed_steps": k_seed} if k_seed and arch != "maa" else {"name": "scratch"})
         snapshots = arch == "maa" and not k_seed and self.shares_seed_stages()
-        spec = {"pretrain": data, "eval": EVAL_VERSION, **({"seed_stages": self.k_seeds()} if snapshots else {})}
+        branches = [self.branch_step(k) for k in self.k_seeds()] if snapshots else []
+        spec = {"pretrain": data, "eval": EVAL_VERSION, **({"branches": branches} if snapshots else {})}
         label = f"{arch}/kseed={k_seed}"
         cell = self._record(f"pretrain/{label}", "pretrain", spec)
 
@@ -205,18 +214,23 @@ class Study:
             if data["recipe"]["name"] == "seed":  # the MAA seed stage is the same for every architecture
                 start_from_checkpoint(self.path(self.seed_stage(k_seed)), c.dir / "run")
             stages: dict[str, str] = {}
-            for k in self.k_seeds() if snapshots else ():
-                stop = pretrain(self._cached(data), c.dir / "run", stop_after=k, progress=self.progress)
-                keep = c.dir / f"seed-stage-{k}" / stop.name
+            for k in branches:
+                # laid out as a run directory (checkpoints/ beside metrics.jsonl), so start_from_checkpoint
+                # hands the seed recipe the seed stage's log too
+                keep = c.dir / f"branch-{k}" / "checkpoints" / f"step-{k:08d}"
                 if not keep.is_dir():
-                    shutil.copytree(stop, keep.with_name(keep.name + ".tmp"), dirs_exist_ok=True)
-                    (keep.with_name(keep.name + ".tmp")).rename(keep)
-                    shutil.copy(c.dir / "run" / "metrics.jsonl", keep.parent / "metrics.jsonl")
+                    stop = _checkpoint_at(c.dir / "run", k) or pretrain(self._cached(data), c.dir / "run",
+                                                                        stop_after=k, progress=self.progress)
+                    tmp = keep.with_name(keep.name + ".tmp")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(stop, tmp)
+                    shutil.copy(c.dir / "run" / "metrics.jsonl", keep.parents[1] / "metrics.jsonl")
+                    tmp.rename(keep)
                 stages[str(k)] = self.rel(keep)
             final = pretrain(self._cached(data), c.dir / "run", progress=self.progress)
             w0 = c.dir / "run" / "w0"
             return {"final": self.rel(final), "w0": self.rel(w0) if (w0 / "config.json").is_file() else None,
-                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test"), "seed_stages": stages}
+                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test"), "branches": stages}
 
         return {**self.store.run("pretrain", cell.spec, run), "label": label}
 
@@ -229,17 +243,21 @@ class Study:
 
     def seed_stage(self, k_seed: int) -> str:
         """The training checkpoint that closes a K_seed-step MAA seed stage (shared by the seed recipe of every
-        architecture: the seed stage never depends on the architecture it will be expanded into): a checkpoint
-        of the MAA's own run where :meth:`shares_seed_stages`, else a run of its own."""
+        architecture: the seed stage never depends on the architecture it will be expanded into). Where
+        :meth:`shares_seed_stages`, it resumes from the MAA's own run at :meth:`branch_step` and runs only its
+        decay; else it is a run of its own."""
         from ..pretrain import pretrain
 
-        if self.shares_seed_stages():
-            return self.pretrain("maa", 0.0)["seed_stages"][str(k_seed)]
         data = {**self.base, "model": {**self.base["model"], "arch": "msa"},
                 "recipe": {"name": "seed", "seed_steps": k_seed}}
-        cell = self._record(f"seed-stage/kseed={k_seed}", "seed-stage", {"pretrain": data, "stop_after": k_seed})
+        shared = self.shares_seed_stages()
+        spec = {"pretrain": data, "stop_after": k_seed, **({"branch": self.branch_step(k_seed)} if shared else {})}
+        cell = self._record(f"seed-stage/kseed={k_seed}", "seed-stage", spec)
 
         def run(c: Cell) -> dict[str, Any]:
+            if shared:
+                branch = self.pretrain("maa", 0.0)["branches"][str(self.branch_step(k_seed))]
+                start_from_checkpoint(self.path(branch), c.dir / "run")
             return {"checkpoint": self.rel(pretrain(self._cached(data), c.dir / "run", stop_after=k_seed,
                                                     progress=self.progress))}
 
@@ -401,6 +419,20 @@ class Study:
         return res
 
 
+def _checkpoint_at(run_dir: Path, step: int) -> Path | None:
+    """``run_dir``'s training checkpoint at ``step`` if it still has one (a run killed after stopping there);
+    a run that went past ``step`` without keeping it is removed, so that it is redone up to ``step``."""
+    from ..pretrain.state import latest_checkpoint, read_meta
+
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    last = latest_checkpoint(run_dir)
+    if (last is not None and read_meta(last)["global_step"] > step) or (run_dir / "final").exists():
+        shutil.rmtree(run_dir)
+    return None
+
+
 def start_from_checkpoint(checkpoint: Path, run_dir: Path) -> None:
     """Make ``checkpoint`` (a training checkpoint of another run) the latest checkpoint of ``run_dir``, so that
     :func:`~vlmerge.pretrain.pretrain` resumes from it; a run that has checkpoints of its own is left alone."""
@@ -435,6 +467,8 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if isinstance(first, list):
             return [merge([v[i] for v in values]) for i in range(len(first))]
         if isinstance(first, (int, float)) and not isinstance(first, bool):
+            if all(v == first for v in values):  # e.g. step counts: keep them as they are
+                return first
             return sum(float(v) for v in values) / len(values)
         return first
 
