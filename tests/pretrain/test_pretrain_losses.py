@@ -203,3 +203,17 @@ def test_padding_to_the_longest_text_changes_no_loss() -> None:
     a, b = obj(batch, gen(5)), obj(trimmed, gen(5))
     for key in ("itc", "itm", "itm_acc"):
         assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
+
+
+def test_take_rows_is_indexing_with_a_deterministic_backward() -> None:
+    from vlmerge.pretrain.losses import take_rows
+
+    x = torch.randn(6, 3, 4, generator=gen(0), requires_grad=True)
+    idx = torch.tensor([2, 2, 5, 0, 2])
+    y = take_rows(x, idx)
+    assert torch.equal(y, x[idx])  # exact: 1·x + 0·rest
+    w = torch.randn(5, 3, 4, generator=gen(1))
+    (g1,) = torch.autograd.grad((y * w).sum(), x)
+    (g2,) = torch.autograd.grad((x[idx] * w).sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    assert torch.allclose(g1[2], w[0] + w[1] + w[4], atol=1e-6) and torch.all(g1[[1, 3, 4]] == 0)

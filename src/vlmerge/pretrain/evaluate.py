@@ -156,29 +156,41 @@ def embed_split(
     """Embed a split's distinct images and all its texts.
 
     Returns (image embeddings [I, E], text embeddings [T, E], the image index [T] of each text, the texts),
-    on the CPU. Items without ``image_id`` are each their own image.
+    on the CPU. Items without ``image_id`` are each their own image. Each distinct text string is encoded
+    once, padded to the longest in its batch (padding is masked: the embedding is the same).
     """
     device = next(model.parameters()).device
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    imgs, txts, owner, texts = [], [], [], []
+    imgs, pending, owner, texts = [], [], [], []
     image_index: dict[Any, int] = {}
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        new = []
-        for j, it in enumerate(items):
-            key = it.get("image_id", ("item", start + j))
-            if key not in image_index:
-                image_index[key] = len(image_index)
-                new.append(it["image"])
-            owner.append(image_index[key])
-        if new:
-            image = torch.stack(new).to(device)
-            imgs.append(model.encode_image((image - m) / s).float().cpu())
-        enc = tokenizer.encode([it["text"] for it in items], model.config.max_text_len)
-        txts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
-        texts += [it["text"] for it in items]
-    return torch.cat(imgs), torch.cat(txts), owner, texts
+
+    def flush() -> None:
+        if pending:
+            imgs.append(model.encode_image((torch.stack(pending).to(device) - m) / s).float().cpu())
+            pending.clear()
+
+    for i in range(len(dataset)):
+        it = dataset[i]
+        key = it.get("image_id", ("item", i))
+        if key not in image_index:
+            image_index[key] = len(image_index)
+            pending.append(it["image"])
+            if len(pending) == batch_size:
+                flush()
+        owner.append(image_index[key])
+        texts.append(it["text"])
+    flush()
+    unique = list(dict.fromkeys(texts))
+    parts = []
+    for start in range(0, len(unique), batch_size):
+        enc = tokenizer.encode(unique[start:start + batch_size], model.config.max_text_len)
+        longest = int(enc["attention_mask"].sum(dim=1).max())
+        ids, att = enc["input_ids"][:, :longest].to(device), enc["attention_mask"][:, :longest].to(device)
+        parts.append(model.encode_text(ids, att).float().cpu())
+    row = {t: j for j, t in enumerate(unique)}
+    txt = torch.cat(parts)[torch.tensor([row[t] for t in texts], dtype=torch.long)]
+    return torch.cat(imgs), txt, owner, texts
 
 
 def dataset_relevance(dataset: Any, owner: Sequence[int], texts: Sequence[str]) -> tuple[torch.Tensor, str]:

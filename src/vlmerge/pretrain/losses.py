@@ -23,6 +23,14 @@ from .dist import gather_nograd, gather_with_local_grad, rank, world_size
 IGNORE = -100  # cross-entropy ignore index for unmasked MLM positions
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for x [B, ...] and index [n] (repeats allowed), as a one-hot matmul: the backward of
+    advanced indexing accumulates repeated rows with atomic adds on CPU, in an order that varies from run to
+    run; a matmul's does not (the forward is exact: 1·x + 0·rest)."""
+    onehot = F.one_hot(index, x.shape[0]).to(x.dtype)
+    return (onehot @ x.reshape(x.shape[0], -1)).reshape(len(index), *x.shape[1:])
+
+
 # --------------------------------------------------------------------------------------------------- ITC
 def itc_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric image-text contrastive loss over the batch gathered from all ranks (VLMo eqs. 3-4, CLIP).
@@ -274,10 +282,10 @@ class PretrainObjective(nn.Module):
         neg_txt, ok_txt = sample_hard_negatives(i2t[:n], excluded, generator)  # a negative text per image
         neg_img, ok_img = sample_hard_negatives(t2i[:n], excluded, generator)  # a negative image per text
         pair_att = torch.cat([att[:n], att[:n], cand_att[neg_txt]])
-        if world_size() == 1:  # candidates are this batch's pairs: index their bottom states
+        if world_size() == 1:  # candidates are this batch's pairs: take their bottom states
             x_img, x_txt = st["image_bottom"], st["text_bottom"]
-            fused = m.fuse(torch.cat([x_txt[:n], x_txt[:n], x_txt[neg_txt]]),
-                           torch.cat([x_img[:n], x_img[neg_img], x_img[:n]]), pair_att)
+            fused = m.fuse(torch.cat([x_txt[:n], x_txt[:n], take_rows(x_txt, neg_txt)]),
+                           torch.cat([x_img[:n], take_rows(x_img, neg_img), x_img[:n]]), pair_att)
         else:  # candidates come from other ranks too: their bottom states go through this rank's layers
             fused = m.forward_fusion(torch.cat([image[:n], cand_img[neg_img], image[:n]]),
                                      torch.cat([ids[:n], ids[:n], cand_ids[neg_txt]]), pair_att)

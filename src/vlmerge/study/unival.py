@@ -534,6 +534,16 @@ def _recipe_means(part: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, fl
     return {x: _mean([part[f"soup/{x}"][t] for t in tasks]) for x in RECIPES}
 
 
+def _gaps(part: str, keys: Sequence[str], *pairs: tuple[str, str]) -> Callable[[Mapping[str, Any]], float]:
+    """A margin: the smallest gap ``mean(a) − mean(b)`` over ``pairs`` of recipes' soups, their scores in
+    ``part`` averaged over ``keys``."""
+    def margin(x: Mapping[str, Any]) -> float:
+        q = _recipe_means(x[part], keys)
+        return min(q[a] - q[b] for a, b in pairs)
+
+    return margin
+
+
 def _task_keys(r: Mapping[str, Any], key: str, row: Mapping[str, Any]) -> list[str]:
     """The tasks of ``r[key]`` (``tasks`` / ``ood``) that ``row`` scores; without ``r[key]``, the row's own score
     keys (not ``<key>_std`` / ``ci``)."""
@@ -606,14 +616,8 @@ def unival_claims(r: Mapping[str, Any]) -> list[Claim]:
         chance = _mean([chance_of[t] for t in tasks if t in chance_of])
         means = "mean ID score: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
         note = f" (best constant answer {chance:.2f})" if math.isfinite(chance) else ""
-
-        def id_order(x: Mapping[str, Any]) -> float:
-            q = _recipe_means(x["scenario2"], tasks)
-            return min(q["ratatouille"] - q["fusing"], q["fusing"] - q["vanilla"])
-
-        def id_wa(x: Mapping[str, Any]) -> float:
-            q = _recipe_means(x["scenario2"], tasks)
-            return min(q["ratatouille"] - q["vanilla"], q["fusing"] - q["vanilla"])
+        id_order = _gaps("scenario2", tasks, ("ratatouille", "fusing"), ("fusing", "vanilla"))
+        id_wa = _gaps("scenario2", tasks, ("ratatouille", "vanilla"), ("fusing", "vanilla"))
 
         out.append(Claim(
             "id_order", "§5 Scenario 2, Fig. 3; App. J.2",
@@ -635,14 +639,8 @@ def unival_claims(r: Mapping[str, Any]) -> list[Claim]:
         chance = _mean([chance_of[t] for t in ood if t in chance_of])
         means = "mean OOD score of the soups: " + ", ".join(f"{x} {m[x]:.2f}" for x in RECIPES)
         note = f" (best constant answer {chance:.2f})" if math.isfinite(chance) else ""
-
-        def ood_order(x: Mapping[str, Any]) -> float:
-            q = _recipe_means(x["scenario3"], ood)
-            return min(q["ratatouille"] - q["fusing"], q["fusing"] - q["vanilla"])
-
-        def ood_best(x: Mapping[str, Any]) -> float:
-            q = _recipe_means(x["scenario3"], ood)
-            return min(q["ratatouille"] - q["fusing"], q["ratatouille"] - q["vanilla"])
+        ood_order = _gaps("scenario3", ood, ("ratatouille", "fusing"), ("fusing", "vanilla"))
+        ood_best = _gaps("scenario3", ood, ("ratatouille", "fusing"), ("ratatouille", "vanilla"))
 
         out.append(Claim(
             "ood_order", "§5 Scenario 3, Fig. 3; Table 20",
