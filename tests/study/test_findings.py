@@ -5,6 +5,7 @@ numbers are too noisy; the bootstrap's intervals cover the truth."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -155,3 +156,34 @@ def test_paired_differences_are_tighter_than_unpaired_ones() -> None:
     own = sa.interval("acc")
     assert diff[0] <= sa["acc"] - sb["acc"] <= diff[1]
     assert diff[1] - diff[0] < 0.6 * (own[1] - own[0])
+
+
+def test_seed_spread_widens_the_interval_of_the_seed_mean() -> None:
+    """Two training seeds that disagree (40 vs 60, each measured to ±0.1): the seed mean's interval must hold
+    the run-to-run spread, not only the test set's; a finding that needs 45 < mean is then inconclusive."""
+    from vlmerge.study.stats import mean_over_seeds
+
+    rng = np.random.default_rng(0)
+    seeds = [Scores({"r_mean": v}, {"r_mean": v + rng.normal(0, 0.05, 1000)}) for v in (40.0, 60.0)]
+    m = mean_over_seeds(seeds)
+    lo, hi = m.interval("r_mean")
+    assert m["r_mean"] == 50.0 and m["r_mean_std"] == pytest.approx(math.sqrt(200))
+    assert lo < 42 and hi > 58
+    one = mean_over_seeds(seeds[:1]).interval("r_mean")
+    assert one[1] - one[0] < 0.5
+
+
+def test_retrieval_replicates_are_paired_across_models_on_one_split() -> None:
+    """Two models whose ranks differ on 20 of 400 image queries: the interval of their difference (one set of
+    resamples for both) is far narrower than either score's own, and it holds the true difference."""
+    rng = np.random.default_rng(3)
+    n = 400
+    tr = rng.choice([1, 3, 7, 20], size=n)
+    ir = rng.choice([1, 3, 7, 20], size=5 * n)
+    other = tr.copy()
+    other[:20] = 20  # model b misses the first 20 image queries
+    r = {"tr_query": np.arange(n), "ir": ir, "ir_image": np.repeat(np.arange(n), 5)}
+    a, b = retrieval_scores({**r, "tr": tr}, n, "split-x"), retrieval_scores({**r, "tr": other}, n, "split-x")
+    lo, hi = percentile_interval(a.boot["avg_tr"] - b.boot["avg_tr"])
+    own = a.interval("avg_tr")
+    assert lo <= a["avg_tr"] - b["avg_tr"] <= hi and hi - lo < 0.5 * (own[1] - own[0])

@@ -132,7 +132,12 @@ def test_seeds_aggregate_to_mean_and_sample_std() -> None:
     m = aggregate([a, b])
     msa = m["table1"]["msa"]
     assert msa["avg_tr"] == 12.0 and msa["avg_tr_std"] == pytest.approx(math.sqrt(8)) and msa["avg_ir_std"] == 0.0
-    assert msa.boot["avg_tr"].tolist() == [1.0, 2.0, 3.0, 4.0]  # replicate b averaged over seeds
+    # replicate b: the mean of replicate b of two seeds drawn with replacement (seed draws shared by all scores)
+    from vlmerge.study.stats import seed_draws
+
+    draws = seed_draws(2)[:4]
+    per = np.stack([np.arange(4.0), np.arange(4.0) + 2.0], axis=1)
+    assert msa.boot["avg_tr"].tolist() == per[np.arange(4)[:, None], draws].mean(axis=1).tolist()
     assert m["figure3"]["k_seed"] == [0, 5] and m["figure3"]["before"][0]["avg_tr"] == 2.0
 
 

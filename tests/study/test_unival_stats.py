@@ -121,7 +121,10 @@ def test_aggregate_over_two_seeds_gives_mean_std_and_averaged_replicates() -> No
     assert m["vqa"] == pytest.approx(30.0) and m["cls"] == pytest.approx(52.5)
     assert m["vqa_std"] == pytest.approx(np.std([25.0, 35.0], ddof=1))
     assert m["cls_std"] == pytest.approx(np.std([50.0, 55.0], ddof=1))
-    np.testing.assert_allclose(m.boot["vqa"], (s0.boot["vqa"] + s1.boot["vqa"]) / 2)
+    from vlmerge.study.stats import seed_draws
+
+    both = np.stack([s0.boot["vqa"], s1.boot["vqa"]], axis=1)  # two-level bootstrap: seeds drawn per replicate
+    np.testing.assert_allclose(m.boot["vqa"], both[np.arange(len(both))[:, None], seed_draws(2)].mean(axis=1))
     assert agg["tasks"] == ["vqa", "cls"] and agg["timings"]["n"] == 3.0
     # the findings read the seed means and the averaged replicates, not the _std keys
     s2 = {"soup/vanilla": m, "soup/fusing": m, "soup/ratatouille": m}

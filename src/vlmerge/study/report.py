@@ -129,7 +129,7 @@ def plot_all(results: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_title(f"r = {format_r(t5['pearson'].get(name))}"
                          + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""), fontsize=9)
         axes[0][0].set_ylabel("retrieval drop after merging")
-        fig.suptitle("Table 5: distance vs merge drop")
+        fig.suptitle("Table 5: distance vs merge drop", y=1.04)
         _savefig(fig, out / "table5.png")
         written.append("table5.png")
     plt.close("all")
@@ -154,7 +154,12 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
         "caption means and tests it on every scene), so generic captions (\"two objects\") match many images; "
         "the ceiling is 100. Each score is followed by its 95 % bootstrap interval over test queries "
         f"({(meta.get('bootstrap') or {}).get('resamples', '?')} resamples of the test images / examples, "
-        "the same for every model, so differences are paired). "
+        "the same for every model, so differences are paired)"
+        + ("; with several seeds, over training seeds too (seeds drawn with replacement per resample), and "
+           "± is the sample std over seeds. " if len(meta.get("seeds", [0])) > 1 else
+           ". With one training seed the intervals hold the test set's noise, not training's: rerun with "
+           "--seeds to include it. ")
+        +
         "Every number comes from a run recorded under `cells` in `results.json` (config + seed).",
         "",
     ]

@@ -149,11 +149,23 @@ def n_resamples(node: Any) -> int:
     return 0
 
 
+def seed_draws(n_seeds: int, resamples: int = RESAMPLES) -> np.ndarray:
+    """draws [B, S]: which training seeds replicate b averages (S draws with replacement; the identity for one
+    seed). The same for every score of a study, so differences stay paired across seeds too."""
+    if n_seeds == 1:
+        return np.zeros((resamples, 1), dtype=np.int64)
+    return np.random.default_rng([7, n_seeds]).integers(n_seeds, size=(resamples, n_seeds))
+
+
 def mean_over_seeds(per_seed: Sequence[Scores]) -> Scores:
-    """The seed mean of each score, ``<key>_std`` (sample std over seeds) beside it, replicates averaged (the
-    test split is the same for every seed, so resample b of each seed scores the same queries)."""
+    """The seed mean of each score, ``<key>_std`` (sample std over seeds) beside it, and replicates of the seed
+    mean by a two-level bootstrap: replicate b averages the b-th test-query replicates of S training seeds drawn
+    with replacement (:func:`seed_draws`), so the interval holds the run-to-run spread of training as well as the
+    test set's (with one seed: the test set's alone). The test split is the same for every seed, so resample b
+    of each seed scores the same queries."""
     first = per_seed[0]
     out = Scores()
+    draws = seed_draws(len(per_seed))
     for k in first:
         xs = [float(s[k]) for s in per_seed]
         m = sum(xs) / len(xs)
@@ -161,7 +173,9 @@ def mean_over_seeds(per_seed: Sequence[Scores]) -> Scores:
         if len(xs) > 1:
             out[f"{k}_std"] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
         if all(k in s.boot for s in per_seed):
-            out.boot[k] = np.mean([s.boot[k] for s in per_seed], axis=0)
+            stacked = np.stack([s.boot[k] for s in per_seed], axis=1)  # [B, S]
+            b = len(stacked)
+            out.boot[k] = stacked[np.arange(b)[:, None], draws[:b]].mean(axis=1)
     return out
 
 
