@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..metrics.correlation import pearson
 from .stats import n_resamples, percentile_interval, replicate_view
 
 # The paper's numbers (ViT-B/16, 200k steps), quoted beside ours in each finding.
@@ -383,15 +384,6 @@ def recipe_beats_merging_baseline(r: Mapping[str, Any]) -> Claim | None:
 
 
 # ------------------------------------------------------------------------------------------------ Table 5
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Pearson r; NaN when either side is constant."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True))
-    sxx, syy = sum((a - mx) ** 2 for a in xs), sum((b - my) ** 2 for b in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
-
-
 def _table5_r(x: Mapping[str, Any], metric: str) -> float:
     t5 = x["table5"]
     return pearson(t5["metrics"][metric], _drops(x) if "figure3" in x else t5["drop"])

@@ -481,7 +481,7 @@ def finish_table5(results: dict[str, Any]) -> None:
     import numpy as np
 
     from ..metrics import correlate
-    from .findings import pearson
+    from ..metrics.correlation import pearson
     from .stats import percentile_interval
 
     t5, f3 = results.get("table5"), results.get("figure3")
