@@ -100,6 +100,13 @@ def retrieval_ranks(sim_i2t: torch.Tensor, relevant: torch.Tensor | Sequence[int
             "ir": match_ranks(sim_i2t.t() if sim_t2i is None else sim_t2i, rel.t())}
 
 
+def ranks_record(ranks: dict[str, torch.Tensor], image_of_text: Sequence[int]) -> dict[str, list[int]]:
+    """:func:`retrieval_ranks`' output as JSON lists, with ``ir_image`` [T] (each text's image): what a bootstrap
+    over test images resamples (:func:`vlmerge.study.stats.retrieval_scores`)."""
+    return {"tr": ranks["tr"].tolist(), "tr_query": ranks["tr_query"].tolist(), "ir": ranks["ir"].tolist(),
+            "ir_image": [int(i) for i in image_of_text]}
+
+
 def recalls_from_ranks(tr: torch.Tensor, ir: torch.Tensor, ks: Iterable[int] = RECALL_KS) -> dict[str, float]:
     """The metric keys from per-query ranks ``tr`` [Q_tr] and ``ir`` [Q_ir]."""
     ks = tuple(ks)
@@ -231,6 +238,5 @@ def evaluate_retrieval(
     out: dict[str, Any] = recalls_from_ranks(r["tr"], r["ir"])
     out |= {"chance": retrieval_chance(rel), "relevance": rule, "images": len(img), "texts": len(texts)}
     if ranks:
-        out["ranks"] = {"tr": r["tr"].tolist(), "tr_query": r["tr_query"].tolist(), "ir": r["ir"].tolist(),
-                        "ir_image": list(owner)}
+        out["ranks"] = ranks_record(r, owner)
     return out

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from ..pretrain.evaluate import RECALL_KS
+
 RESAMPLES = 1000  # B: bootstrap resamples of every test split
 LEVEL = 0.95
-RECALL_KS = (1, 5, 10)
 
 
 class Scores(dict):

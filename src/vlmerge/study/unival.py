@@ -319,15 +319,20 @@ class Unival:
     def _retrieval(self, model: Any, items: Sequence[Mapping[str, Any]], prep: Any) -> dict[str, Any]:
         """Task-head ITM = retrieval (the fine-tuning task's metric, ``r_mean``) with its per-query ranks."""
         from ..finetune.tasks.retrieval import encode_split
-        from ..pretrain.evaluate import dataset_relevance, recalls_from_ranks, retrieval_chance, retrieval_ranks
+        from ..pretrain.evaluate import (
+            dataset_relevance,
+            ranks_record,
+            recalls_from_ranks,
+            retrieval_chance,
+            retrieval_ranks,
+        )
 
         enc = encode_split(model, items, prep, self.cfg.eval_batch_size)
         rel, _ = dataset_relevance(items, enc["txt2img"].tolist(), enc["texts"])
         rk = retrieval_ranks(enc["img"] @ enc["txt"].t(), rel)
         return {"score": recalls_from_ranks(rk["tr"], rk["ir"])["r_mean"], "n": len(items),
                 "n_images": int(enc["img"].shape[0]),
-                "ranks": {"tr": rk["tr"].tolist(), "tr_query": rk["tr_query"].tolist(), "ir": rk["ir"].tolist(),
-                          "ir_image": enc["txt2img"].tolist()},
+                "ranks": ranks_record(rk, enc["txt2img"].tolist()),
                 "baseline": {"kind": "chance", "r_mean": retrieval_chance(rel)["r_mean"]}}
 
     def scores(self, merged: Mapping[str, Any], tasks: Sequence[str], split: str = "test") -> Scores:
