@@ -4,6 +4,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointReader,
     SafetensorsStreamWriter,
+    check_checkpoint,
     load_model,
     load_model_config,
     save_checkpoint,
@@ -24,7 +25,8 @@ from .vlmo import (
 
 __all__ = [
     "ARCHS", "PRESETS", "CheckpointError", "CheckpointReader", "MergeGroup", "ModelConfig", "ParamRole",
-    "SafetensorsStreamWriter", "VLMo", "block_param_name", "count_params", "load_model", "load_model_config",
+    "SafetensorsStreamWriter", "VLMo", "block_param_name", "check_checkpoint", "count_params", "load_model",
+    "load_model_config",
     "maa_to_msa", "merge_groups", "merged_to_maa", "param_shapes", "parse_param_name", "preset_config",
     "save_checkpoint", "save_model",
 ]

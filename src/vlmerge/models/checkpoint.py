@@ -21,7 +21,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from ..files import atomic_write_bytes, make_temp_file
 
 FORMAT = "vlmerge/1"
 CONFIG_NAME = "config.json"
@@ -55,23 +56,6 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- atomic IO
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -121,7 +105,7 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
         self._data_start = 8 + len(raw)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self._tmp = make_temp_file(self.path)
         self._f = os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._f.truncate(self._data_start + offset)
@@ -346,13 +330,39 @@ def load_model_config(ckpt_dir: str | os.PathLike[str]) -> Any:
         raise CheckpointError(str(e)) from e
 
 
-def load_model(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
-    """Build the model described by ``config.json`` and load its weights, validating keys, shapes, values."""
-    from .vlmo import VLMo, param_shapes
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-    config = load_model_config(ckpt_dir)
+
+def check_checkpoint(reader: CheckpointReader, config: Any | None = None) -> Any:
+    """Validate a vlmerge checkpoint before anything is computed from it; returns its ModelConfig.
+
+    ``config.json`` must parse into a :class:`~vlmerge.models.vlmo.ModelConfig` (typed errors naming the
+    file and key), the weights' keys and shapes must be exactly the ones that config's architecture
+    defines (the first mismatches are named, the rest counted), and every tensor must be float32 / float16 /
+    bfloat16 / float64 (an integer or float8 weight would be cast silently). ``CheckpointError`` otherwise.
+    """
+    from .vlmo import param_shapes
+
+    if config is None:
+        if not reader.path.is_dir():
+            raise CheckpointError(f"{reader.path}: a bare weights file has no {CONFIG_NAME}; expected a "
+                                  "checkpoint directory with config.json beside model.safetensors")
+        config = load_model_config(reader.path)
+    validate_state_dict(param_shapes(config), {k: reader.shape(k) for k in reader}, str(reader.path))
+    bad = [f"{k} ({reader.dtype(k)})" for k in reader if reader.dtype(k) not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{reader.path}: {len(bad)} tensors are not floating point: {', '.join(bad[:8])}"
+                              f"{' ...' if len(bad) > 8 else ''}; expected float32, float16, bfloat16 or float64")
+    return config
+
+
+def load_model(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
+    """Build the model described by ``config.json`` and load its weights, validating keys, shapes, dtypes
+    and values (:func:`check_checkpoint`, :func:`check_finite`)."""
+    from .vlmo import VLMo
+
     with CheckpointReader(ckpt_dir) as reader:
-        validate_state_dict(param_shapes(config), {k: reader.shape(k) for k in reader}, str(ckpt_dir))
+        config = check_checkpoint(reader)
         state = reader.state_dict()
     check_finite(state, str(ckpt_dir))
     model = VLMo(config)
