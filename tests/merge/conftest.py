@@ -18,6 +18,6 @@ def msa_pair(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[
         if ".l." in k or ".vl." in k:
             base[k] = seedsd[k.replace(".l.", ".v.").replace(".vl.", ".v.")].clone()
     sd = msa_state_dict(seed=2, base=base)
-    for k in ("word_embed.weight", "norm.weight", "heads.itc.image_proj.weight", "step"):
+    for k in ("word_embed.weight", "norm.weight", "heads.itc.image_proj.weight"):
         sd[k] = seedsd[k].clone()
     return write(tmp_path, "msa", sd), write(tmp_path, "base", base), sd, base

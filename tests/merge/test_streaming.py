@@ -14,12 +14,12 @@ from vlmerge.merge import Grams, merge_checkpoint, merge_models, merge_tensors
 from vlmerge.models import CheckpointReader
 from vlmerge.models.roles import merge_groups
 
-NON_BLOCK = ("word_embed.weight", "norm.weight", "heads.itc.image_proj.weight", "step")
+NON_BLOCK = ("word_embed.weight", "norm.weight", "heads.itc.image_proj.weight")
 
 
 def in_memory(method: str, sd: dict, base: dict | None, grams: dict | None = None, **params) -> dict:
     """The reference: merge_tensors on each group of the in-memory state dict."""
-    out = {k: v for k, v in sd.items() if k in NON_BLOCK or ".shared." in k}
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.") or ".shared." in k}
     for g in merge_groups(sd):
         mods = g.modalities
         srcs = [sd[g.sources[m]] for m in mods]
@@ -92,7 +92,7 @@ def test_interpolation_alpha_one_gives_vision_weights(msa_pair, tmp_path: Path) 
 def test_shared_slots_pass_through_and_maa_seed_base(tmp_path: Path) -> None:
     """A custom-ffn-like checkpoint (mlp shared) and a base with MAA (shared) names."""
     seed = msa_state_dict(seed=4, shared_modules=("norm1", "attn", "norm2", "mlp"))
-    sd = msa_state_dict(seed=5, shared_modules=("mlp",))
+    sd = msa_state_dict(seed=5, shared_modules=("norm2", "mlp"))
     in_dir, base_dir = write(tmp_path, "ffn", sd, "custom-attn"), write(tmp_path, "seed", seed, "maa")
     out = merge_checkpoint("modality_arithmetic", in_dir, tmp_path / "out", base_dir=base_dir, lam=0.5)
     with CheckpointReader(out) as r:
@@ -138,19 +138,29 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
         merge_checkpoint("average", in_dir, out, weights={"v": 1, "l": 1})
     with pytest.raises(ValueError, match="is also an input"):
         merge_checkpoint("interpolation", in_dir, in_dir)
-    # a base missing keys / with a wrong shape
+    # a base missing keys / with a wrong shape: a vlmerge base fails its own architecture check, a plain
+    # one (no model config) the slot-by-slot comparison with the input
     small = {k: v for k, v in base.items() if "blocks.2." not in k}
-    with pytest.raises(ValueError, match="missing 36 keys"):
+    with pytest.raises(ValueError, match=r"b2: missing keys \(36\): blocks.2."):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b2", small))
+    with pytest.raises(ValueError, match="missing 36 keys"):
+        merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b2p", small, plain=True))
     wrong = dict(base)
     wrong["blocks.0.attn.v.qkv.weight"] = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight: torch.float32 \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"b3: shape mismatches \(1\): blocks.0.attn.v.qkv.weight: checkpoint \[2, 2\]"):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3", wrong))
-    # modality copies of different shapes
+    with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight: torch.float32 \[2, 2\]"):
+        merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3p", wrong, plain=True))
+    # modality copies of different shapes, a missing expert copy, a missing config: the input's own check
     bad = dict(sd)
     bad["blocks.1.mlp.l.fc1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"cannot merge: blocks.1.mlp.shared.fc1.weight: .*\[3, 3\]"):
+    with pytest.raises(ValueError, match=r"bad: shape mismatches \(1\): blocks.1.mlp.l.fc1.weight: checkpoint \[3, 3\]"):
         merge_checkpoint("interpolation", write(tmp_path, "bad", bad), out)
+    one_less = {k: v for k, v in sd.items() if k != "blocks.2.mlp.vl.fc2.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks.2.mlp.vl.fc2.weight"):
+        merge_checkpoint("average", write(tmp_path, "one_less", one_less), out)
+    with pytest.raises(ValueError, match="no 'model' entry|expected an object with a 'model' entry"):
+        merge_checkpoint("average", write(tmp_path, "plain", sd, plain=True), out)
     # NaN in a weight: error naming it, nothing left under out
     nan = dict(sd)
     nan["blocks.2.mlp.vl.fc2.weight"] = nan["blocks.2.mlp.vl.fc2.weight"].clone()
@@ -165,7 +175,7 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
     # an already-merged checkpoint
     with pytest.raises(ValueError, match="no modality-specific block weights"):
         merge_checkpoint("interpolation", write(tmp_path, "maa", msa_state_dict(shared_modules=(
-            "norm1", "attn", "norm2", "mlp"))), out)
+            "norm1", "attn", "norm2", "mlp")), "maa"), out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dirs cleaned
 
@@ -191,16 +201,23 @@ def test_overwrite_is_atomic(msa_pair, tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["base", "msa", "out"]
 
 
-def models(tmp_path: Path, n: int) -> tuple[list[Path], list[dict]]:
-    sds = [msa_state_dict(seed=10 + i) for i in range(n)]
+def models(tmp_path: Path, n: int, plain: bool = False) -> tuple[list[Path], list[dict]]:
+    """``n`` vlmerge checkpoints of one architecture; ``plain``: checkpoints without a model config that
+    also hold an integer buffer ``step`` (equal in all)."""
+    sds = [msa_state_dict(seed=10 + i, int_buffer=plain) for i in range(n)]
     for sd in sds[1:]:
-        sd["step"] = sds[0]["step"]
-    return [write(tmp_path, f"m{i}", sd) for i, sd in enumerate(sds)], sds
+        if plain:
+            sd["step"] = sds[0]["step"]
+    return [write(tmp_path, f"m{i}", sd, plain=plain) for i, sd in enumerate(sds)], sds
 
 
 def test_merge_models_soup(tmp_path: Path) -> None:
     dirs, sds = models(tmp_path, 3)
     out = merge_models("average", dirs, tmp_path / "soup", weights=[1, 2, 1], progress=True)
+    (tmp_path / "plain").mkdir()
+    plain, psds = models(tmp_path / "plain", 2, plain=True)
+    with CheckpointReader(merge_models("average", plain, tmp_path / "psoup")) as r:
+        assert torch.equal(r.get("step"), psds[0]["step"])  # integer buffers pass through
     with CheckpointReader(out) as r:
         for k in sds[0]:
             if k == "step":
@@ -239,17 +256,23 @@ def test_nonfinite_named_whether_checked_before_or_after_merging(tmp_path: Path,
         assert not (tmp_path / "out").exists()
 
 
-def test_overflow_from_finite_inputs_is_kept(tmp_path: Path) -> None:
-    """Checking the result must not reject finite inputs whose sum overflows (as an input check would not)."""
-    dirs, sds = models(tmp_path, 2)
+@pytest.mark.parametrize("method", ["average", "ties", "modality_arithmetic", "dare"])
+def test_overflow_from_finite_inputs_is_an_error(tmp_path: Path, method: str) -> None:
+    """Finite inputs whose merge overflows float32 must not become an Inf weight: the error names the tensor
+    and nothing is written, whichever way the method checks its inputs."""
+    dirs, sds = models(tmp_path, 3)
     key = "blocks.0.attn.v.proj.weight"
     big = [{k: v.clone() for k, v in sd.items()} for sd in sds]
-    for sd in big:
+    for sd in big[:2]:
         sd[key][0, 0] = 3e38
+    big[2][key][0, 0] = -3e38
     ins = [write(tmp_path, f"big{i}", sd) for i, sd in enumerate(big)]
-    out = merge_models("average", ins, tmp_path / "out", weights=[1, 1], normalize=False)
-    with CheckpointReader(out) as r:
-        assert torch.isinf(r.get(key)[0, 0]) and torch.isfinite(r.get(key).view(-1)[1:]).all()
+    kw: dict = {"weights": [1, 1], "normalize": False} if method == "average" else {"base_dir": ins[2], "lam": 1.0}
+    if method == "dare":
+        kw.update(drop=0.0, normalize=False)  # nothing dropped: the entry that overflows is kept
+    with pytest.raises(ValueError, match=rf"{key}: the {method} merge of finite inputs overflowed"):
+        merge_models(method, ins[:2], tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_output_buffers_are_recycled_not_shared() -> None:
@@ -270,12 +293,12 @@ def test_output_buffers_are_recycled_not_shared() -> None:
 
 
 def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
-    dirs, sds = models(tmp_path, 2)
+    dirs, sds = models(tmp_path, 2, plain=True)
     other = dict(sds[1])
     del other["norm.weight"]
     other["extra.weight"] = torch.zeros(2)
     other["blocks.0.attn.v.qkv.weight"] = torch.zeros(4, 8)
-    bad = write(tmp_path, "bad", other)
+    bad = write(tmp_path, "bad", other, plain=True)
     with pytest.raises(ValueError, match="differ in 3 keys") as e:
         merge_models("average", [dirs[0], bad], tmp_path / "out")
     msg = str(e.value)
@@ -289,5 +312,5 @@ def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
     ints = dict(sds[1])
     ints["step"] = torch.tensor([8])
     with pytest.raises(ValueError, match="non-float tensor 'step' differs"):
-        merge_models("average", [dirs[0], write(tmp_path, "ints", ints)], tmp_path / "out")
+        merge_models("average", [dirs[0], write(tmp_path, "ints", ints, plain=True)], tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -14,20 +14,55 @@ so a method module holds only its equation.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 BaseUse = Literal["required", "optional", "unused"]
 
 
-class MergeParams(BaseModel):
-    """Base class of every method's parameter model: frozen, unknown keys forbidden."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def check_numbers(data: Any, where: str, bool_ok: Sequence[str] = ()) -> None:
+    """``ValueError`` when a (nested) value of ``data`` is a bool where a number is expected (YAML's ``true``
+    is not 1.0), or a number that is not finite or lies outside float32's range (merges compute in float32).
+    ``bool_ok``: top-level keys whose values are meant to be booleans."""
+
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, bool):
+            raise ValueError(f"{where} {key}={v!r}: expected a number, not true/false")
+        if isinstance(v, (int, float)) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+            raise ValueError(f"{where} {key}={v!r}: expected a finite number within float32's range")
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{key}[{i}]")
+
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            if k not in bool_ok:
+                walk(v, str(k))
+
+
+class MergeParams(BaseModel):
+    """Base class of every method's parameter model: frozen, unknown keys forbidden, numbers finite and
+    not booleans (:func:`check_numbers`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers(cls, data: Any) -> Any:
+        flags = [k for k, f in cls.model_fields.items() if f.annotation is bool]
+        check_numbers(data, "param", bool_ok=flags)
+        return data
 
 
 @dataclass(frozen=True)
@@ -180,6 +215,7 @@ def check_weights(weights: Sequence[float] | None, n: int, method: str) -> tuple
     """Validate per-input weights: one finite number per input."""
     if weights is None:
         return None
+    check_numbers({"weights": list(weights)}, f"{method}:")
     w = tuple(float(x) for x in weights)
     if len(w) != n:
         raise ValueError(

@@ -30,13 +30,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .base import METHODS, format_validation_error, get_method
+from .base import METHODS, check_numbers, format_validation_error, get_method
 
 
 class MergeConfig(BaseModel):
     """One merge, as written in a YAML config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -51,6 +51,16 @@ class MergeConfig(BaseModel):
     save_grams: Path | None = None
     overwrite: bool = False
     hash_inputs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_numbers({k: data[k] for k in ("weights", "batches") if k in data}, "key")
+            for k in ("overwrite", "hash_inputs"):
+                if k in data and not isinstance(data[k], bool):
+                    raise ValueError(f"key {k}={data[k]!r}: expected true or false")
+        return data
 
     @field_validator("method")
     @classmethod
@@ -116,8 +126,19 @@ def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
 
 def run_merge_config(cfg: MergeConfig, progress: bool = False) -> Path:
     """Run the merge a :class:`MergeConfig` describes; returns the output directory."""
+    from ..files import guard_output_dir, guard_output_file
     from .grams import check_gram_data, collect_grams, gram_batches
     from .streaming import merge_checkpoint, merge_models
+
+    gram_files = cfg.grams if isinstance(cfg.grams, list) else [cfg.grams]
+    reads = [cfg.input, *(cfg.inputs or []), cfg.base, *gram_files]
+    # Every output is checked before anything is read or computed (collecting Grams can take minutes).
+    out = guard_output_dir(cfg.output, reads, cfg.overwrite, flag="output")
+    if cfg.save_grams is not None:
+        save = guard_output_file(cfg.save_grams, reads, cfg.overwrite, flag="save_grams")
+        if out.resolve() in save.resolve().parents:
+            raise ValueError(f"save_grams {save} lies inside the output {out}, which the merge replaces; "
+                             "save the Grams elsewhere")
 
     if cfg.inputs is not None:
         return merge_models(

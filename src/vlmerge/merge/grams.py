@@ -74,29 +74,67 @@ def save_grams(grams: Grams | Mapping[str, torch.Tensor], path: str | os.PathLik
     return Path(path)
 
 
-def _read_counts(path: Path) -> dict[str, int]:
+GRAM_FILE_HINT = "a Gram file is a safetensors file written by 'vlmerge merge --save-grams' or Grams.save"
+
+_GRAM_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_gram_file(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Check that ``path`` is a Gram file written by :func:`save_grams` (headers only; nothing is unpickled)
+    and return its token counts by weight name.
+
+    Refused with a one-line :class:`~vlmerge.models.checkpoint.CheckpointError` (a ``ValueError``) naming the
+    file: a directory (a checkpoint, say), anything that is not a safetensors file (a pickle, JSON, empty or
+    random bytes), a safetensors file without the Gram format tag (model weights), a malformed ``counts``
+    record, a tensor that is not a square float matrix. ``FileNotFoundError`` when nothing is there.
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory (a checkpoint?), not a Gram file; {GRAM_FILE_HINT}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such Gram file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a header it cannot parse
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: not a Gram file (not a readable safetensors file: {why}); "
+                              f"{GRAM_FILE_HINT}") from None
     if meta.get("format") != GRAMS_FORMAT:
         raise CheckpointError(
-            f"{path}: not a Gram file (metadata format {meta.get('format')!r}, "
-            f"expected {GRAMS_FORMAT!r}); write one with save_grams or 'vlmerge merge --save-grams'"
+            f"{path}: not a Gram file (metadata format {meta.get('format')!r}, expected {GRAMS_FORMAT!r}; "
+            f"model weights?); {GRAM_FILE_HINT}"
         )
-    return {k: int(v) for k, v in json.loads(meta.get("counts", "{}")).items()}
+    for k, (dtype, shape) in specs.items():
+        if dtype not in _GRAM_DTYPES or len(shape) != 2 or shape[0] != shape[1]:
+            raise CheckpointError(f"{path}: tensor {k!r} is {dtype} {list(shape)}; expected a square float "
+                                  f"[in, in] Gram matrix ({GRAM_FILE_HINT})")
+    try:
+        counts = json.loads(meta.get("counts", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        counts = None
+    if not isinstance(counts, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
+    ):
+        raise CheckpointError(f"{path}: the Gram file's 'counts' metadata is invalid; expected a JSON object "
+                              f"of non-negative token counts by weight name ({GRAM_FILE_HINT})")
+    return dict(counts)
 
 
 def load_grams(path: str | os.PathLike[str]) -> Grams:
-    """Read a Gram file written by :func:`save_grams` into memory."""
+    """Read a Gram file written by :func:`save_grams` into memory (checked first: :func:`check_gram_file`)."""
     path = Path(path)
-    counts = _read_counts(path)
+    counts = check_gram_file(path)
     with CheckpointReader(path) as r:
         return Grams({k: r.get(k) for k in r}, counts)
 
 
 def open_grams(source: str | os.PathLike[str] | Grams | Mapping[str, torch.Tensor]) -> Any:
-    """A lazy Gram source with ``keys() / shape(k) / get(k)``: a file is read one Gram at a time."""
+    """A lazy Gram source with ``keys() / shape(k) / get(k)``: a file (checked first: :func:`check_gram_file`)
+    is read one Gram at a time."""
     if isinstance(source, Grams):
         return source
     if isinstance(source, Mapping):
@@ -104,9 +142,7 @@ def open_grams(source: str | os.PathLike[str] | Grams | Mapping[str, torch.Tenso
     from .io import StreamingReader
 
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Gram file")
-    _read_counts(path)
+    check_gram_file(path)
     return StreamingReader(path)
 
 

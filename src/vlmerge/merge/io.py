@@ -18,18 +18,9 @@ from typing import Any
 
 import torch
 
-from ..models.checkpoint import INDEX_NAME, WEIGHTS_NAME, CheckpointError, CheckpointReader, read_json
+from ..models.checkpoint import CheckpointError, CheckpointReader
 
 _MAX_READ = 1 << 30  # bytes per preadv call (Linux caps one read at ~2 GiB)
-
-
-def _data_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if (path / WEIGHTS_NAME).is_file():
-        return [path / WEIGHTS_NAME]
-    index = read_json(path / INDEX_NAME)
-    return [path / f for f in sorted(set(index["weight_map"].values()))]
 
 
 def _header(file: Path) -> tuple[int, dict[str, Any]]:
@@ -46,7 +37,7 @@ class StreamingReader(CheckpointReader):
         self._loc: dict[str, tuple[int, int, int]] = {}  # key -> (fd, absolute offset, nbytes)
         self._fds: list[int] = []
         try:
-            for file in _data_files(self.path):
+            for file in self.files:
                 start, header = _header(file)
                 fd = os.open(file, os.O_RDONLY)
                 self._fds.append(fd)

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..files import clean_stale_temps, guard_output_dir, make_temp_dir
 from ..models.checkpoint import (
     CONFIG_NAME,
     FORMAT,
@@ -50,6 +50,7 @@ from ..models.checkpoint import (
     CheckpointReader,
     SafetensorsStreamWriter,
     atomic_write_json,
+    check_checkpoint,
 )
 from ..models.roles import merge_groups, parse_param_name
 from .base import MergeContext, MergeMethod, MergeParams, check_weights, get_method, is_finite
@@ -106,25 +107,19 @@ def fingerprint(path: PathLike, full_hash: bool = False) -> dict[str, Any]:
     return out
 
 
-def _prepare_output(out_dir: PathLike, inputs: Sequence[PathLike | None], overwrite: bool) -> Path:
-    out = Path(out_dir).absolute()
-    for i in inputs:
-        if i is not None and Path(i).absolute().resolve() == out.resolve():
-            raise ValueError(f"output {out} is also an input; write the merge to a new directory")
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"output {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(
-                f"output {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-            )
-    return out
+def _prepare_output(out_dir: PathLike, reads: Sequence[Any], overwrite: bool) -> Path:
+    """The absolute output folder, after refusing one that is, contains or lies inside anything read
+    (inputs, base, Gram files) or that exists, is not empty and may not be replaced."""
+    paths = [r for r in reads if isinstance(r, (str, os.PathLike))]
+    return guard_output_dir(out_dir, paths, overwrite)
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished temp directory to ``out`` (replacing an old one) with renames only."""
+    """Move the finished temp directory to ``out`` (replacing an old one) with renames only. Killed
+    between the two renames, the previous output is in ``.OUT.old-PID-*/ckpt`` and the next run on
+    ``out`` restores it (:func:`~vlmerge.files.clean_stale_temps`)."""
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = make_temp_dir(out, "old")
         os.rename(out, old / "ckpt")
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -181,7 +176,8 @@ def _execute(
 ) -> Path:
     """Run ``jobs`` in output order into a temp dir beside ``out``; publish it on success."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    clean_stale_temps(out)
+    tmp = make_temp_dir(out)
     try:
         specs = {j.target: (j.dtype, j.shape) for j in jobs}
         order = sorted(jobs, key=lambda j: j.target)
@@ -264,8 +260,8 @@ def _merge_job(
     check_result: bool = False,
 ) -> torch.Tensor:
     """Merge one loaded job into ``out`` (a recycled buffer) if the method takes it. ``check_result``: the
-    inputs were not NaN/Inf-checked, so check the float32 result and, when it is not finite, the inputs,
-    raising for the first bad one (a result that overflowed from finite inputs is kept, as before)."""
+    inputs were not NaN/Inf-checked, so when the result is not finite, blame the first bad input. A result
+    that overflowed from finite inputs is an error whatever the method."""
     tensors = loaded.tensors
     if not job.merge:
         if not tensors[0].is_floating_point():
@@ -303,9 +299,15 @@ def _merge_job(
         out=out,
     )
     merged = method.merge([t.to(torch.float32) for t in tensors], params, ctx)
-    if check_result and not is_finite(merged):
-        _check_finite(job, loaded)
-    return merged.to(job.dtype)
+    result = merged.to(job.dtype)
+    if not is_finite(result):  # checked in the output dtype: float16 overflows where float32 does not
+        if check_result:  # the inputs were not checked: blame a NaN / Inf input first
+            _check_finite(job, loaded)
+        raise ValueError(
+            f"{job.target}: the {method.name} merge of finite inputs overflowed to NaN / Inf in {job.dtype}; "
+            "nothing was written (check lam, weights and normalize)"
+        )
+    return result
 
 
 def _merge_record(
@@ -355,6 +357,35 @@ def _gram_errors(missing: list[str], bad: list[str], where: str) -> None:
         raise ValueError(f"regmean: Gram shapes do not match the weights in {where}: {_listing(bad, 4)}")
 
 
+_INIT_ONLY = {"init_std", "tied_init"}  # model-config keys that only shape the initialisation
+
+
+def _check_model_inputs(
+    dirs: Sequence[PathLike], readers: Sequence[CheckpointReader], base_dir: PathLike | None,
+    base: CheckpointReader | None,
+) -> None:
+    """Inputs that are vlmerge checkpoints must each match their architecture and share one model config
+    (a soup of models that differ in, say, ``ln_eps`` would load but compute something else). Other
+    checkpoints (e.g. Hugging Face folders) are checked by keys, shapes and dtypes only."""
+    named = [(d, r) for d, r in zip([*dirs, base_dir], [*readers, base], strict=True) if r is not None]
+    models = [(d, r) for d, r in named if isinstance(r.config.get("model"), dict)]
+    for _, r in models:
+        check_checkpoint(r)
+    if models and len(models) != len(named):
+        plain = next(d for d, r in named if not isinstance(r.config.get("model"), dict))
+        raise ValueError(f"{plain} is not a vlmerge checkpoint (no 'model' in its config.json) but {models[0][0]} "
+                         "is; merge models of one kind")
+    ref_dir, ref = models[0] if models else (None, None)
+    for d, r in models[1:]:
+        assert ref is not None
+        a, b = ref.config["model"], r.config["model"]
+        differ = sorted(k for k in set(a) | set(b) - _INIT_ONLY if a.get(k) != b.get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{d}: model config differs from {ref_dir}'s in {len(differ)} keys, first "
+                             f"{k!r}: {b.get(k)!r} vs {a.get(k)!r}; merge models of one architecture")
+
+
 # ---------------------------------------------------------------------------------------- modality merge
 def merge_checkpoint(
     method: str | MergeMethod,
@@ -384,7 +415,7 @@ def merge_checkpoint(
     """
     m = get_method(method)
     p = m.parse_params(params)
-    out = _prepare_output(out_dir, [in_dir, base_dir], overwrite)
+    out = _prepare_output(out_dir, [in_dir, base_dir, grams], overwrite)
     if base_dir is None and m.base == "required":
         raise ValueError(
             f"{m.name}: needs a base checkpoint (W0, the VL-stage start weights): pass base_dir= / --base"
@@ -409,7 +440,10 @@ def merge_checkpoint(
             raise ValueError(f"{m.name}: weights has unknown modalities {unknown}; allowed: v, l, vl")
     with ExitStack() as stack:
         reader = stack.enter_context(StreamingReader(in_dir))
+        check_checkpoint(reader)  # a modality merge reads a vlmerge checkpoint: config, keys, shapes, dtypes
         base = stack.enter_context(StreamingReader(base_dir)) if base_dir is not None else None
+        if base is not None and isinstance(base.config.get("model"), dict):
+            check_checkpoint(base)
         gsrc = open_grams(grams) if grams is not None else None
         if isinstance(gsrc, CheckpointReader):
             stack.enter_context(gsrc)
@@ -543,7 +577,7 @@ def merge_models(
         raise ValueError(
             f"{m.name}: merges at most {m.max_models} models, got {len(dirs)}; use 'average' for N"
         )
-    out = _prepare_output(out_dir, [*dirs, base_dir], overwrite)
+    out = _prepare_output(out_dir, [*dirs, base_dir, *(grams or [])], overwrite)
     if base_dir is None and m.base == "required":
         raise ValueError(f"{m.name}: needs a base checkpoint (W0): pass base_dir= / --base")
     if base_dir is not None and m.base == "unused":
@@ -567,6 +601,7 @@ def merge_models(
             if isinstance(src, CheckpointReader):
                 stack.enter_context(src)
             gsrcs.append(src)
+        _check_model_inputs(dirs, readers, base_dir, base)
         ref = readers[0]
         keys = ref.keys()
         key_set = set(keys)

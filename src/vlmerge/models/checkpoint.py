@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..files import atomic_write_bytes, make_temp_file
+from ..files import atomic_write_bytes, make_temp_file, resolve_inside
 
 FORMAT = "vlmerge/1"
 CONFIG_NAME = "config.json"
@@ -65,9 +65,13 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON file") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
 
 
 # ---------------------------------------------------------------------------------------- streaming writer
@@ -177,11 +181,17 @@ class CheckpointReader:
                 if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                     raise CheckpointError(f"{self.path / INDEX_NAME}: expected a 'weight_map' object")
                 self._weight_map = index["weight_map"]
+                where = f"{self.path / INDEX_NAME} weight_map"
+                for f in self._weight_map.values():  # every shard a name inside this folder
+                    resolve_inside(self.path, f, where)
+                    if not f.endswith(".safetensors"):
+                        raise CheckpointError(f"{where}: {f!r} is not a .safetensors file name")
                 files = {f: self.path / f for f in sorted(set(self._weight_map.values()))}
             else:
                 raise FileNotFoundError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} in this directory")
         else:
             raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+        self.files: list[Path] = list(files.values())  # the weight files, in shard order
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
