@@ -108,15 +108,20 @@ def _overlap(out: Path, reads: Iterable[PathLike | None], flag: str) -> None:
 
 
 def guard_output_dir(
-    out: PathLike, reads: Iterable[PathLike | None], overwrite: bool, flag: str = "output"
+    out: PathLike, reads: Iterable[PathLike | None], overwrite: bool, flag: str = "output",
+    clean_stale: bool = False,
 ) -> Path:
     """Check a directory output before anything is opened; returns it absolute (not resolved).
 
     Refused (``ValueError`` naming ``flag``): the output is, contains or lies inside any path in ``reads``;
-    it exists and is not a directory; it exists, is not empty and ``overwrite`` is False.
+    it exists and is not a directory; it exists, is not empty and ``overwrite`` is False. With
+    ``clean_stale``, temps of an earlier killed writer of this output are cleaned up first (after the
+    overlap check), so a previous output they held is restored and then counts as existing.
     """
     path = Path(out).expanduser().absolute()
     _overlap(_real(path), list(reads), flag)
+    if clean_stale:
+        clean_stale_temps(path)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise ValueError(f"{flag} {path} exists and is not a directory")

@@ -65,7 +65,11 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
         if "=" not in kv:
             raise ValueError(f"--param expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        params[k.strip()] = yaml.safe_load(v)
+        try:
+            params[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "unreadable"
+            raise ValueError(f"--param {kv!r}: the value is not a YAML scalar or list ({problem})") from None
     paths = list(args.paths) + ([args.output] if args.output else [])
     if args.inputs:
         if len(paths) != 1:

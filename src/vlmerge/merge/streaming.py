@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..files import clean_stale_temps, guard_output_dir, make_temp_dir
+from ..files import guard_output_dir, make_temp_dir
 from ..models.checkpoint import (
     CONFIG_NAME,
     FORMAT,
@@ -111,7 +111,7 @@ def _prepare_output(out_dir: PathLike, reads: Sequence[Any], overwrite: bool) ->
     """The absolute output folder, after refusing one that is, contains or lies inside anything read
     (inputs, base, Gram files) or that exists, is not empty and may not be replaced."""
     paths = [r for r in reads if isinstance(r, (str, os.PathLike))]
-    return guard_output_dir(out_dir, paths, overwrite)
+    return guard_output_dir(out_dir, paths, overwrite, clean_stale=True)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -176,7 +176,6 @@ def _execute(
 ) -> Path:
     """Run ``jobs`` in output order into a temp dir beside ``out``; publish it on success."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     tmp = make_temp_dir(out)
     try:
         specs = {j.target: (j.dtype, j.shape) for j in jobs}

@@ -358,7 +358,10 @@ def check_checkpoint(reader: CheckpointReader, config: Any | None = None) -> Any
             raise CheckpointError(f"{reader.path}: a bare weights file has no {CONFIG_NAME}; expected a "
                                   "checkpoint directory with config.json beside model.safetensors")
         config = load_model_config(reader.path)
-    validate_state_dict(param_shapes(config), {k: reader.shape(k) for k in reader}, str(reader.path))
+    c = config
+    where = (f"{reader.path}: the weights do not match the model in {CONFIG_NAME} (arch {c.arch}, embed_dim "
+             f"{c.embed_dim}, depth {c.depth}, num_vl_layers {c.num_vl_layers})")
+    validate_state_dict(param_shapes(config), {k: reader.shape(k) for k in reader}, where)
     bad = [f"{k} ({reader.dtype(k)})" for k in reader if reader.dtype(k) not in FLOAT_DTYPES]
     if bad:
         raise CheckpointError(f"{reader.path}: {len(bad)} tensors are not floating point: {', '.join(bad[:8])}"
