@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import math
 import os
 import pickle
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import yaml
 
@@ -27,8 +29,15 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line (``vlmerge merge: error: argument --n: ... (see --help)``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vlmerge",
         description="Merge modality-specific vision-language transformers into one modality-agnostic model.",
     )
@@ -40,6 +49,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def count(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ≥ ``minimum`` (``--n -1`` is refused by argparse, in one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer ≥ {minimum}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (``nan``, ``inf`` and ``1e400`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 # Exit codes: 2 = bad input (a file, key, flag or value the user gave), 1 = the environment failed (disk

@@ -1,34 +1,18 @@
-"""Shared fixtures of the fuzz suite: micro checkpoints built once per session, copied per test, and the
-assertions every bad-input case makes (exit code, one line naming the culprit, inputs byte-identical,
-nothing left behind)."""
+"""Fixtures of the fuzz suite: micro checkpoints built once per session and copied per test, and ``cli``,
+which runs ``vlmerge.cli.main`` and returns its exit code and stderr."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from fuzz_helpers import Result
 
 from vlmerge.cli import main
 from vlmerge.models import VLMo, preset_config, save_model
-
-
-@dataclass
-class Result:
-    rc: int
-    err: str  # stderr
-
-    @property
-    def lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.strip()]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (relative name -> bytes), hidden ones included."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")
@@ -63,19 +47,3 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
         return Result(rc, capsys.readouterr().err)
 
     return run
-
-
-def refused(res: Result, code: int, *names: str) -> None:
-    """The command failed with ``code`` and one stderr line naming every one of ``names``; no traceback."""
-    assert res.rc == code, res.err
-    assert len(res.lines) == 1, res.err
-    assert "Traceback" not in res.err
-    for n in names:
-        assert n in res.lines[0], (n, res.lines[0])
-
-
-def leftovers(root: Path, allowed: Iterable[str]) -> list[str]:
-    """Entries of ``root`` (recursively, names relative) that are not under one of ``allowed``."""
-    keep = tuple(allowed)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if not str(p.relative_to(root)).split("/")[0] in keep)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Result, leftovers, refused, snapshot
+from fuzz_helpers import Result, leftovers, refused, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -97,7 +97,8 @@ BROKEN: dict[str, tuple[Callable[[Path], None], list[str]]] = {
                          ["config.json"]),
     "wrong type": (lambda w: edit_config(w / "msa", embed_dim="32"), ["embed_dim"]),
     "bool for a number": (lambda w: edit_config(w / "msa", depth=True), ["depth"]),
-    "width mismatch": (lambda w: edit_config(w / "msa", embed_dim=64), ["shape mismatches", "config.json", "embed_dim 64"]),
+    "width mismatch": (lambda w: edit_config(w / "msa", embed_dim=64),
+                       ["shape mismatches", "config.json", "embed_dim 64"]),
     "extra tensor": (lambda w: rewrite(w / "msa", lambda sd: sd.update(junk=torch.zeros(3))),
                      ["unexpected keys (1): junk"]),
     "missing tensor": (lambda w: rewrite(w / "msa", lambda sd: sd.pop("norm.bias")), ["missing keys (1): norm.bias"]),
@@ -290,3 +291,22 @@ def test_any_config_value_is_merged_correctly_or_refused_in_one_line(micro_ckpts
     else:
         refused(res, 2)
         assert leftovers(work, ["msa"]) == []
+
+
+def test_an_output_that_appears_during_the_merge_is_not_replaced(work: Path, cli,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two merges to one new output: the one that finishes second must not replace the first's result."""
+    from vlmerge.models import checkpoint
+
+    close = checkpoint.SafetensorsStreamWriter.close
+
+    def other_writer_first(self: checkpoint.SafetensorsStreamWriter) -> None:
+        (work / "out").mkdir(exist_ok=True)
+        (work / "out" / "theirs.txt").write_text("the other merge's result")
+        close(self)
+
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close", other_writer_first)
+    res = cli(*INTERP, work / "msa", work / "out")
+    refused(res, 2, "appeared while merging")
+    assert snapshot(work / "out") == {"theirs.txt": b"the other merge's result"}
+    assert leftovers(work, ["msa", "base", "out"]) == []

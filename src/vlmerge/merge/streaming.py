@@ -114,11 +114,14 @@ def _prepare_output(out_dir: PathLike, reads: Sequence[Any], overwrite: bool) ->
     return guard_output_dir(out_dir, paths, overwrite, clean_stale=True)
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temp directory to ``out`` (replacing an old one) with renames only. Killed
     between the two renames, the previous output is in ``.OUT.old-PID-*/ckpt`` and the next run on
     ``out`` restores it (:func:`~vlmerge.files.clean_stale_temps`)."""
     if out.exists():
+        if not overwrite and (not out.is_dir() or any(out.iterdir())):  # another writer got there first
+            raise ValueError(f"output {out} appeared while merging (another process?); nothing was replaced, "
+                             "pass --overwrite to replace it")
         old = make_temp_dir(out, "old")
         os.rename(out, old / "ckpt")
         os.rename(tmp, out)
@@ -173,6 +176,7 @@ def _execute(
     out: Path,
     config: dict[str, Any],
     progress: bool,
+    overwrite: bool,
 ) -> Path:
     """Run ``jobs`` in output order into a temp dir beside ``out``; publish it on success."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +213,7 @@ def _execute(
                 if flat is not None:  # written: its buffer may take the next result
                     buffers.give(flat)
         atomic_write_json(tmp / CONFIG_NAME, config)
-        _publish(tmp, out)
+        _publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -539,7 +543,7 @@ def merge_checkpoint(
         if previous is not None:
             record["previous"] = previous
         config["merge"] = record
-        return _execute(m, p, jobs, out, config, progress)
+        return _execute(m, p, jobs, out, config, progress, overwrite)
 
 
 # -------------------------------------------------------------------------------------------- model soups
@@ -667,4 +671,4 @@ def merge_models(
             grams,
             list(w) if w else None,
         )
-        return _execute(m, p, jobs, out, config, progress)
+        return _execute(m, p, jobs, out, config, progress, overwrite)

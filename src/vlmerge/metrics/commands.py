@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from ..cli import finite_float
 from .checkpoint import METRICS, checkpoint_distances
 
 # Table 5 (ViT-B/16, COCO retrieval drop after interpolation) for context in the text output.
@@ -69,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--per-module", action="store_true", help="also one row per module (per layer with --per-layer)"
     )
     p.add_argument(
-        "--k", type=float, default=0.5, help="TSSD: fraction of smallest entries zeroed (default 0.5)"
+        "--k", type=finite_float, default=0.5, help="TSSD: fraction of smallest entries zeroed (default 0.5)"
     )
     p.add_argument("--matrices-only", action="store_true", help="only 2-D weights (no LayerNorm, no biases)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import count
 from .vlmo import ARCHS, PRESETS, count_params, preset_config
 
 # The merging paper's Table 7 (ViT-B/16 backbone with a VQA head), in millions of parameters.
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--preset", default="vit-base", choices=sorted(PRESETS), help="model size preset")
     info.add_argument("--arch", default="all", choices=[*ARCHS, "all"], help="architecture (default: all)")
     info.add_argument("--heads", default="vqa", help="comma-separated heads to include (default: vqa, as Table 7)")
-    info.add_argument("--vocab-size", type=int, default=30522, help="text vocabulary (default: bert-base-uncased)")
-    info.add_argument("--num-answers", type=int, default=3129, help="VQA answers (default: 3129, the paper's)")
+    info.add_argument("--vocab-size", type=count(1), default=30522, help="text vocabulary (default: bert-base-uncased)")
+    info.add_argument("--num-answers", type=count(1), default=3129, help="VQA answers (default: 3129, the paper's)")
     info.add_argument("--json", action="store_true", help="print JSON (a key total_params per architecture)")
     info.set_defaults(func=_info)
