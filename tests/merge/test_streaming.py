@@ -141,20 +141,20 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
     # a base missing keys / with a wrong shape: a vlmerge base fails its own architecture check, a plain
     # one (no model config) the slot-by-slot comparison with the input
     small = {k: v for k, v in base.items() if "blocks.2." not in k}
-    with pytest.raises(ValueError, match=r"b2: the weights do not match the model in config.json .*: missing keys \(36\): blocks.2."):
+    with pytest.raises(ValueError, match=r"b2: the weights do not match .*: missing keys \(36\): blocks.2."):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b2", small))
     with pytest.raises(ValueError, match="missing 36 keys"):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b2p", small, plain=True))
     wrong = dict(base)
     wrong["blocks.0.attn.v.qkv.weight"] = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"b3: .*: shape mismatches \(1\): blocks.0.attn.v.qkv.weight: checkpoint \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"b3: .*: shape mismatches \(1\): blocks.0.attn.v.qkv.weight: checkpoint \["):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3", wrong))
     with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight: torch.float32 \[2, 2\]"):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3p", wrong, plain=True))
     # modality copies of different shapes, a missing expert copy, a missing config: the input's own check
     bad = dict(sd)
     bad["blocks.1.mlp.l.fc1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"bad: .*: shape mismatches \(1\): blocks.1.mlp.l.fc1.weight: checkpoint \[3, 3\]"):
+    with pytest.raises(ValueError, match=r"bad: .*: shape mismatches \(1\): blocks.1.mlp.l.fc1.weight: checkpoint \["):
         merge_checkpoint("interpolation", write(tmp_path, "bad", bad), out)
     one_less = {k: v for k, v in sd.items() if k != "blocks.2.mlp.vl.fc2.weight"}
     with pytest.raises(ValueError, match=r"missing keys \(1\): blocks.2.mlp.vl.fc2.weight"):

@@ -7,8 +7,9 @@
 * :meth:`Tokenizer.from_file` / :meth:`Tokenizer.save` — ``tokenizer.json``.
 
 Every encoding is ``[CLS] tokens [SEP]`` padded with ``[PAD]`` to ``max_len`` (the paper uses 40). A
-checkpoint records :meth:`Tokenizer.to_config` (kind, vocabulary size and a fingerprint of the vocabulary);
-:meth:`Tokenizer.from_config` rebuilds the tokenizer and refuses one whose vocabulary differs.
+checkpoint records :meth:`Tokenizer.to_config` (kind, vocabulary size, a fingerprint of the vocabulary and
+the vocabulary itself, so the checkpoint is self-contained); :meth:`Tokenizer.from_config` rebuilds the
+tokenizer from that record alone and refuses one whose vocabulary differs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import os
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from ..files import resolve_inside
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Special tokens; a trained vocabulary gives them ids 0–4 in this order ([PAD] = 0)."""
@@ -123,34 +126,75 @@ class Tokenizer:
         try:
             backend = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on malformed JSON
-            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+            raise ValueError(f"{path}: not a valid tokenizer.json ({' '.join(str(e).split())})") from e
         return cls(backend, kind="file", source=str(path))
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Tokenizer:
+    def from_config(cls, cfg: Any, root: Path | None = None, where: str = "tokenizer config") -> Tokenizer:
         """Rebuild the tokenizer :meth:`to_config` described (as stored in a checkpoint's config.json).
 
-        Raises ``ValueError`` when the kind cannot be rebuilt, or when the rebuilt vocabulary's size or
-        fingerprint differs from the recorded one (the model's token ids would not match).
+        The vocabulary comes from the config itself (``vocab`` for kinds trained / vocab, ``json`` for kind
+        file; world and paper are rebuilt from the project / the optional package): the file named by
+        ``source`` is never opened, so a checkpoint cannot make vlmerge read another file. An older config
+        with only a ``source`` path is refused unless ``root`` is given and ``source`` is a relative path
+        inside ``root`` (:func:`~vlmerge.files.resolve_inside`). ``where`` names the config in errors.
+
+        Raises ``ValueError`` when the config is malformed or cannot be rebuilt, or when the rebuilt
+        vocabulary's size or fingerprint differs from the recorded one (the model's token ids would not match).
         """
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{where}: expected an object with a 'kind' entry, got {type(cfg).__name__}")
         kind = cfg.get("kind")
-        if kind == "world":
-            tok = default_tokenizer()
-        elif kind == "paper":
-            tok = cls.paper()
-        elif kind == "trained" and "vocab" in cfg:
-            tok = cls.from_tokens(cfg["vocab"])
-        elif kind in ("vocab", "file") and cfg.get("source"):
-            tok = cls.from_vocab(cfg["source"]) if kind == "vocab" else cls.from_file(cfg["source"])
-        else:
-            raise ValueError(f"tokenizer config: cannot rebuild kind={kind!r}; allowed values: 'world', "
-                             "'paper', 'trained' with a 'vocab' list, 'vocab' or 'file' with a 'source' path")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ValueError(f"{where}: cannot rebuild kind={kind!r}; allowed values: 'world', 'paper', 'trained' "
+                             "with a 'vocab' list, 'vocab' with a 'vocab' list, 'file' with a 'json' string")
+        try:
+            tok = cls._rebuild(cfg, kind, root, where)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         for key in ("vocab_size", "fingerprint"):
             if key in cfg and cfg[key] != getattr(tok, key):
-                raise ValueError(f"tokenizer config: the rebuilt {kind!r} tokenizer has "
+                raise ValueError(f"{where}: the rebuilt {kind!r} tokenizer has "
                                  f"{key}={getattr(tok, key)!r} but the checkpoint recorded {cfg[key]!r}; "
                                  "its token ids would not match the model's")
         return tok
+
+    @classmethod
+    def _rebuild(cls, cfg: Mapping[str, Any], kind: str, root: Path | None, where: str) -> Tokenizer:
+        if kind == "world":
+            return default_tokenizer()
+        if kind == "paper":
+            return cls.paper()
+        source = cfg.get("source")
+        info = source if isinstance(source, str) else None  # recorded for information only, never opened
+        if kind in ("trained", "vocab") and "vocab" in cfg:
+            tokens = cfg["vocab"]
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+                raise ValueError(f"{where}: 'vocab' is invalid; expected a non-empty list of token strings")
+            return cls.from_tokens(tokens, kind=kind, source=info)
+        if kind == "file" and "json" in cfg:
+            text = cfg["json"]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: 'json' is invalid; expected the tokenizer.json text as a string")
+            try:
+                backend = _HFTokenizer.from_str(text)
+            except Exception as e:  # the library raises a bare Exception on malformed JSON
+                why = " ".join(str(e).split())
+                raise ValueError(f"{where}: 'json' is not a valid tokenizer.json ({why})") from None
+            return cls(backend, kind="file", source=info)
+        if kind == "trained":
+            raise ValueError(f"{where}: kind 'trained' needs its 'vocab' list")
+        missing = (f"{where}: the {kind!r} tokenizer is not embedded in the checkpoint (no "
+                   f"{'vocab list' if kind == 'vocab' else 'json string'})")
+        if root is None or source is None:
+            raise ValueError(f"{missing}, only source={source!r}; expected the vocabulary in the config (re-save "
+                             "the checkpoint with this version of vlmerge)")
+        try:
+            path = resolve_inside(root, source, "source")
+        except ValueError as e:
+            raise ValueError(f"{missing}, and {e}") from None
+        return cls.from_vocab(path) if kind == "vocab" else cls.from_file(path)
 
     # -- use ----------------------------------------------------------------------------------------------
     @property
@@ -199,14 +243,17 @@ class Tokenizer:
         atomic_write_bytes(path, self._tok.to_str().encode())
 
     def to_config(self) -> dict[str, Any]:
-        """``kind``, ``vocab_size``, ``fingerprint``, plus ``source`` (vocab/file) or the ``vocab`` list
-        (trained): enough for :meth:`from_config` to rebuild and verify it."""
+        """``kind``, ``vocab_size``, ``fingerprint``, plus the vocabulary itself: the ``vocab`` list (kinds trained
+        and vocab) or the ``json`` tokenizer text (kind file), so that :meth:`from_config` rebuilds and verifies
+        it from the checkpoint alone. ``source`` (vocab / file) records where it was read from, as information."""
         cfg: dict[str, Any] = {"kind": self.kind, "vocab_size": self.vocab_size,
                                "fingerprint": self.fingerprint}
         if self.kind in ("vocab", "file"):
             cfg["source"] = self.source
-        if self.kind == "trained":
+        if self.kind in ("trained", "vocab"):
             cfg["vocab"] = self.tokens
+        if self.kind == "file":
+            cfg["json"] = self._tok.to_str()
         return cfg
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@
 
 Each prints its metrics next to the baseline (chance, or the best constant answer) and writes JSON:
 ``finetune`` to ``OUT/metrics.json``; ``eval`` to ``--out`` (default ``CKPT/eval/{task}-{split}.json``).
+Neither replaces an existing ``--out`` without ``--overwrite``, nor writes into (or over) what it reads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..files import guard_output_file
 from ..models.checkpoint import atomic_write_json
 from .config import DATA_FORMATS, FINETUNE_TASKS, TASKS
 
@@ -57,12 +59,27 @@ def _finetune(args: argparse.Namespace) -> int:
     from .api import finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = finetune(args.task, args.init, args.out, args.config, sets=_sets(args), preset=args.preset)
+    out = finetune(args.task, args.init, args.out, args.config, sets=_sets(args), preset=args.preset,
+                   overwrite=args.overwrite)
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
     if not args.json:
         print(f"wrote {out} (model) and {out / 'metrics.json'}")
     return 0
+
+
+def _eval_output(args: argparse.Namespace) -> Path:
+    """Where ``eval`` writes, checked before anything is evaluated. The default ``CKPT/eval/TASK-SPLIT.json``
+    is the command's own result, replaced by a re-run; an explicit ``--out`` may not be (or lie inside) the
+    checkpoint, the config or the data, and replaces an existing file only with ``--overwrite``."""
+    ckpt = Path(args.ckpt)
+    if not args.out:
+        out = ckpt / "eval" / f"{args.task}-{args.split}.json"
+        if out.is_dir():
+            raise ValueError(f"{out} is a directory; expected the file of the result (or give --out FILE)")
+        return out
+    reads = [ckpt, *(sorted(ckpt.iterdir()) if ckpt.is_dir() else []), args.config, args.data_root]
+    return guard_output_file(args.out, reads, args.overwrite, flag="--out")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -71,9 +88,9 @@ def _eval(args: argparse.Namespace) -> int:
     sets = _sets(args)
     if args.rerank_k is not None:
         sets.append(f"rerank_k={args.rerank_k}")
+    out = _eval_output(args)
     metrics = evaluate(args.task, args.ckpt, args.split, args.config, sets=sets)
-    out = Path(args.out) if args.out else Path(args.ckpt) / "eval" / f"{args.task}-{args.split}.json"
-    atomic_write_json(out, metrics)
+    atomic_write_json(out, metrics)  # creates CKPT/eval/ only now, with the result
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics) + f"\nwrote {out}")
     return 0
 
@@ -93,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--init", required=True, help="checkpoint directory to start from (pre-trained or merged)")
     ft.add_argument("--out", required=True, help="output checkpoint directory")
     ft.add_argument("--preset", help="defaults section of configs/finetune/TASK.yaml (default: from the checkpoint)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     _common(ft)
     ft.set_defaults(func=_finetune)
 
@@ -101,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("ckpt", help="checkpoint directory")
     ev.add_argument("--split", default="test", help="split to score: test | ood | val | train (default: test)")
     ev.add_argument("--rerank-k", type=int, help="retrieval: rerank the top-k by ITM (needs an itm head)")
-    ev.add_argument("--out", help="JSON output file (default: CKPT/eval/TASK-SPLIT.json)")
+    ev.add_argument("--out", help="JSON output file (default: CKPT/eval/TASK-SPLIT.json, replaced by a re-run)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(ev)
     ev.set_defaults(func=_eval)

@@ -42,11 +42,15 @@ def default_tokenizer() -> Any:
     return world_tokenizer()
 
 
-def tokenizer_from_config(cfg: dict[str, Any]) -> Any:
-    """Rebuild the tokenizer a checkpoint recorded (``config.json`` ``"tokenizer"``)."""
+def tokenizer_from_config(cfg: Any, root: str | Path | None = None, where: str = "tokenizer config") -> Any:
+    """Rebuild the tokenizer a checkpoint recorded (``config.json`` ``"tokenizer"``) from the record alone.
+
+    ``root`` (the checkpoint folder) lets an older record that names only a ``source`` file be read when that
+    file lies inside ``root``; ``where`` names the record in errors (see :meth:`Tokenizer.from_config`).
+    """
     from ..data import Tokenizer
 
-    return Tokenizer.from_config(cfg)
+    return Tokenizer.from_config(cfg, root=None if root is None else Path(root), where=where)
 
 
 def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size: int = 32,

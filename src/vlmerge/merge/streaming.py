@@ -13,7 +13,12 @@ slot's inputs + output (two slots read and merged ahead while one is written; pl
 inputs the OS keeps cached). Results are written into recycled output buffers (``MergeContext.out``).
 Every input is checked for NaN / Inf -- or, for methods whose result keeps any NaN / Inf of its inputs
 (``MergeMethod.propagates_nonfinite``: the linear ones and DARE), the result is checked instead and the
-inputs only when it is not finite; either way the error names the file and key.
+inputs only when it is not finite; either way the error names the file and key. A result that overflows
+from finite inputs is an error too, naming the tensor: no merge writes a NaN or Inf weight.
+
+Before anything is read, the inputs are checked as checkpoints (:func:`~vlmerge.models.checkpoint.
+check_checkpoint`: config, keys, shapes, dtypes) and the output against everything read
+(:func:`~vlmerge.files.guard_output_dir`: never an input, a folder holding one or a folder inside one).
 
 The output ``config.json`` is the input's with a ``"merge"`` record (method, params, weights, sources with
 file fingerprints, base, Grams, version). :func:`merge_checkpoint` merges every modality-specific slot, so

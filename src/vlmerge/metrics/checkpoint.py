@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models.checkpoint import CheckpointReader
+from ..models.checkpoint import (
+    CONFIG_NAME,
+    FLOAT_DTYPES,
+    WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointReader,
+    check_checkpoint,
+    load_model_config,
+)
 from ..models.roles import merge_groups
 from .distances import DistanceAccumulator, ssd, truncate_smallest
 
@@ -40,6 +49,58 @@ def _row(
     return out
 
 
+_EXPECTED = f"expected a checkpoint directory ({CONFIG_NAME} beside {WEIGHTS_NAME})"
+_SIZE_KEYS = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size",
+              "max_text_len", "type_vocab_size")
+
+
+def _gram_tag(file: Path) -> bool:
+    """Whether ``file`` is a safetensors file tagged as a Gram file (False when it cannot be read)."""
+    from safetensors import safe_open
+
+    from ..merge.grams import GRAMS_FORMAT
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == GRAMS_FORMAT
+    except Exception:  # not a safetensors file: the reader says so
+        return False
+
+
+def check_distance_source(path: str | os.PathLike[str]) -> None:
+    """Refuse what is not a checkpoint directory before a ``CheckpointReader`` opens it: a file (a bare weights
+    file or a Gram file, whose keys are the weight names but whose tensors are [in, in] Grams)."""
+    p = Path(path)
+    if p.is_file():
+        what = "a Gram file (written by --save-grams)" if _gram_tag(p) else "a file"
+        raise CheckpointError(f"{p}: is {what}, not a checkpoint; {_EXPECTED}")
+    if p.is_dir() and (p / WEIGHTS_NAME).is_file() and _gram_tag(p / WEIGHTS_NAME):
+        raise CheckpointError(f"{p / WEIGHTS_NAME}: is a Gram file (written by --save-grams), not model weights; "
+                              f"{_EXPECTED}")
+
+
+def check_distance_reader(reader: CheckpointReader) -> None:
+    """Validate an opened checkpoint before distances are computed from it.
+
+    With a ``config.json`` whose ``"model"`` entry gives the model's sizes: :func:`check_checkpoint` (typed
+    config, exactly the architecture's keys and shapes, float dtypes). A ``"model"`` entry that only names the
+    architecture is type-checked; then, as for a checkpoint without a vlmerge config, every tensor must be
+    floating point (an integer or float8 weight would be cast silently).
+    """
+    if not isinstance(reader.config, dict):
+        load_model_config(reader.path)  # config.json is not an object: refused, naming it
+    model = reader.config.get("model")
+    if isinstance(model, dict) and any(k in model for k in _SIZE_KEYS):
+        check_checkpoint(reader)
+        return
+    if "model" in reader.config:
+        load_model_config(reader.path)  # typed errors naming config.json and the key
+    bad = [f"{k} ({reader.dtype(k)})" for k in reader if reader.dtype(k) not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{reader.path}: {len(bad)} tensors are not floating point: {', '.join(bad[:8])}"
+                              f"{' ...' if len(bad) > 8 else ''}; expected float32, float16, bfloat16 or float64")
+
+
 def checkpoint_distances(
     ckpt_dir: str | os.PathLike[str],
     per_layer: bool = False,
@@ -54,10 +115,16 @@ def checkpoint_distances(
     Returns ``{"global": {l2, cosine, ssd, tssd, numel}, "k": k, "tensors": n}`` plus ``"per_layer"``
     (a list of rows with ``layer``) when ``per_layer``, and ``"per_module"`` (rows with ``module``, and
     ``layer`` when ``per_layer`` too) when ``per_module``.
+
+    ``ckpt_dir`` is validated first (``CheckpointError`` naming the file): a file (bare weights, a Gram file)
+    is refused, and so are Gram matrices stored as ``model.safetensors``; see :func:`check_distance_reader`
+    for what is checked of the directory's weights.
     """
     if not 0.0 <= k < 1.0:
         raise ValueError(f"k must be in [0, 1), got {k}")
+    check_distance_source(ckpt_dir)
     with CheckpointReader(ckpt_dir) as reader:
+        check_distance_reader(reader)
         pairs = []
         for g in merge_groups(reader.keys()):
             if "v" not in g.sources or "l" not in g.sources:

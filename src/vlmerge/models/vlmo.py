@@ -22,6 +22,7 @@ layers (``num_vl_layers``). Two routes (Fig. 2):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -73,30 +74,9 @@ class ModelConfig:
     tied_init: bool = True  # modality experts of a slot start equal (VLMo initialises every expert from BEiT)
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"model config: {name}={getattr(self, name)!r} is invalid; expected {expected}")
-
-        if self.arch not in ARCHS:
-            raise bad("arch", f"one of {sorted(ARCHS)}")
-        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "vocab_size",
-                     "max_text_len", "type_vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, "a positive integer")
-        if not 0 <= self.num_vl_layers <= self.depth:
-            raise bad("num_vl_layers", f"an integer in [0, depth={self.depth}]")
-        if self.image_size % self.patch_size:
-            raise bad("patch_size", f"a divisor of image_size={self.image_size}")
-        if self.embed_dim % self.num_heads:
-            raise bad("num_heads", f"a divisor of embed_dim={self.embed_dim}")
-        if self.mlp_ratio <= 0:
-            raise bad("mlp_ratio", "a positive number")
-        unknown = [h for h in self.heads if h not in HEADS]
-        if unknown:
-            raise bad("heads", f"names from {sorted(HEADS)}")
-        if "cls" in self.heads and self.num_classes < 1:
-            raise bad("num_classes", "≥ 1 when the 'cls' head is present")
-        if "seg" in self.heads and self.num_seg_classes < 2:
-            raise bad("num_seg_classes", "≥ 2 when the 'seg' head is present")
+        if isinstance(self.heads, list):  # a list from Python code: stored as the tuple the field is
+            object.__setattr__(self, "heads", tuple(self.heads))
+        check_model_config({f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def num_patches(self) -> int:
@@ -119,17 +99,117 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "model config") -> ModelConfig:
+        """The config a checkpoint's ``config.json`` ``"model"`` entry describes; missing keys take the defaults.
+
+        ``ValueError`` naming ``source``, the key and what it must be for an unknown key or any value of the
+        wrong type or out of range (see :func:`check_model_config`).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: expected an object of model config keys, got {type(d).__name__} "
+                             f"{_short_repr(d)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in d if k not in known)
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; allowed keys are {sorted(known)}")
-        d = dict(d)
-        if "heads" in d:
-            d["heads"] = tuple(d["heads"])
-        return cls(**d)
+        values = {f.name: d.get(f.name, f.default) for f in fields(cls)}
+        check_model_config(values, source)
+        if isinstance(values["heads"], list):
+            values["heads"] = tuple(values["heads"])
+        return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+
+_EXPECTED_TYPE: dict[str, str] = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "int | None": "an integer or null",
+    "tuple[str, ...]": "a list of strings",
+}
+"""ModelConfig field annotation -> what the error message says a value must be."""
+
+_GEOMETRY = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "max_text_len",
+             "type_vocab_size")
+_MAX_DIM = 1 << 16  # widths, depth, positions, pixels
+_MAX_HIDDEN = 1 << 20  # FFN hidden width
+_MAX_ROWS = 1 << 24  # vocabulary and label-set sizes
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    """Whether ``value`` has the type the ``annotation`` string names (bool is not a number; an int is a float)."""
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "int | None":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    raise AssertionError(f"ModelConfig: no type check for annotation {annotation!r}")  # a new field's type
+
+
+def check_model_config(values: Mapping[str, Any], source: str = "model config") -> None:
+    """Check every :class:`ModelConfig` field value against its type, then the values against each other.
+
+    ``values`` holds every field. Raises ``ValueError``: ``"{source}: {name}={value!r} is invalid; expected
+    {what}"`` for the first bad field.
+    """
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"{source}: {name}={_short_repr(values[name])} is invalid; expected {expected}")
+
+    for f in fields(ModelConfig):
+        annotation = str(f.type)
+        if not _type_ok(annotation, values[f.name]):
+            raise bad(f.name, _EXPECTED_TYPE[annotation])
+    if values["arch"] not in ARCHS:
+        raise bad("arch", f"one of {sorted(ARCHS)}")
+    # Upper bounds keep every tensor's size computable (an absurd width would overflow torch's size arithmetic).
+    for name, most in (*((n, _MAX_DIM) for n in _GEOMETRY), ("vocab_size", _MAX_ROWS)):
+        if not 1 <= values[name] <= most:
+            raise bad(name, f"a positive integer ≤ {most}")
+    depth = values["depth"]
+    if not 0 <= values["num_vl_layers"] <= depth:
+        raise bad("num_vl_layers", f"an integer in [0, depth={depth}]")
+    if values["image_size"] % values["patch_size"]:
+        raise bad("patch_size", f"a divisor of image_size={values['image_size']}")
+    if values["embed_dim"] % values["num_heads"]:
+        raise bad("num_heads", f"a divisor of embed_dim={values['embed_dim']}")
+    hidden = values["embed_dim"] * values["mlp_ratio"]
+    if values["mlp_ratio"] <= 0 or not math.isfinite(hidden) or not 1 <= round(hidden) <= _MAX_HIDDEN:
+        raise bad("mlp_ratio", f"a positive number with 1 ≤ embed_dim={values['embed_dim']} * mlp_ratio ≤ "
+                               f"{_MAX_HIDDEN}")
+    if values["proj_dim"] is not None and not 1 <= values["proj_dim"] <= _MAX_DIM:
+        raise bad("proj_dim", f"a positive integer ≤ {_MAX_DIM} or null (null = embed_dim)")
+    for name in ("ln_eps", "init_std"):
+        if values[name] <= 0:
+            raise bad(name, "a positive finite number")
+    heads = values["heads"]
+    if any(h not in HEADS for h in heads):
+        raise bad("heads", f"names from {sorted(HEADS)}")
+    if len(set(heads)) != len(heads):
+        raise bad("heads", "each head name once")
+    for name in ("num_answers", "num_classes", "num_seg_classes"):
+        if not 0 <= values[name] <= _MAX_ROWS:
+            raise bad(name, f"a non-negative integer ≤ {_MAX_ROWS}")
+    if "vqa" in heads and values["num_answers"] < 1:
+        raise bad("num_answers", "≥ 1 when the 'vqa' head is present")
+    if "cls" in heads and values["num_classes"] < 1:
+        raise bad("num_classes", "≥ 1 when the 'cls' head is present")
+    if "seg" in heads and values["num_seg_classes"] < 2:
+        raise bad("num_seg_classes", "≥ 2 when the 'seg' head is present")
 
 
 # ------------------------------------------------------------------------------------------------- presets

@@ -5,7 +5,8 @@ The same command runs on one CPU process, N CPU processes or N GPUs::
     vlmerge pretrain --config configs/tiny.yaml --out runs/tiny
     torchrun --nproc_per_node 8 -m vlmerge.pretrain --config configs/paper.yaml --out runs/paper
 
-Re-running the command with the same ``--out`` resumes from the last checkpoint.
+Re-running the command with the same ``--out`` resumes from the last checkpoint; while a run is going, its
+``--out`` is locked (a second ``vlmerge pretrain`` on it fails at once).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from .engine import pretrain
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Read and check the config and the flags (nothing is written before that), then run; the run folder
+    is locked for the whole run (:func:`~.engine.pretrain`): a second run on it fails at once, exit code 1."""
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be a step >= 1, got {args.stop_after}")
     config = load_config(args.config, args.set)
     path = pretrain(config, args.out, stop_after=args.stop_after, progress=not args.no_progress)
     if rank() == 0:
@@ -51,8 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmerge")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    from ..cli import BAD_INPUT, error_message
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vlmerge pretrain: error: {e}", file=sys.stderr)
-        return 2
+    except (*BAD_INPUT, OSError) as e:  # exit codes and one-line messages as ``vlmerge pretrain``'s
+        msg, code = error_message(e)
+        print(f"vlmerge pretrain: error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return code

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..models.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from ..files import RunLock, clean_stale_temps
+from ..models.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_model, save_model
 from ..models.vlmo import VLMo, maa_to_msa
 from . import dist
 from .config import PretrainConfig, dump_config, validate_config
@@ -43,7 +44,16 @@ from .inputs import Collate, PretrainData, build_data
 from .losses import ObjectiveSettings, PretrainObjective
 from .optim import build_optimizer, lr_at, set_lr
 from .recipes import Stage, apply_freezing, heads_for, plan_stages
-from .state import latest_checkpoint, load_training_state, read_meta, save_training_checkpoint
+from .state import (
+    LATEST,
+    STATE_JSON,
+    check_training_state,
+    clean_step_temps,
+    latest_checkpoint,
+    load_training_state,
+    read_meta,
+    save_training_checkpoint,
+)
 
 log = logging.getLogger("vlmerge.pretrain")
 
@@ -75,14 +85,15 @@ def pretrain(
     ``data`` replaces the default corpus (:func:`~.inputs.build_data`). ``stop_after``: stop once the global
     step reaches it, with a checkpoint (a later call resumes); the return value is then that checkpoint.
     Call under ``torchrun`` for several processes; every rank returns the same path.
+
+    Every check of the config and of ``out_dir`` runs before the run folder is created; the main process then
+    holds a :class:`~vlmerge.files.RunLock` on it for the whole run, so a second run on the same folder fails
+    at once (:class:`~vlmerge.files.RunLocked`) instead of interleaving logs and checkpoints.
     """
     out = Path(out_dir)
-    final = out / "final"
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after must be a step >= 1, got {stop_after}")
     info = dist.init_distributed(config.train.device)
-    _check_config(out, config, info)
-    if (final / "config.json").is_file():
-        return final
-    data = data or build_data(config)
     t = config.train
     micro = t.micro_batch_size or t.batch_size // info.world
     if micro < 1 or t.batch_size % (micro * info.world):
@@ -90,19 +101,44 @@ def pretrain(
                          f"{info.world} processes")
     r = config.recipe
     stages = plan_stages(r.name, config.model.arch, t.steps, r.seed_steps, r.image_steps, r.text_steps)
-    run = _Run(config, out, data, info, stages, micro, t.batch_size // (micro * info.world),
-               _Metrics(out, info.is_main))
+    _check_out(out, config)
+    with ExitStack() as held:
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(out, "pre-training run folder"))
+            _clean_temps(out)
+            atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
+        dist.barrier()
+        return _pretrain(config, out, data, info, stages, micro, stop_after, progress)
 
-    # Where to start: the last checkpoint's stage and step, or the very beginning.
+
+def _pretrain(config: PretrainConfig, out: Path, data: PretrainData | None, info: dist.DistInfo, stages: list[Stage],
+              micro: int, stop_after: int | None, progress: bool) -> Path:
+    """The run itself, once ``out`` is checked, locked and holds the config."""
+    final = out / "final"
+    if (final / "config.json").is_file():
+        return final
+    # Where to start: the last checkpoint's stage and step, or the very beginning (checked before the data).
     ckpt = latest_checkpoint(out)
+    meta: dict[str, Any] = {}
     model, stage_idx, stage_step = None, 0, 0
     if ckpt is not None:
         meta = read_meta(ckpt)
+        stage_idx, stage_step = meta["stage_index"], meta["stage_step"]
+        if stage_idx >= len(stages) or stage_step > stages[stage_idx].steps:
+            raise CheckpointError(f"{ckpt / STATE_JSON}: stage_index={stage_idx}, stage_step={stage_step} is not a "
+                                  f"step of this run's stages {[(s.name, s.steps) for s in stages]}")
+        if stage_step < stages[stage_idx].steps:  # resumed inside the stage: from its optimiser state
+            check_training_state(ckpt)
+    data = data or build_data(config)
+    t = config.train
+    run = _Run(config, out, data, info, stages, micro, t.batch_size // (micro * info.world),
+               _Metrics(out, info.is_main))
+    if ckpt is not None:
         if meta["world"] != info.world and info.is_main:
             log.warning("resuming a %d-process run on %d processes: results will not be bitwise equal",
                         meta["world"], info.world)
         model = load_model(ckpt)
-        stage_idx, stage_step = meta["stage_index"], meta["stage_step"]
         if stage_step == stages[stage_idx].steps:  # the checkpoint closed its stage
             stage_idx, stage_step, ckpt = stage_idx + 1, 0, None
         run.metrics.truncate(meta["global_step"])
@@ -249,8 +285,15 @@ def _save_main(run: _Run, model: VLMo, where: Path, w0: bool = False) -> None:
     dist.barrier()
 
 
-def _check_config(out: Path, config: PretrainConfig, info: dist.DistInfo) -> None:
-    """Write ``OUT/config.yaml``, or check that a resumed run's config matches it (up to :data:`RESUMABLE_KEYS`)."""
+def _check_out(out: Path, config: PretrainConfig) -> None:
+    """Refuse ``out`` before anything is written: a file, a folder that holds something other than a
+    pre-training run, or a run with a different config (up to :data:`RESUMABLE_KEYS`)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        if not (out / "config.yaml").is_file() and not (out / "checkpoints").is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out} is not empty and holds no pre-training run (no config.yaml); "
+                             "give a new or empty directory")
     path = out / "config.yaml"
     if path.is_file():
         saved = _flatten(validate_config(yaml.safe_load(path.read_text()), source=str(path)).to_dict())
@@ -258,10 +301,15 @@ def _check_config(out: Path, config: PretrainConfig, info: dist.DistInfo) -> Non
         diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_KEYS)
         if diff:
             raise ValueError(f"{out} holds a run with a different config (keys {diff}); use a new --out directory")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, dump_config(config).encode())
-    dist.barrier()
+
+
+def _clean_temps(out: Path) -> None:
+    """Remove the temp files and folders a killed run left in ``out`` (their writers' pids are gone)."""
+    targets = [out / "config.yaml", out / "retrieval.json", out / "metrics.jsonl", out / "checkpoints" / LATEST]
+    targets += [out / sub / name for sub in ("w0", "final") for name in ("config.json", "model.safetensors")]
+    for target in targets:
+        clean_stale_temps(target, quiet=True)
+    clean_step_temps(out / "checkpoints")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -333,4 +381,4 @@ class _Metrics:
         """Drop rows logged after ``step`` (written before a kill, then redone by the resumed run)."""
         if self.main and self.path.is_file():
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            atomic_write_bytes(self.path, "".join(r + "\n" for r in rows).encode())

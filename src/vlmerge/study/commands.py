@@ -5,7 +5,8 @@
     vlmerge study unival --preset tiny --out runs/unival          # UnIVAL's task-model merging (Figs 2-3, Table 20)
 
 Re-running a command with the same ``--out`` resumes: finished cells (pre-training runs, merges, fine-tunes)
-are loaded from ``OUT/cells`` instead of recomputed.
+are loaded from ``OUT/cells`` instead of recomputed. ``--out`` is locked while a study runs: a second
+``vlmerge study`` on it fails at once.
 """
 
 from __future__ import annotations
@@ -27,20 +28,39 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_only(text: str | None) -> list[str] | None:
+    """``--only``: None (every part) when the flag is not given; else a non-empty list of known parts."""
+    from .runner import PARTS
+
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = sorted({p for p in parts if p not in PARTS})
+    if not parts or bad:
+        raise ValueError(f"--only expects comma-separated parts from {', '.join(PARTS)}, got {text!r}")
+    return list(dict.fromkeys(parts))
+
+
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     seeds = parse_seeds(args.seeds)
     if args.experiment == "unival":
-        if args.only:
+        if args.only is not None:
             raise ValueError("--only applies to the merging study; the unival study always runs its three scenarios")
-        from .unival import run_unival
+        from ..files import RunLock
+        from .unival import load_unival_config, run_unival
 
-        report = run_unival(args.preset, args.out, seeds=seeds, overrides=args.set, progress=not args.no_progress)
+        load_unival_config(args.preset, args.set)  # a bad preset or --set is refused before --out is created
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"--seeds expects integers >= 0, got {args.seeds!r}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with RunLock(out, "study folder"):
+            report = run_unival(args.preset, out, seeds=seeds, overrides=args.set, progress=not args.no_progress)
     else:
         from .runner import run_study
 
-        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-        report = run_study(args.preset, args.out, only=only, seeds=seeds, overrides=args.set,
+        report = run_study(args.preset, args.out, only=parse_only(args.only), seeds=seeds, overrides=args.set,
                            progress=not args.no_progress)
     print(Path(report))
     return 0
@@ -56,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which paper's experiments (default: merging)")
     p.add_argument("--preset", default="tiny", help="micro | tiny (CPU, <= 15 min) | small (one GPU) | paper | a YAML")
     p.add_argument("--out", required=True, help="study directory (re-use it to resume)")
-    p.add_argument("--only", default="", help="comma-separated parts: table1,figure3,table2,figure4,table3,table5")
+    p.add_argument("--only", default=None, help="comma-separated parts: table1,figure3,table2,figure4,table3,table5 "
+                   "(default: all)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean ± std (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. --set steps=400 (repeatable)")

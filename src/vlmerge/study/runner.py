@@ -515,19 +515,35 @@ def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequen
 def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
               overrides: Sequence[str] = (), progress: bool = True,
               on_seed: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
-    """Run (or resume) the study ``preset`` into ``out_dir``; returns the path of ``report.md``."""
-    import torch
+    """Run (or resume) the study ``preset`` into ``out_dir``; returns the path of ``report.md``.
+
+    ``only``: the parts to run (None: all; an empty list is refused). The arguments are checked before
+    ``out_dir`` is created; it is then locked (:class:`~vlmerge.files.RunLock`) for the run.
+    """
+    from ..files import RunLock
 
     t0 = time.time()
     cfg = load_study_config(preset, overrides)
-    parts = list(only or PARTS)
+    parts = list(PARTS if only is None else only)
     bad = [p for p in parts if p not in PARTS]
-    if bad:
-        raise ValueError(f"--only: unknown parts {bad}; expected some of {', '.join(PARTS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if bad or not parts:
+        raise ValueError(f"--only: {f'unknown parts {bad}' if bad else 'no parts given'}; expected some of "
+                         f"{', '.join(PARTS)}")
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "study folder"):
+        return _run_study(cfg, preset, out_dir, parts, only, seeds, overrides, progress, on_seed, t0)
+
+
+def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[str], only: Sequence[str] | None,
+               seeds: Sequence[int], overrides: Sequence[str], progress: bool,
+               on_seed: Callable[[int, dict[str, Any]], None] | None, t0: float) -> Path:
+    """:func:`run_study` once its arguments are checked and ``out_dir`` is locked."""
+    import torch
+
+    out = Path(out_dir)
     per_seed, cells, computed = [], {}, 0
     for seed in seeds:
         study = Study(cfg, out, seed, progress)

@@ -1,0 +1,195 @@
+"""``vlmerge pretrain`` and its run folder: one writer at a time, nothing written on bad input, a resume reads
+only this run's checkpoints, and a save that fails (disk full) leaves the previous checkpoint as the latest."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vlmerge.cli import main
+from vlmerge.files import RunLock
+from vlmerge.models import load_model
+from vlmerge.pretrain import state
+from vlmerge.pretrain.state import LATEST, STATE_JSON, STATE_TENSORS, read_meta
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# micro with a 2-step seed stage and a 2-step VL stage on 20 images: a step takes milliseconds
+SETS = ["train.steps=4", "recipe.seed_steps=2", "data.train_images=20", "data.eval_images=4", "train.batch_size=4",
+        "train.ckpt_every=100", "train.log_every=1", "optim.warmup_steps=1", "train.device=cpu"]
+
+
+def pretrain_argv(out: Path, *extra: str, sets: list[str] | None = None) -> list[str]:
+    argv = ["pretrain", "--config", str(CONFIGS / "micro.yaml"), "--out", str(out), "--no-progress"]
+    for s in [*SETS, *(sets or [])]:
+        argv += ["--set", s]
+    return [*argv, *extra]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones too) with its bytes (None for a folder)."""
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlmerge pretrain: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after step 1, inside its seed stage: checkpoints/step-00000001 holds an optimiser state."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert main(pretrain_argv(out, "--stop-after", "1")) == 0
+    assert json.loads((out / "checkpoints" / LATEST).read_text())["dir"] == "step-00000001"
+    return out
+
+
+@pytest.fixture
+def run(stopped: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+def test_a_second_run_on_a_locked_run_folder_fails_at_once(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(run)
+    with RunLock(run):
+        assert main(pretrain_argv(run)) == 1
+    assert "another vlmerge process is writing this pre-training run folder" in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
+def test_a_new_run_folder_is_locked_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        assert main(pretrain_argv(out)) == 1
+    assert str(out) in one_line_error(capsys)
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- bad flags and --out
+@pytest.mark.parametrize(("sets", "extra", "culprit"), [
+    (["optim.lr=["], [], "line 1, column 2"),  # YAML that does not parse (the message does not name the key)
+    (["optim.lr=abc"], [], "optim.lr"),
+    (["train.micro_batch_size=3"], [], "train.micro_batch_size=3"),
+    (["recipe.seed_steps=9"], [], "train.steps=4"),
+    ([], ["--stop-after", "0"], "--stop-after"),
+])
+def test_bad_flags_are_refused_before_the_run_folder_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: list[str], extra: list[str], culprit: str
+) -> None:
+    out = tmp_path / "run"
+    assert main(pretrain_argv(out, *extra, sets=sets)) == 2
+    assert culprit in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_or_holds_something_else_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_bytes(b"mine\n")
+    assert main(pretrain_argv(f)) == 2
+    assert "is not a directory" in one_line_error(capsys)
+    folder = tmp_path / "folder"
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "config.json").write_bytes(b"{}")
+    before = snapshot(tmp_path)
+    assert main(pretrain_argv(folder)) == 2
+    assert "holds no pre-training run" in one_line_error(capsys)
+    assert snapshot(tmp_path) == before and f.read_bytes() == b"mine\n"
+
+
+# ------------------------------------------------------------------------------------------- latest.json
+@pytest.mark.parametrize("pointer", [
+    "absolute", {"dir": "../../other/checkpoints/step-00000001"}, {"dir": 1}, {"global_step": 1}, [1], "step",
+])
+def test_latest_json_must_name_a_checkpoint_inside_the_run(
+    run: Path, stopped: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], pointer: Any
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(stopped, other)  # a complete checkpoint of another run: still refused
+    if pointer == "absolute":
+        pointer = {"dir": str(other / "checkpoints" / "step-00000001")}
+    (run / "checkpoints" / LATEST).write_text(json.dumps(pointer))
+    before = snapshot(tmp_path)
+    assert main(pretrain_argv(run)) == 2
+    line = one_line_error(capsys)
+    assert str(run / "checkpoints" / LATEST) in line and "expected" in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["pickle", "random", "missing key", "not an object"])
+def test_a_damaged_training_state_is_refused_naming_the_file(
+    run: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    ckpt = run / "checkpoints" / "step-00000001"
+    if damage == "pickle":
+        victim = ckpt / STATE_TENSORS
+        victim.write_bytes(pickle.dumps({"rng.cpu": [1, 2, 3]}))
+    elif damage == "random":
+        victim = ckpt / STATE_TENSORS
+        victim.write_bytes(bytes(range(256)) * 4)
+    else:
+        victim = ckpt / STATE_JSON
+        meta = json.loads(victim.read_text())
+        victim.write_text(json.dumps([meta] if damage == "not an object" else {k: v for k, v in meta.items()
+                                                                               if k != "stage_step"}))
+    before = snapshot(run)
+    assert main(pretrain_argv(run)) == 2
+    assert str(victim) in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+def _no_space(*_: Any, **__: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["train_state", "latest.json"])
+def test_a_save_that_runs_out_of_disk_keeps_the_previous_checkpoint(
+    run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    if where == "train_state":  # inside the step folder: half of it is written
+        monkeypatch.setattr(state, "save_tensors", _no_space)
+    else:  # the step folder is complete, the pointer to it cannot be written
+        write_json = state.atomic_write_json
+
+        def fail_latest(path: Path, obj: Any) -> None:
+            if Path(path).name == LATEST:
+                _no_space()
+            write_json(path, obj)
+
+        monkeypatch.setattr(state, "atomic_write_json", fail_latest)
+    assert main(pretrain_argv(run, "--stop-after", "2")) == 1
+    assert "no space left on device" in one_line_error(capsys)
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-00000001"]  # no step-2, no .step-2 temp
+    assert json.loads((root / LATEST).read_text())["dir"] == "step-00000001"
+    ckpt = root / "step-00000001"
+    assert read_meta(ckpt)["global_step"] == 1 and load_model(ckpt).config.arch == "maa"
+    assert (ckpt / STATE_TENSORS).is_file()
+
+    monkeypatch.undo()  # space again: the resume goes on from step 1
+    assert main(pretrain_argv(run, "--stop-after", "2")) == 0
+    assert json.loads((root / LATEST).read_text())["dir"] == "step-00000002"
+
+
+def test_the_next_save_removes_the_temp_folder_of_a_killed_save(run: Path) -> None:
+    root = run / "checkpoints"
+    stale = root / ".step-00000002.tmp-99999999-x1y2"  # no such pid: its writer is gone
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert main(pretrain_argv(run, "--stop-after", "2")) == 0
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-00000001", "step-00000002"]
+    assert not [p for p in run.rglob(".*")]
