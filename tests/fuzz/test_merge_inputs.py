@@ -130,7 +130,7 @@ def test_broken_input_is_refused_before_writing(work: Path, cli, case: str) -> N
         (["--method", "modality_arithmetic", "--param", "lam=.inf", "--base", "{base}"], ["lam", "finite"]),
         (["--method", "modality_arithmetic", "--lam", "1e39", "--base", "{base}"], ["lam", "float32"]),
         (["--method", "interpolation", "--param", "alpha=true"], ["alpha", "true"]),
-        (["--method", "interpolation", "--param", "alpha=["], ["alpha="]),  # bad YAML in --param
+        (["--method", "interpolation", "--param", "alpha=["], ["--param alpha", "YAML"]),  # bad YAML in --param
         (["--method", "ties", "--density", "nan", "--base", "{base}"], ["density"]),
         (["--method", "regmean", "--data", "world", "--batches", "-1"], ["batches"]),
     ],

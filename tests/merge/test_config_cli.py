@@ -89,8 +89,8 @@ def test_cli_inputs_soup(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "match"), [
     (["--method", "ties", "IN", "OUT"], "needs a base checkpoint"),
     (["--method", "ties", "--alpha", "0.5", "--base", "B", "IN", "OUT"],
-     "param 'alpha' is unknown; allowed: density"),
-    (["--method", "interpolation", "--alpha", "1.5", "IN", "OUT"], "param 'alpha'"),
+     "params: alpha: unknown key; allowed keys: density"),
+    (["--method", "interpolation", "--alpha", "1.5", "IN", "OUT"], "params: alpha"),
     (["--method", "interpolation", "IN"], "give IN_DIR OUT_DIR"),
     (["IN", "OUT"], "--method is required"),
     (["--method", "interpolation", "--grams", "g", "IN", "OUT"], "are for regmean"),
@@ -123,12 +123,12 @@ def test_yaml_config(msa_pair, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    ({"method": "soup"}, "key 'method': unknown merge method 'soup'; allowed: average, dare"),
-    ({"methd": "ties"}, "key 'methd' is unknown; allowed: method, params"),
-    ({"params": {"alpha": 3}}, "interpolation: param 'alpha'"),
-    ({"params": {"density": 0.5}}, "param 'density' is unknown; allowed: alpha, vl_ratio"),
+    ({"method": "soup"}, "method: unknown merge method 'soup'; allowed: average, dare"),
+    ({"methd": "ties"}, "methd: unknown key; allowed keys: method, params"),
+    ({"params": {"alpha": 3}}, "interpolation params: alpha"),
+    ({"params": {"density": 0.5}}, "params: density: unknown key; allowed keys: alpha, vl_ratio"),
     ({"inputs": ["a", "b"]}, "exactly one of 'input'"),
-    ({"batches": 0}, "key 'batches'"),
+    ({"batches": 0}, "batches:"),
     ({"weights": [0.5, 0.5]}, "maps modality to weight"),
 ])
 def test_yaml_config_errors(tmp_path: Path, cfg: dict, match: str) -> None:
@@ -140,7 +140,7 @@ def test_yaml_config_errors(tmp_path: Path, cfg: dict, match: str) -> None:
 
 def test_yaml_not_a_mapping(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("- a\n- b\n")
-    with pytest.raises(ValueError, match="a merge config is a mapping"):
+    with pytest.raises(ValueError, match="expected a mapping of config keys"):
         load_merge_config(tmp_path / "c.yaml")
     with pytest.raises(FileNotFoundError):
         load_merge_config(tmp_path / "missing.yaml")

@@ -201,12 +201,12 @@ def test_nonfinite_inputs_reach_the_result(name: str) -> None:
 
 
 @pytest.mark.parametrize(("method", "kwargs", "match"), [
-    ("interpolation", {"alpha": 1.5}, "param 'alpha'.*\\[0, 1\\]"),
-    ("interpolation", {"lam": 0.5}, "param 'lam' is unknown; allowed: alpha, vl_ratio"),
-    ("ties", {"density": 0.0}, "param 'density'.*greater than 0"),
-    ("dare", {"drop": 1.0}, "param 'drop'.*less than 1"),
-    ("regmean", {"gamma": -0.1}, "param 'gamma'"),
-    ("modality_arithmetic", {"lam": -1}, "param 'lam'"),
+    ("interpolation", {"alpha": 1.5}, "params: alpha.*\\[0, 1\\]"),
+    ("interpolation", {"lam": 0.5}, "params: lam: unknown key; allowed keys: alpha, vl_ratio"),
+    ("ties", {"density": 0.0}, "params: density.*greater than 0"),
+    ("dare", {"drop": 1.0}, "params: drop.*less than 1"),
+    ("regmean", {"gamma": -0.1}, "params: gamma"),
+    ("modality_arithmetic", {"lam": -1}, "params: lam"),
 ])
 def test_bad_params(method: str, kwargs: dict, match: str) -> None:
     a, b = rnd(3, 3, seed=1), rnd(3, 3, seed=2)

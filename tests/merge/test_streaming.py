@@ -130,7 +130,7 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
         merge_checkpoint("regmean", in_dir, out)
     with pytest.raises(ValueError, match="no Gram for 28 linear weights in the Grams given"):
         merge_checkpoint("regmean", in_dir, out, grams=Grams({}, {}))
-    with pytest.raises(ValueError, match="param 'alpha'"):
+    with pytest.raises(ValueError, match="params: alpha"):
         merge_checkpoint("interpolation", in_dir, out, alpha=2)
     with pytest.raises(ValueError, match="alpha schedule has 2 values; the model has 3 layers"):
         merge_checkpoint("interpolation", in_dir, out, alpha=[0.5, 0.5])

@@ -79,7 +79,7 @@ def test_a_new_run_folder_is_locked_too(tmp_path: Path, capsys: pytest.CaptureFi
 
 # ------------------------------------------------------------------------------------- bad flags and --out
 @pytest.mark.parametrize(("sets", "extra", "culprit"), [
-    (["optim.lr=["], [], "line 1, column 2"),  # YAML that does not parse (the message does not name the key)
+    (["optim.lr=["], [], "--set optim.lr"),  # YAML that does not parse: named by its key
     (["optim.lr=abc"], [], "optim.lr"),
     (["train.micro_batch_size=3"], [], "train.micro_batch_size=3"),
     (["recipe.seed_steps=9"], [], "train.steps=4"),

@@ -16,13 +16,13 @@ checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import apply_sets, config_root, deep_merge, read_yaml, validate
 
 TaskName = Literal["retrieval", "vqa", "nlvr2", "cls", "seg", "itm"]
 TASKS: tuple[str, ...] = get_args(TaskName)  # itm: zero-shot image-text matching, evaluation only
@@ -103,51 +103,20 @@ class FinetuneConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
 
 
-# ------------------------------------------------------------------------------------------------- errors
-def _explain(err: ValidationError, source: str) -> str:
-    """One line per problem, naming the key and the allowed values."""
-    allowed_top = sorted(FinetuneConfig.model_fields)
-    allowed_data = sorted(DataConfig.model_fields)
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(config)"
-        if e["type"] == "extra_forbidden":
-            allowed = allowed_data if key.startswith("data.") else allowed_top
-            lines.append(f"unknown key {key!r}; allowed keys are {allowed}")
-        elif e["type"] == "literal_error":
-            lines.append(f"{key}={e.get('input')!r} is invalid; allowed values: {e['ctx']['expected']}")
-        else:
-            lines.append(f"{key}={e.get('input')!r}: {e['msg']}")
-    return f"{source}: " + "; ".join(lines)
-
-
 def validate_config(d: Mapping[str, Any], source: str = "finetune config") -> FinetuneConfig:
-    """Build a :class:`FinetuneConfig`, turning pydantic's errors into one ``ValueError`` naming each key."""
-    try:
-        return FinetuneConfig.model_validate(dict(d))
-    except ValidationError as e:
-        raise ValueError(_explain(e, source)) from None
+    """Build a :class:`FinetuneConfig`; one ``ValueError`` naming each bad key (:func:`vlmerge.config.explain`)."""
+    return validate(FinetuneConfig, d, source)
 
 
 # ----------------------------------------------------------------------------------------------- defaults
 def configs_dir() -> Path:
-    """``configs/finetune`` of the repository (``$VLMERGE_CONFIGS/finetune`` when that is set)."""
-    env = os.environ.get("VLMERGE_CONFIGS")
-    root = Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
-    return root / "finetune"
+    """The fine-tuning presets: ``finetune/`` under :func:`vlmerge.config.config_root`."""
+    return config_root() / "finetune"
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys at the top level")
-    return data
+def parse_sets(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "data.root=/x"]`` -> nested dict; values are parsed as YAML (:func:`vlmerge.config.apply_sets`)."""
+    return apply_sets({}, pairs)
 
 
 def task_defaults(task: str, preset: str) -> dict[str, Any]:
@@ -163,31 +132,6 @@ def task_defaults(task: str, preset: str) -> dict[str, Any]:
     if preset not in presets:
         raise ValueError(f"{path}: no preset {preset!r}; allowed values: {sorted(presets)}")
     return deep_merge(doc.get("common") or {}, presets[preset] or {})
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def parse_sets(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "data.root=/x"]`` -> nested dict; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {pair!r}: {p!r} is not a section")
-        node[parts[-1]] = value
-    return out
 
 
 def resolve_config(

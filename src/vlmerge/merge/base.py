@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from ..config import validate
 
 BaseUse = Literal["required", "optional", "unused"]
 
@@ -132,12 +134,7 @@ class MergeMethod:
             return params
         if isinstance(params, MergeParams):
             params = params.model_dump()
-        try:
-            return self.Params(**dict(params or {}))
-        except ValidationError as e:
-            raise ValueError(
-                format_validation_error(e, f"{self.name}: param", self.allowed_params())
-            ) from None
+        return validate(self.Params, dict(params or {}), f"{self.name} params")
 
     def allowed_params(self) -> list[str]:
         return sorted(self.Params.model_fields)
@@ -181,27 +178,6 @@ def get_method(name: str | MergeMethod) -> MergeMethod:
     if name not in METHODS:
         raise ValueError(f"unknown merge method {name!r}; allowed methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def format_validation_error(e: ValidationError, prefix: str, allowed: Sequence[str] | None = None) -> str:
-    """A pydantic error as one line: ``{prefix} 'key': message (got value)``, joined by ``; ``."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        if not loc:  # a whole-model check: its message names the keys itself
-            parts.append(err["msg"].removeprefix("Value error, "))
-            continue
-        if err["type"] == "extra_forbidden":
-            msg = f"{prefix} {loc!r} is unknown"
-            if allowed is not None:
-                msg += f"; allowed: {', '.join(allowed) or '(none)'}"
-        elif err["type"] == "missing":
-            msg = f"{prefix} {loc!r} is required"
-        else:
-            text = err["msg"].removeprefix("Value error, ")
-            msg = f"{prefix} {loc!r}: {text} (got {err.get('input')!r})"
-        parts.append(msg)
-    return "; ".join(parts)
 
 
 def tensor_seed(seed: int, name: str) -> int:

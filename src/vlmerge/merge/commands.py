@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
-from .base import METHODS, format_validation_error, get_method
+from ..config import parse_value, validate
+from .base import METHODS, get_method
 from .config import MergeConfig, load_merge_config, run_merge_config
 
 # flag -> method parameter name
@@ -65,11 +63,7 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
         if "=" not in kv:
             raise ValueError(f"--param expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        try:
-            params[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or "unreadable"
-            raise ValueError(f"--param {kv!r}: the value is not a YAML scalar or list ({problem})") from None
+        params[k.strip()] = parse_value(v, f"--param {k.strip()}")
     paths = list(args.paths) + ([args.output] if args.output else [])
     if args.inputs:
         if len(paths) != 1:
@@ -94,10 +88,7 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     )
     if args.inputs and isinstance(args.grams, (str, Path)):
         raw["grams"] = [g for g in str(args.grams).split(",")]
-    try:
-        return MergeConfig(**{k: v for k, v in raw.items() if v is not None})
-    except ValidationError as e:
-        raise ValueError(format_validation_error(e, "option", None)) from None
+    return validate(MergeConfig, {k: v for k, v in raw.items() if v is not None}, "merge options")
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -27,10 +27,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import METHODS, check_numbers, format_validation_error, get_method
+from ..config import read_yaml, validate
+from .base import METHODS, check_numbers, get_method
 
 
 class MergeConfig(BaseModel):
@@ -106,22 +106,8 @@ class MergeConfig(BaseModel):
 
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
-    """Read and validate a merge YAML; ``ValueError`` naming the key and the allowed values otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such merge config")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p}: a merge config is a mapping with keys {', '.join(MergeConfig.model_fields)}")
-    try:
-        return MergeConfig(**raw)
-    except ValidationError as e:
-        raise ValueError(
-            f"{p}: " + format_validation_error(e, "key", list(MergeConfig.model_fields))
-        ) from None
+    """Read and validate a merge YAML; ``ValueError`` naming the file, the key and what is allowed otherwise."""
+    return validate(MergeConfig, read_yaml(path), source=path)
 
 
 def run_merge_config(cfg: MergeConfig, progress: bool = False) -> Path:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import load, validate
 from ..models.vlmo import ModelConfig, preset_config
 from .augment import OPS
 
@@ -176,62 +177,15 @@ class PretrainConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _field_help(loc: tuple[Any, ...]) -> str:
-    """For an unknown key at ``loc``: the keys allowed in its section."""
-    cls: Any = PretrainConfig
-    for part in loc[:-1]:
-        field = cls.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return ""
-        cls = field.annotation
-    return f"; allowed keys: {', '.join(cls.model_fields)}"
-
-
-def validate_config(data: dict[str, Any], source: str = "pretrain config") -> PretrainConfig:
-    """Build a :class:`PretrainConfig`, turning pydantic's errors into one ``ValueError`` naming each key."""
-    try:
-        return PretrainConfig.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key" + _field_help(err["loc"])
-            elif "input" in err and not isinstance(err["input"], dict):
-                msg += f" (got {err['input']!r})"
-            lines.append(f"{key}: {msg}")
-        raise ValueError(f"{source}: " + "; ".join(lines)) from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML: ``3``, ``1e-4``, ``true``, ``[0.9, 0.98]``)."""
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        *parents, leaf = key.strip().split(".")
-        node = out
-        for part in parents:
-            if not isinstance(node.setdefault(part, {}), dict):
-                raise ValueError(f"--set {key}: {part!r} is a value, not a section")
-            node = node[part]
-        node[leaf] = yaml.safe_load(raw)
-    return out
+def validate_config(data: dict[str, Any], source: Any = "pretrain config") -> PretrainConfig:
+    """Build a :class:`PretrainConfig`; one ``ValueError`` naming each bad key (:func:`vlmerge.config.explain`)."""
+    return validate(PretrainConfig, data, source)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
-    return validate_config(apply_overrides(data, list(overrides)), source=str(path or "pretrain config"))
+    """Read a YAML config -- a path, or a preset name (``micro``, ``tiny``, ``small``, ``paper``) -- or start
+    from the defaults when ``path`` is None, and apply ``overrides`` (``section.key=value``)."""
+    return load(PretrainConfig, path, "", overrides)
 
 
 def dump_config(config: PretrainConfig) -> str:

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..config import read_yaml
 from ..files import RunLock, clean_stale_temps
 from ..models.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_model, save_model
 from ..models.vlmo import VLMo, maa_to_msa
@@ -296,7 +296,7 @@ def _check_out(out: Path, config: PretrainConfig) -> None:
                              "give a new or empty directory")
     path = out / "config.yaml"
     if path.is_file():
-        saved = _flatten(validate_config(yaml.safe_load(path.read_text()), source=str(path)).to_dict())
+        saved = _flatten(validate_config(read_yaml(path), source=str(path)).to_dict())
         now = _flatten(config.to_dict())
         diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_KEYS)
         if diff:

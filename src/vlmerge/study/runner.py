@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import load
 from .cells import Cell, CellStore, config_hash
 from .report import write_report
 from .stats import LEVEL, RESAMPLES, Scores, mean_over_seeds, mean_score, miou_score, retrieval_scores
@@ -47,7 +47,6 @@ log = logging.getLogger("vlmerge.study")
 
 PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5")
 EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
 class _Strict(BaseModel):
@@ -93,35 +92,13 @@ class StudyConfig(_Strict):
         return self
 
 
-def find_config(name_or_path: str, sub: str = "") -> Path:
-    """A config by path, or by name under ``configs/<sub>/`` (the repository's or the working directory's)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    for root in (Path.cwd() / "configs", CONFIG_DIR):
-        cand = root / sub / (name_or_path if p.suffix else f"{name_or_path}.yaml")
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no config {name_or_path!r} (looked for configs/{sub}/{name_or_path}.yaml)")
-
-
-def load_preset(path: Path, model: type[ModelT], overrides: Sequence[str] = ()) -> ModelT:
-    """Read the YAML preset at ``path``, apply ``key.sub=value`` overrides and validate it as ``model``; a bad
-    value is reported with the file and the key."""
-    from ..pretrain.config import apply_overrides
-
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    try:
-        return model(**apply_overrides(data, list(overrides)))
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ValueError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+def load_preset(name_or_path: str | Path, model: type[ModelT], kind: str, overrides: Sequence[str] = ()) -> ModelT:
+    """A study preset (name or YAML path) with ``key.sub=value`` overrides, validated as ``model``."""
+    return load(model, name_or_path, kind, overrides)
 
 
 def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig:
-    return load_preset(find_config(preset, "study"), StudyConfig, overrides)
+    return load_preset(preset, StudyConfig, "study", overrides)
 
 
 def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
@@ -130,7 +107,7 @@ def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
     its recipe."""
     from ..pretrain import load_config
 
-    return load_config(find_config(config.pretrain), [*config.pretrain_set, f"train.steps={config.steps}",
+    return load_config(config.pretrain, [*config.pretrain_set, f"train.steps={config.steps}",
                                                       f"data.world={json.dumps(config.world)}",
                                                       f"train.seed={seed}", "recipe={name: scratch}"])
 

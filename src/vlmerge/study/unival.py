@@ -52,11 +52,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..config import find_config
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json
 from .cells import Cell, CellStore, config_hash
 from .findings import Claim, Finding, evaluate_claims
 from .report import OUTCOME_MARK
-from .runner import find_config, load_preset
+from .runner import load_preset
 from .stats import (
     LEVEL,
     RESAMPLES,
@@ -147,7 +148,7 @@ class UnivalConfig(_Strict):
 
 def load_unival_config(preset: str, overrides: Sequence[str] = ()) -> tuple[UnivalConfig, Path]:
     path = find_config(preset, "unival")
-    return load_preset(path, UnivalConfig, overrides), path
+    return load_preset(path, UnivalConfig, "unival", overrides), path
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -163,8 +164,7 @@ class Unival:
 
         self.cfg, self.out, self.seed, self.progress = config, out, seed, progress
         self.store = CellStore(out)
-        source = find_config(config.pretrain) if config.pretrain else None
-        self.base_cfg = load_config(source, [*config.pretrain_set, f"train.seed={seed}"])
+        self.base_cfg = load_config(config.pretrain or None, [*config.pretrain_set, f"train.seed={seed}"])
         self.cells: dict[str, dict[str, Any]] = {}
         self.data: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.templates: dict[str, Any] = {}

@@ -1,0 +1,249 @@
+"""What a command may do to files: atomic writes, outputs that never clobber an input, paths that stay
+inside their folder, one writer per run folder, and temp folders a killed run leaves behind.
+
+Every command goes through these so that the rules hold everywhere:
+
+* :func:`atomic_write_bytes` / :func:`make_temp_dir` -- write beside the target, then ``os.replace``; files
+  and folders get the permissions the umask gives (``mkstemp`` / ``mkdtemp`` alone give 0600 / 0700).
+* :func:`guard_output_dir` / :func:`guard_output_file` -- before any output is opened: refuse an output that
+  is, contains, or lies inside something the command reads, and an existing output without ``overwrite``.
+* :func:`resolve_inside` -- a relative path read from a file (shard index, ``latest.json``) must name
+  something inside the folder it came from; absolute paths and ``..`` escapes are refused without
+  touching the path (the error says nothing about whether it exists).
+* :class:`RunLock` -- an advisory ``flock`` on a run folder: a second writer fails at once.
+* :func:`clean_stale_temps` -- temp folders of an earlier killed run on the same output (named with the
+  writer's pid) are removed, or restored when they hold the only copy of the previous output.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike[str]
+
+_UMASK_LOCK = threading.Lock()
+
+
+class RunLocked(OSError):
+    """Another process holds the run folder's lock (an environment failure: exit code 1)."""
+
+
+# --------------------------------------------------------------------------------------------- permissions
+def umask() -> int:
+    """The process umask (read by setting and restoring it; serialised across threads)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: PathLike, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would: 0666 / 0777 less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+# ----------------------------------------------------------------------------------------------- atomic IO
+def temp_prefix(target: PathLike, kind: str = "tmp") -> str:
+    """``.{name}.{kind}-{pid}-``: hidden, tied to its target and to the process that made it."""
+    return f".{Path(target).name}.{kind}-{os.getpid()}-"
+
+
+def make_temp_file(target: PathLike) -> tuple[int, Path]:
+    """An open temp file (fd, path) beside ``target`` with umask permissions."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, Path(tmp)
+
+
+def make_temp_dir(target: PathLike, kind: str = "tmp") -> Path:
+    """A temp folder beside ``target`` (same file system, so it can be renamed into place)."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target, kind)))
+    apply_umask(tmp, directory=True)
+    return tmp
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ output guards
+def _real(p: PathLike) -> Path:
+    return Path(p).expanduser().absolute().resolve()
+
+
+def _overlap(out: Path, reads: Iterable[PathLike | None], flag: str) -> None:
+    for r in reads:
+        if r is None:
+            continue
+        src = _real(r)
+        if src == out:
+            raise ValueError(f"{flag} {out} is also an input ({r}); write to a new path")
+        if out in src.parents:
+            raise ValueError(f"{flag} {out} contains the input {r}; replacing it would delete the input")
+        if src in out.parents and src.is_dir():
+            raise ValueError(f"{flag} {out} lies inside the input {r}; write it outside the input's folder")
+
+
+def guard_output_dir(
+    out: PathLike, reads: Iterable[PathLike | None], overwrite: bool, flag: str = "output",
+    clean_stale: bool = False,
+) -> Path:
+    """Check a directory output before anything is opened; returns it absolute (not resolved).
+
+    Refused (``ValueError`` naming ``flag``): the output is, contains or lies inside any path in ``reads``;
+    it exists and is not a directory; it exists, is not empty and ``overwrite`` is False. With
+    ``clean_stale``, temps of an earlier killed writer of this output are cleaned up first (after the
+    overlap check), so a previous output they held is restored and then counts as existing.
+    """
+    path = Path(out).expanduser().absolute()
+    _overlap(_real(path), list(reads), flag)
+    if clean_stale:
+        clean_stale_temps(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {path} exists and is not a directory")
+        if any(path.iterdir()) and not overwrite:
+            raise ValueError(f"{flag} {path} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+def guard_output_file(
+    out: PathLike, reads: Iterable[PathLike | None], overwrite: bool, flag: str = "output"
+) -> Path:
+    """Check a file output before anything is opened; returns it absolute.
+
+    Refused: it is any path in ``reads`` (or a file inside a read folder, or a folder holding one); it exists
+    as a directory; it exists and ``overwrite`` is False.
+    """
+    path = Path(out).expanduser().absolute()
+    real = _real(path)
+    for r in reads:
+        if r is None:
+            continue
+        src = _real(r)
+        if src == real or real in src.parents or (src.is_dir() and src in real.parents):
+            raise ValueError(f"{flag} {path} would overwrite or lie inside the input {r}; write to a new path")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; expected a file path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} exists; pass --overwrite to replace it")
+    return path
+
+
+def resolve_inside(root: PathLike, rel: Any, what: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root``; ``ValueError`` otherwise.
+
+    Checked on the strings and the resolved path before anything at the path is opened or stat'ed
+    (beyond resolving symlinks of ``root``'s own components).
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ValueError(f"{what}: expected a relative file name, got {rel!r}")
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise ValueError(f"{what}: {rel!r} is an absolute path; expected a name inside {root}")
+    base = _real(root)
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{what}: {rel!r} points outside {root}")
+    return Path(root) / rel
+
+
+# ---------------------------------------------------------------------------------------------- run locks
+class RunLock:
+    """Advisory exclusive lock on a folder (``flock`` on the folder itself: no lock file is left).
+
+    >>> with RunLock(run_dir):   # raises RunLocked at once if another process holds it
+    ...     train()
+    """
+
+    def __init__(self, folder: PathLike, what: str = "run folder") -> None:
+        self.folder, self.what = Path(folder), what
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise RunLocked(f"{self.folder}: another vlmerge process is writing this {self.what}") from None
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# -------------------------------------------------------------------------------------------- stale temps
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(target: PathLike, quiet: bool = False) -> list[Path]:
+    """Remove the temp folders / files an earlier, killed writer of ``target`` left beside it.
+
+    A temp is stale when the pid in its name is not running (names without a pid come from older
+    versions and are stale too). A stale ``.old-`` folder that holds the only copy of the previous output
+    (the kill came between the two renames of a replace) is renamed back to ``target`` instead.
+    Returns what was removed or restored; says so on stderr unless ``quiet``.
+    """
+    target = Path(target).expanduser().absolute()
+    if not target.parent.is_dir():
+        return []
+    done: list[Path] = []
+    for entry in sorted(target.parent.iterdir()):
+        m = _TEMP_NAME.match(entry.name)
+        if not m or m["name"] != target.name:
+            continue
+        pid = m["pid"]
+        if pid is not None and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        previous = entry / "ckpt"
+        if m["kind"] == "old" and previous.is_dir() and not target.exists():
+            os.rename(previous, target)
+            shutil.rmtree(entry, ignore_errors=True)
+            action = "restored the previous output from"
+        else:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            action = "removed"
+        done.append(entry)
+        if not quiet:
+            print(f"vlmerge: {action} {entry} (left by an earlier, killed run)", file=sys.stderr)
+    return done

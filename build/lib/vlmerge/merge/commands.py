@@ -1,0 +1,179 @@
+"""``vlmerge merge``: merge a modality-specific checkpoint (or N models) from flags or a YAML config.
+
+vlmerge merge --method interpolation --alpha 0.75 runs/msa runs/merged
+vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/msa runs/merged
+vlmerge merge --method regmean --gamma 1.0 --grams grams.safetensors runs/msa runs/merged
+vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup
+vlmerge merge merge.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import parse_value, validate
+from .base import METHODS, get_method
+from .config import MergeConfig, load_merge_config, run_merge_config
+
+# flag -> method parameter name
+_PARAM_FLAGS: dict[str, str] = {
+    "alpha": "alpha",
+    "alpha_schedule": "alpha",
+    "vl_ratio": "vl_ratio",
+    "lam": "lam",
+    "gamma": "gamma",
+    "density": "density",
+    "drop": "drop",
+    "seed": "seed",
+}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _weights(text: str) -> dict[str, float] | list[float]:
+    """``0.5,0.5`` (one per model) or ``v=0.75,l=0.25,vl=0.33`` (per modality)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            return {k.strip(): float(v) for k, v in (p.split("=", 1) for p in parts)}
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0.5,0.5 or v=0.75,l=0.25; got {text!r}") from None
+
+
+def _config_from_args(args: argparse.Namespace) -> MergeConfig:
+    params: dict[str, Any] = {}
+    for flag, name in _PARAM_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if name in params:
+                raise ValueError("give --alpha or --alpha-schedule, not both")
+            params[name] = value
+    if args.normalize is not None:
+        params["normalize"] = args.normalize
+    for kv in args.param or []:
+        if "=" not in kv:
+            raise ValueError(f"--param expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        params[k.strip()] = parse_value(v, f"--param {k.strip()}")
+    paths = list(args.paths) + ([args.output] if args.output else [])
+    if args.inputs:
+        if len(paths) != 1:
+            raise ValueError("with --inputs give exactly one output: -o OUT_DIR")
+        src: dict[str, Any] = {"inputs": args.inputs, "output": paths[0]}
+    else:
+        if len(paths) != 2:
+            raise ValueError("give IN_DIR OUT_DIR, or CONFIG.yaml, or --inputs A B ... -o OUT_DIR")
+        src = {"input": paths[0], "output": paths[1]}
+    raw = dict(
+        method=args.method,
+        params=params,
+        base=args.base,
+        weights=args.weights,
+        grams=args.grams,
+        data=args.data,
+        batches=args.batches,
+        save_grams=args.save_grams,
+        overwrite=args.overwrite,
+        hash_inputs=args.hash_inputs,
+        **src,
+    )
+    if args.inputs and isinstance(args.grams, (str, Path)):
+        raw["grams"] = [g for g in str(args.grams).split(",")]
+    return validate(MergeConfig, {k: v for k, v in raw.items() if v is not None}, "merge options")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    if (
+        len(args.paths) == 1
+        and args.paths[0].endswith((".yaml", ".yml"))
+        and not args.inputs
+        and not args.output
+    ):
+        if args.method is not None:
+            raise ValueError("give either CONFIG.yaml or --method with IN_DIR OUT_DIR, not both")
+        cfg = load_merge_config(args.paths[0])
+        if args.overwrite:
+            cfg = cfg.model_copy(update={"overwrite": True})
+    else:
+        if args.method is None:
+            raise ValueError(
+                f"--method is required without a CONFIG.yaml; one of {', '.join(sorted(METHODS))}"
+            )
+        get_method(args.method)
+        cfg = _config_from_args(args)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    out = run_merge_config(cfg, progress=progress)
+    print(f"merged ({cfg.method}) -> {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    methods = "\n".join("  " + METHODS[k].describe() for k in sorted(METHODS))
+    p = subparsers.add_parser(
+        "merge",
+        help="merge the modality experts of a checkpoint (or N models) into one modality-agnostic model",
+        description="Merge the v/l/vl copies of every block weight of IN_DIR into shared weights "
+        "(merging paper "
+        "§4.1), writing an MAA checkpoint to OUT_DIR; or merge N whole models (--inputs); or run "
+        "a YAML config.",
+        epilog=f"methods:\n{methods}\n\nexamples:\n"
+        "  vlmerge merge --method interpolation --alpha 0.75 runs/msa runs/merged\n"
+        "  vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/msa runs/out\n"
+        "  vlmerge merge --method regmean --grams grams.safetensors runs/msa runs/out\n"
+        "  vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup\n"
+        "  vlmerge merge merge.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="IN_DIR OUT_DIR, or CONFIG.yaml")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", help="output directory (instead of the last PATH)")
+    p.add_argument("--method", choices=sorted(METHODS), help="merge method")
+    p.add_argument("--inputs", nargs="+", metavar="DIR", help="merge these whole models (same keys) instead")
+    p.add_argument(
+        "--base", help="base checkpoint W0 (modality_arithmetic, ties, dare; optional for average)"
+    )
+    p.add_argument("--alpha", type=float, help="interpolation: vision share α in [0, 1] (default 0.5)")
+    p.add_argument(
+        "--alpha-schedule", type=_floats, metavar="A0,A1,...", help="interpolation: one α per layer"
+    )
+    p.add_argument(
+        "--vl-ratio", type=float, help="interpolation: W_vl share in the top M layers (default 1/3)"
+    )
+    p.add_argument("--lam", type=float, help="modality_arithmetic / ties / dare: scaling λ")
+    p.add_argument("--gamma", type=float, help="regmean: off-diagonal scale γ in [0, 1] (default 1)")
+    p.add_argument("--density", type=float, help="ties: kept fraction in (0, 1] (default 0.5)")
+    p.add_argument("--drop", type=float, help="dare: drop rate p in [0, 1) (default 0.5)")
+    p.add_argument("--seed", type=int, help="dare: mask seed (default 0)")
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average / dare: divide by the sum of weights (default on)",
+    )
+    p.add_argument(
+        "--weights", type=_weights, help="average / ties / dare: 0.5,0.5 (per model) or v=0.75,l=0.25"
+    )
+    p.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="any other method parameter (YAML value)"
+    )
+    p.add_argument("--grams", help="regmean: Gram file (comma-separated, one per model, with --inputs)")
+    p.add_argument("--data", help="regmean: collect Grams from this registered data source")
+    p.add_argument("--batches", type=int, help="regmean: number of batches for --data")
+    p.add_argument("--save-grams", help="regmean: also save the Grams collected with --data to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--hash-inputs", action="store_true", help="record full SHA-256 of the inputs (slower)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    p.set_defaults(func=_merge)

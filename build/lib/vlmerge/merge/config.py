@@ -1,0 +1,165 @@
+"""Merge configs: a YAML file validated by pydantic (``extra="forbid"``), run by :func:`run_merge_config`.
+
+Modality merge of one MSA checkpoint (the paper)::
+
+    method: interpolation
+    params: {alpha: 0.75}
+    input: runs/msa
+    output: runs/merged
+
+Whole-model soup (UnIVAL §5)::
+
+    method: average
+    inputs: [runs/vqa, runs/cap, runs/ve]
+    weights: [0.5, 0.25, 0.25]
+    output: runs/soup
+
+Keys: ``method``, ``params`` (the method's, validated against it), ``input`` xor ``inputs``, ``base``,
+``output``, ``weights`` (per modality ``{v: .., l: ..}`` for ``input``; a list for ``inputs``), RegMean's
+``grams`` (a Gram file; a list, one per model, for ``inputs``) or ``data`` + ``batches`` (collect Grams
+from a registered data source), ``save_grams``, ``overwrite``, ``hash_inputs``. Relative paths are taken
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..config import read_yaml, validate
+from .base import METHODS, check_numbers, get_method
+
+
+class MergeConfig(BaseModel):
+    """One merge, as written in a YAML config."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    input: Path | None = None
+    inputs: list[Path] | None = None
+    base: Path | None = None
+    output: Path
+    weights: dict[str, float] | list[float] | None = None
+    grams: Path | list[Path] | None = None
+    data: str | None = None
+    batches: int | None = Field(None, ge=1)
+    save_grams: Path | None = None
+    overwrite: bool = False
+    hash_inputs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_numbers({k: data[k] for k in ("weights", "batches") if k in data}, "key")
+            for k in ("overwrite", "hash_inputs"):
+                if k in data and not isinstance(data[k], bool):
+                    raise ValueError(f"key {k}={data[k]!r}: expected true or false")
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r}; allowed: {', '.join(sorted(METHODS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeConfig:
+        m = get_method(self.method)
+        m.parse_params(self.params)  # raises ValueError naming the param and allowed values
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError(
+                "give exactly one of 'input' (one modality-specific checkpoint) or 'inputs' (models)"
+            )
+        if self.inputs is not None and len(self.inputs) < 2:
+            raise ValueError("'inputs' needs at least 2 model directories")
+        if self.input is not None and isinstance(self.weights, list):
+            raise ValueError(
+                "'weights' for a modality merge ('input') maps modality to weight, e.g. {v: 0.75, l: 0.25}"
+            )
+        if self.inputs is not None and isinstance(self.weights, dict):
+            raise ValueError("'weights' for 'inputs' is a list with one weight per model")
+        if self.inputs is not None and self.data is not None:
+            raise ValueError(
+                "'data' collects Grams for a modality merge ('input'); for 'inputs' give 'grams'"
+            )
+        if not m.uses_grams and (
+            self.grams is not None or self.data is not None or self.save_grams is not None
+        ):
+            raise ValueError(f"'grams' / 'data' / 'save_grams' are for regmean, not {self.method}")
+        if m.uses_grams:
+            if (self.grams is None) == (self.data is None):
+                raise ValueError("regmean needs exactly one of 'grams' (a Gram file) or 'data' (+ 'batches')")
+            if self.data is not None and self.batches is None:
+                raise ValueError("'data' needs 'batches' (how many batches to collect Grams over)")
+            if self.input is not None and isinstance(self.grams, list):
+                raise ValueError("'grams' for a modality merge ('input') is one file")
+        if self.batches is not None and self.data is None:
+            raise ValueError("'batches' goes with 'data'")
+        return self
+
+
+def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
+    """Read and validate a merge YAML; ``ValueError`` naming the file, the key and what is allowed otherwise."""
+    return validate(MergeConfig, read_yaml(path), source=path)
+
+
+def run_merge_config(cfg: MergeConfig, progress: bool = False) -> Path:
+    """Run the merge a :class:`MergeConfig` describes; returns the output directory."""
+    from ..files import guard_output_dir, guard_output_file
+    from .grams import check_gram_data, collect_grams, gram_batches
+    from .streaming import merge_checkpoint, merge_models
+
+    gram_files = cfg.grams if isinstance(cfg.grams, list) else [cfg.grams]
+    reads = [cfg.input, *(cfg.inputs or []), cfg.base, *gram_files]
+    # Every output is checked before anything is read or computed (collecting Grams can take minutes).
+    out = guard_output_dir(cfg.output, reads, cfg.overwrite, flag="output")
+    if cfg.save_grams is not None:
+        save = guard_output_file(cfg.save_grams, reads, cfg.overwrite, flag="save_grams")
+        if out.resolve() in save.resolve().parents:
+            raise ValueError(f"save_grams {save} lies inside the output {out}, which the merge replaces; "
+                             "save the Grams elsewhere")
+
+    if cfg.inputs is not None:
+        return merge_models(
+            cfg.method,
+            cfg.inputs,
+            cfg.output,
+            base_dir=cfg.base,
+            weights=cfg.weights,
+            grams=cfg.grams,
+            overwrite=cfg.overwrite,
+            progress=progress,
+            hash_inputs=cfg.hash_inputs,
+            **cfg.params,
+        )
+    grams: Any = cfg.grams
+    if cfg.data is not None:
+        from ..models import load_model
+
+        check_gram_data(cfg.data)  # before loading anything
+        model = load_model(cfg.input)
+        assert cfg.batches is not None
+        grams = collect_grams(
+            model, gram_batches(cfg.data, model, cfg.batches), max_batches=cfg.batches, progress=progress
+        )
+        if cfg.save_grams is not None:
+            grams.save(cfg.save_grams)
+    return merge_checkpoint(
+        cfg.method,
+        cfg.input,
+        cfg.output,
+        base_dir=cfg.base,
+        grams=grams,  # type: ignore[arg-type]
+        weights=cfg.weights,
+        overwrite=cfg.overwrite,
+        progress=progress,
+        hash_inputs=cfg.hash_inputs,
+        **cfg.params,
+    )

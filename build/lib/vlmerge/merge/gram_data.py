@@ -1,0 +1,38 @@
+"""Batch sources for ``vlmerge merge --method regmean --data NAME --batches N`` (RegMean Grams from data).
+
+A source is ``fn(model, batches, seed) -> iterable of batches`` that :func:`~vlmerge.merge.grams.run_vlmo`
+understands (dicts with ``image`` [B, C, S, S] normalised, ``input_ids`` [B, L], ``attention_mask`` [B, L]),
+registered with ``@register_gram_data(name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .grams import GRAM_DATA, register_gram_data  # noqa: F401
+
+
+@register_gram_data("world")
+def world_batches(model: Any, batches: int, seed: int = 0, batch_size: int = 32,
+                  world: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Image-caption pairs of the embedded world's train split (``seed`` = world seed; ``world``: WorldConfig
+    fields, e.g. the CPU world a model was trained on), at the model's image size, tokenized with the world
+    tokenizer (the model's vocabulary must match it)."""
+    from ..data import Collate, ImageTextDataset, World, WorldConfig, default_tokenizer, normalize
+
+    cfg = model.config
+    tok = default_tokenizer()
+    if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(f"--data world: the model's vocab_size is {cfg.vocab_size} but the world tokenizer has "
+                         f"{tok.vocab_size} tokens; pass --grams FILE collected with the model's own data")
+    source = World(WorldConfig.from_dict({**(world or {}), "image_size": cfg.image_size}), "train", seed)
+    loader = DataLoader(ImageTextDataset(source, batches * batch_size, pairs=False), batch_size=batch_size,
+                        collate_fn=Collate(tok, min(cfg.max_text_len, 40)))
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        yield {"image": normalize(batch["image"]), "input_ids": batch["input_ids"],
+               "attention_mask": batch["attention_mask"]}

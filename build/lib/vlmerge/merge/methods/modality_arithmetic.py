@@ -1,0 +1,37 @@
+"""Modality arithmetic (merging paper §4.1): task vectors (Ilharco et al.) per modality.
+
+    τ_i^m = W_i^m − W_i^0,   W_i = W_i^0 + λ Σ_m τ_i^m,   m ∈ {v, l} (first N − M layers), {v, l, vl} (top M)
+
+W^0 is the base: the weights the VL stage started from. With two modalities, λ = 0.5 equals interpolation
+with α = 0.5 (the paper's Table 2 note). On whole models it is plain task arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..base import MergeContext, MergeMethod, MergeParams, register_method
+
+
+class ModalityArithmeticParams(MergeParams):
+    lam: float = Field(0.5, ge=0.0, description="scaling λ of the summed modality vectors")
+
+
+@register_method
+class ModalityArithmetic(MergeMethod):
+    name = "modality_arithmetic"
+    Params = ModalityArithmeticParams
+    base = "required"
+    min_inputs = 1
+    propagates_nonfinite = True
+    summary = "W0 + λ·Σ_m (W_m − W0) (paper §4.1; task arithmetic on whole models)"
+
+    def merge(self, tensors: list[torch.Tensor], params: MergeParams, ctx: MergeContext) -> torch.Tensor:
+        lam: float = params.lam  # type: ignore[attr-defined]
+        assert ctx.base is not None
+        # W0 + λ Σ (W_m − W0) = (1 − λ n) W0 + λ Σ W_m: one output buffer, n + 1 passes.
+        out = torch.mul(ctx.base, 1.0 - lam * len(tensors), out=ctx.output(ctx.base))
+        for t in tensors:
+            out.add_(t, alpha=lam)
+        return out

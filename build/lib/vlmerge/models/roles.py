@@ -1,0 +1,129 @@
+"""Which parameter belongs to which modality expert: the one declarative map of the project.
+
+Every transformer-block weight of a vlmerge model is named
+
+    blocks.{layer}.{module}.{expert}.{suffix}
+
+* ``layer``   -- 0-based block index (layer ``i`` of the paper is ``layer = i - 1``).
+* ``module``  -- one of :data:`MODULES`: ``norm1`` (pre-attention LayerNorm), ``attn`` (self-attention),
+  ``norm2`` (pre-FFN LayerNorm), ``mlp`` (feed-forward network).
+* ``expert``  -- ``v`` / ``l`` / ``vl`` for a modality-specific copy (the paper's W_i^v, W_i^l, W_i^vl),
+  or ``shared`` for a modality-agnostic module used by every modality.
+* ``suffix``  -- e.g. ``qkv.weight``, ``proj.bias``, ``fc1.weight``, ``weight``.
+
+Everything else (patch / word / position / type embeddings, the final norm, ITC projections and task heads)
+is *not mergeable*: the paper keeps embeddings per modality and never merges heads.
+
+Pre-training (freezing), merging (grouping copies), metrics (flattening W^v and W^l) and importers all use
+this module, so a new architecture only has to follow the naming scheme.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+MODULES: tuple[str, ...] = ("norm1", "attn", "norm2", "mlp")
+MODALITIES: tuple[str, ...] = ("v", "l", "vl")
+SHARED = "shared"
+EXPERTS: tuple[str, ...] = (*MODALITIES, SHARED)
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(norm1|attn|norm2|mlp)\.(v|l|vl|shared)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """Where one parameter sits: ``kind`` is ``block`` for transformer-block weights, else ``other``."""
+
+    name: str
+    kind: str
+    layer: int | None = None
+    module: str | None = None
+    expert: str | None = None
+    suffix: str | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        """True for a modality-specific block weight (one of several copies to merge)."""
+        return self.kind == "block" and self.expert in MODALITIES
+
+    @property
+    def merged_name(self) -> str:
+        """The name the merged (modality-agnostic) tensor takes: the ``shared`` expert of the same slot."""
+        if self.kind != "block":
+            return self.name
+        return block_param_name(self.layer, self.module, SHARED, self.suffix)  # type: ignore[arg-type]
+
+
+def block_param_name(layer: int, module: str, expert: str, suffix: str) -> str:
+    """Build ``blocks.{layer}.{module}.{expert}.{suffix}`` after checking each part."""
+    if module not in MODULES:
+        raise ValueError(f"module must be one of {MODULES}, got {module!r}")
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+    return f"blocks.{layer}.{module}.{expert}.{suffix}"
+
+
+def parse_param_name(name: str) -> ParamRole:
+    """Parse a state-dict key into its :class:`ParamRole`."""
+    m = _BLOCK_RE.match(name)
+    if m is None:
+        return ParamRole(name=name, kind="other")
+    layer, module, expert, suffix = m.groups()
+    return ParamRole(name=name, kind="block", layer=int(layer), module=module, expert=expert, suffix=suffix)
+
+
+@dataclass(frozen=True)
+class MergeGroup:
+    """The modality copies of one block parameter, to be merged into ``target``.
+
+    ``sources`` maps modality (``v``/``l``/``vl``) to the source key; ``layer`` lets per-layer schedules and
+    the paper's top-M rule (a ``vl`` copy present) act on the group.
+    """
+
+    target: str
+    layer: int
+    module: str
+    suffix: str
+    sources: dict[str, str]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.sources)
+
+
+def merge_groups(names: Iterable[str]) -> list[MergeGroup]:
+    """Group the mergeable keys of a state dict by slot (layer, module, suffix).
+
+    A slot whose only copy is ``shared`` is not a group: it passes through a merge unchanged.
+    Raises ``ValueError`` when a slot has both modality copies and a ``shared`` one (an ill-formed model).
+    """
+    slots: dict[tuple[int, str, str], dict[str, str]] = {}
+    shared: set[tuple[int, str, str]] = set()
+    for name in names:
+        r = parse_param_name(name)
+        if r.kind != "block":
+            continue
+        key = (r.layer, r.module, r.suffix)  # type: ignore[assignment]
+        if r.expert == SHARED:
+            shared.add(key)  # type: ignore[arg-type]
+        else:
+            slots.setdefault(key, {})[r.expert] = name  # type: ignore[index, arg-type]
+    groups = []
+    for (layer, module, suffix), sources in sorted(slots.items()):
+        if (layer, module, suffix) in shared:
+            raise ValueError(
+                f"blocks.{layer}.{module}.*.{suffix} has both modality copies {sorted(sources)} and a shared "
+                "copy; a slot is either modality-specific or shared"
+            )
+        groups.append(
+            MergeGroup(
+                target=block_param_name(layer, module, SHARED, suffix),
+                layer=layer,
+                module=module,
+                suffix=suffix,
+                sources=dict(sources),
+            )
+        )
+    return groups

@@ -1,0 +1,458 @@
+"""The VLMo model family, read top to bottom: config, presets, architectures, the model, conversions.
+
+Five architectures (merging paper §5, Fig. 2 and Table 7) differ only in which block modules are
+modality-specific (one expert per modality) and which are shared:
+
+========== ===================================================
+``msa``    norm1, attn, norm2, mlp all modality-specific
+``custom-attn``  norm1 + attn modality-specific (FFN shared)
+``custom-ffn``   norm2 + mlp modality-specific (VLMo's MoME)
+``custom-ln``    norm1 + norm2 modality-specific
+``maa``    nothing modality-specific: one transformer
+========== ===================================================
+
+Modality-specific modules have ``v`` and ``l`` experts in every layer and a ``vl`` expert in the top ``M``
+layers (``num_vl_layers``). Two routes (Fig. 2):
+
+* **retrieval** (dual encoder): image tokens through all N layers as ``v``, text through all N as ``l``;
+  [CLS] -> final norm -> ITC projection -> L2-normalised embedding.
+* **fusion**: the first N−M layers per modality, then text and image tokens concatenated
+  (``[T_CLS] text [T_SEP] [I_CLS] patches``) through the top M layers as ``vl``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import HEADS
+from .layers import Block, PatchEmbed
+from .roles import MODULES, SHARED, merge_groups, parse_param_name
+
+ARCHS: dict[str, tuple[str, ...]] = {
+    "msa": ("norm1", "attn", "norm2", "mlp"),
+    "custom-attn": ("norm1", "attn"),
+    "custom-ffn": ("norm2", "mlp"),
+    "custom-ln": ("norm1", "norm2"),
+    "maa": (),
+}
+"""Architecture name -> the block modules that are modality-specific."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a model; stored in a checkpoint's ``config.json`` under ``"model"``."""
+
+    arch: str = "msa"  # one of ARCHS
+    image_size: int = 32  # square input images, pixels
+    patch_size: int = 8
+    in_chans: int = 3
+    embed_dim: int = 128  # width D
+    depth: int = 6  # N transformer blocks
+    num_heads: int = 4
+    mlp_ratio: float = 4.0  # FFN hidden = mlp_ratio * D
+    num_vl_layers: int = 2  # M: top layers with vision-language experts (fusion route)
+    vocab_size: int = 30522  # set from the tokenizer
+    max_text_len: int = 40  # text positions
+    type_vocab_size: int = 2  # modality-type embedding rows: 0 text, 1 image
+    qkv_bias: bool = True
+    prenorm: bool = True  # pre-LN (ViT/VLMo); False = post-LN (BERT import)
+    ln_eps: float = 1e-6
+    text_embed_norm: bool = False  # LayerNorm after the text embeddings (BERT import)
+    proj_dim: int | None = None  # ITC projection width; None = embed_dim
+    heads: tuple[str, ...] = ("itc",)  # task heads, names from heads.HEADS
+    num_answers: int = 3129  # VQA answer vocabulary (the paper's 3,129)
+    num_classes: int = 0  # image classification classes ("cls" head)
+    num_seg_classes: int = 0  # segmentation classes incl. background ("seg" head)
+    init_std: float = 0.02
+    tied_init: bool = True  # modality experts of a slot start equal (VLMo initialises every expert from BEiT)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, list):  # a list from Python code: stored as the tuple the field is
+            object.__setattr__(self, "heads", tuple(self.heads))
+        check_model_config({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.embed_dim * self.mlp_ratio))
+
+    def experts(self, layer: int) -> dict[str, tuple[str, ...]]:
+        """Experts of each module of block ``layer`` (0-based)."""
+        modalities = ("v", "l", "vl") if layer >= self.depth - self.num_vl_layers else ("v", "l")
+        specific = ARCHS[self.arch]
+        return {m: (modalities if m in specific else (SHARED,)) for m in MODULES}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["heads"] = list(self.heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model config") -> ModelConfig:
+        """The config a checkpoint's ``config.json`` ``"model"`` entry describes; missing keys take the defaults.
+
+        ``ValueError`` naming ``source``, the key and what it must be for an unknown key or any value of the
+        wrong type or out of range (see :func:`check_model_config`).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: expected an object of model config keys, got {type(d).__name__} "
+                             f"{_short_repr(d)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; allowed keys are {sorted(known)}")
+        values = {f.name: d.get(f.name, f.default) for f in fields(cls)}
+        check_model_config(values, source)
+        if isinstance(values["heads"], list):
+            values["heads"] = tuple(values["heads"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+_EXPECTED_TYPE: dict[str, str] = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "int | None": "an integer or null",
+    "tuple[str, ...]": "a list of strings",
+}
+"""ModelConfig field annotation -> what the error message says a value must be."""
+
+_GEOMETRY = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "max_text_len",
+             "type_vocab_size")
+_MAX_DIM = 1 << 16  # widths, depth, positions, pixels
+_MAX_HIDDEN = 1 << 20  # FFN hidden width
+_MAX_ROWS = 1 << 24  # vocabulary and label-set sizes
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    """Whether ``value`` has the type the ``annotation`` string names (bool is not a number; an int is a float)."""
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "int | None":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    raise AssertionError(f"ModelConfig: no type check for annotation {annotation!r}")  # a new field's type
+
+
+def check_model_config(values: Mapping[str, Any], source: str = "model config") -> None:
+    """Check every :class:`ModelConfig` field value against its type, then the values against each other.
+
+    ``values`` holds every field. Raises ``ValueError``: ``"{source}: {name}={value!r} is invalid; expected
+    {what}"`` for the first bad field.
+    """
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"{source}: {name}={_short_repr(values[name])} is invalid; expected {expected}")
+
+    for f in fields(ModelConfig):
+        annotation = str(f.type)
+        if not _type_ok(annotation, values[f.name]):
+            raise bad(f.name, _EXPECTED_TYPE[annotation])
+    if values["arch"] not in ARCHS:
+        raise bad("arch", f"one of {sorted(ARCHS)}")
+    # Upper bounds keep every tensor's size computable (an absurd width would overflow torch's size arithmetic).
+    for name, most in (*((n, _MAX_DIM) for n in _GEOMETRY), ("vocab_size", _MAX_ROWS)):
+        if not 1 <= values[name] <= most:
+            raise bad(name, f"a positive integer ≤ {most}")
+    depth = values["depth"]
+    if not 0 <= values["num_vl_layers"] <= depth:
+        raise bad("num_vl_layers", f"an integer in [0, depth={depth}]")
+    if values["image_size"] % values["patch_size"]:
+        raise bad("patch_size", f"a divisor of image_size={values['image_size']}")
+    if values["embed_dim"] % values["num_heads"]:
+        raise bad("num_heads", f"a divisor of embed_dim={values['embed_dim']}")
+    hidden = values["embed_dim"] * values["mlp_ratio"]
+    if values["mlp_ratio"] <= 0 or not math.isfinite(hidden) or not 1 <= round(hidden) <= _MAX_HIDDEN:
+        raise bad("mlp_ratio", f"a positive number with 1 ≤ embed_dim={values['embed_dim']} * mlp_ratio ≤ "
+                               f"{_MAX_HIDDEN}")
+    if values["proj_dim"] is not None and not 1 <= values["proj_dim"] <= _MAX_DIM:
+        raise bad("proj_dim", f"a positive integer ≤ {_MAX_DIM} or null (null = embed_dim)")
+    for name in ("ln_eps", "init_std"):
+        if values[name] <= 0:
+            raise bad(name, "a positive finite number")
+    heads = values["heads"]
+    if any(h not in HEADS for h in heads):
+        raise bad("heads", f"names from {sorted(HEADS)}")
+    if len(set(heads)) != len(heads):
+        raise bad("heads", "each head name once")
+    for name in ("num_answers", "num_classes", "num_seg_classes"):
+        if not 0 <= values[name] <= _MAX_ROWS:
+            raise bad(name, f"a non-negative integer ≤ {_MAX_ROWS}")
+    if "vqa" in heads and values["num_answers"] < 1:
+        raise bad("num_answers", "≥ 1 when the 'vqa' head is present")
+    if "cls" in heads and values["num_classes"] < 1:
+        raise bad("num_classes", "≥ 1 when the 'cls' head is present")
+    if "seg" in heads and values["num_seg_classes"] < 2:
+        raise bad("num_seg_classes", "≥ 2 when the 'seg' head is present")
+
+
+# ------------------------------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests and the study's smoke runs: seconds on a CPU.
+    "micro": dict(image_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_vl_layers=1,
+                  max_text_len=24),
+    # The CPU study: minutes on 2 cores.
+    "tiny": dict(image_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4, num_vl_layers=1,
+                 max_text_len=24),
+    # The paper's ViT-Tiny/16 and ViT-B/16 (N=12, M=2).
+    "vit-tiny": dict(image_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_vl_layers=2),
+    "vit-base": dict(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_vl_layers=2),
+}
+
+
+def preset_config(preset: str, arch: str = "msa", **overrides: Any) -> ModelConfig:
+    """The named preset's config for architecture ``arch``, with field overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], "arch": arch, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------- model
+class VLMo(nn.Module):
+    """A VLMo-family vision-language transformer built from a :class:`ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d = c.embed_dim
+        # Vision embeddings: patches + [I_CLS] + positions.
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.image_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, d))
+        # Text embeddings: words + positions; modality-type embedding shared by both.
+        self.word_embed = nn.Embedding(c.vocab_size, d)
+        self.text_pos_embed = nn.Embedding(c.max_text_len, d)
+        self.type_embed = nn.Embedding(c.type_vocab_size, d)
+        self.text_embed_norm = nn.LayerNorm(d, eps=c.ln_eps) if c.text_embed_norm else nn.Identity()
+        self.blocks = nn.ModuleList(
+            Block(d, c.num_heads, c.mlp_hidden, c.experts(i), c.qkv_bias, c.prenorm, c.ln_eps)
+            for i in range(c.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=c.ln_eps) if c.prenorm else nn.Identity()
+        self.heads = nn.ModuleDict({name: HEADS[name](c) for name in c.heads})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated-normal(std) linears/embeddings, zero biases, unit LayerNorms (BEiT/VLMo init)."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.image_pos_embed):
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        if self.config.tied_init:
+            params = dict(self.named_parameters())
+            with torch.no_grad():
+                for group in merge_groups(params):
+                    first = params[group.sources[group.modalities[0]]]
+                    for key in list(group.sources.values())[1:]:
+                        params[key].copy_(first)
+
+    # -- embeddings ------------------------------------------------------------------------------------
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image [B, C, S, S] -> tokens [B, 1 + P, D] ([I_CLS] first)."""
+        x = self.patch_embed(image)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.image_pos_embed + self.type_embed.weight[1]
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] -> tokens [B, L, D] ([T_CLS] first, as the tokenizer writes it)."""
+        n = input_ids.shape[1]
+        if n > self.config.max_text_len:
+            raise ValueError(f"text has {n} tokens; model config max_text_len is {self.config.max_text_len}")
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.word_embed(input_ids) + self.text_pos_embed(pos) + self.type_embed.weight[0]
+        return self.text_embed_norm(x)
+
+    @staticmethod
+    def _attn_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, L] (1 = token) -> [B, 1, 1, L] bool for SDPA, or None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        return attention_mask.bool()[:, None, None, :]
+
+    def _run(self, x: torch.Tensor, modality: str, layers: range, mask: torch.Tensor | None) -> torch.Tensor:
+        for i in layers:
+            x = self.blocks[i](x, modality, mask)
+        return x
+
+    # -- routes ----------------------------------------------------------------------------------------
+    def forward_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Vision route, all N layers: image [B, C, S, S] -> normed hidden states [B, 1 + P, D]."""
+        return self.norm(self._run(self.embed_image(image), "v", range(self.config.depth), None))
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Language route, all N layers: ids [B, L] -> normed hidden states [B, L, D]."""
+        mask = self._attn_mask(attention_mask)
+        return self.norm(self._run(self.embed_text(input_ids), "l", range(self.config.depth), mask))
+
+    def forward_fusion(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fusion route: bottom N−M layers per modality, then the top M on ``[text; image]``.
+
+        Returns normed hidden states [B, L + 1 + P, D]; index 0 is [T_CLS], index L is [I_CLS].
+        """
+        bottom = range(self.config.depth - self.config.num_vl_layers)
+        x_img = self._run(self.embed_image(image), "v", bottom, None)
+        x_txt = self._run(self.embed_text(input_ids), "l", bottom, self._attn_mask(attention_mask))
+        return self.fuse(x_txt, x_img, attention_mask)
+
+    def fuse(self, x_txt: torch.Tensor, x_img: torch.Tensor, attention_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The top M layers of the fusion route on bottom-layer states: x_txt [B, L, D] and x_img [B, 1 + P, D]
+        after the first N−M layers (``bottom`` of :meth:`routes`) -> normed states [B, L + 1 + P, D]."""
+        c = self.config
+        x = torch.cat([x_txt, x_img], dim=1)
+        mask = None
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(attention_mask.shape[0], x_img.shape[1])
+            mask = self._attn_mask(torch.cat([attention_mask, ones], dim=1))
+        return self.norm(self._run(x, "vl", range(c.depth - c.num_vl_layers, c.depth), mask))
+
+    def routes(self, image: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, top: bool = True) -> dict[str, torch.Tensor]:
+        """The retrieval routes, keeping the states after the bottom N−M layers for :meth:`fuse`.
+
+        Returns ``image`` / ``text``: normed states of all N layers (as :meth:`forward_image` /
+        :meth:`forward_text`) and ``image_bottom`` / ``text_bottom``: the states after layer N−M, which are
+        exactly the fusion route's inputs to its top layers (the bottom layers are the same experts), so
+        one pass serves ITC, ITM and MLM (pre-training computes each once instead of per objective).
+        ``top=False`` stops after the bottom layers (only the ``*_bottom`` entries).
+        """
+        c = self.config
+        cut = c.depth - c.num_vl_layers
+        out: dict[str, torch.Tensor] = {}
+        for name, x, modality, mask in (
+                ("image", None if image is None else self.embed_image(image), "v", None),
+                ("text", None if input_ids is None else self.embed_text(input_ids), "l",
+                 self._attn_mask(attention_mask))):
+            if x is None:
+                continue
+            out[f"{name}_bottom"] = x = self._run(x, modality, range(cut), mask)
+            if top:
+                out[name] = self.norm(self._run(x, modality, range(cut, c.depth), mask))
+        return out
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Retrieval embedding: [I_CLS] -> ITC projection -> L2 normalised, [B, proj_dim]."""
+        return F.normalize(self.heads["itc"].image_proj(self.forward_image(image)[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Retrieval embedding: [T_CLS] -> ITC projection -> L2 normalised, [B, proj_dim]."""
+        h = self.forward_text(input_ids, attention_mask)[:, 0]
+        return F.normalize(self.heads["itc"].text_proj(h), dim=-1)
+
+    def forward(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The fusion route (see :meth:`forward_fusion`)."""
+        return self.forward_fusion(image, input_ids, attention_mask)
+
+    # -- introspection ---------------------------------------------------------------------------------
+    def mergeable_parameters(self) -> list[str]:
+        """Names of the modality-specific block weights (the ones a merge combines)."""
+        return [n for n, _ in self.named_parameters() if parse_param_name(n).mergeable]
+
+    def param_table(self) -> dict[str, Any]:
+        """Parameter counts per part: embeddings, blocks by expert, final norm, each head; mergeable; total."""
+        parts: dict[str, int] = {}
+        for name, p in self.named_parameters():
+            role = parse_param_name(name)
+            if role.kind == "block":
+                part = f"blocks.{role.expert}"
+            elif name.startswith("heads."):
+                part = "heads." + name.split(".")[1]
+            elif name.startswith(("patch_embed", "cls_token", "image_pos_embed")):
+                part = "embed.vision"
+            elif name.startswith(("word_embed", "text_pos_embed", "text_embed_norm")):
+                part = "embed.text"
+            elif name.startswith("type_embed"):
+                part = "embed.type"
+            else:
+                part = name.split(".")[0]
+            parts[part] = parts.get(part, 0) + p.numel()
+        groups = merge_groups(n for n, _ in self.named_parameters())
+        return {
+            "arch": self.config.arch,
+            "parts": dict(sorted(parts.items())),
+            "mergeable_params": sum(p.numel() for n, p in self.named_parameters() if parse_param_name(n).mergeable),
+            "merge_groups": len(groups),
+            "total_params": sum(p.numel() for p in self.parameters()),
+        }
+
+
+# ------------------------------------------------------------------------------------------- conversions
+def maa_to_msa(state_dict: Mapping[str, torch.Tensor], msa_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Expand an MAA (or any less-specific) state dict into ``msa_config``'s architecture.
+
+    Every modality expert of a slot starts as a copy of the source's ``shared`` weight (the seed recipe,
+    paper §4.2). Keys that exist in both pass through. Returns a state dict loadable into
+    ``VLMo(msa_config)``.
+    """
+    target_names = param_shapes(msa_config)
+    out: dict[str, torch.Tensor] = {}
+    for name in target_names:
+        if name in state_dict:
+            out[name] = state_dict[name].clone()
+            continue
+        role = parse_param_name(name)
+        if role.kind == "block" and role.merged_name in state_dict:
+            out[name] = state_dict[role.merged_name].clone()
+        else:
+            raise KeyError(f"cannot build {name!r}: source has neither it nor {role.merged_name!r}")
+    return out
+
+
+def merged_to_maa(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check a merged state dict has no modality-specific block weights left (an MAA state dict)."""
+    left = [k for k in state_dict if parse_param_name(k).mergeable]
+    if left:
+        raise ValueError(f"not a merged (MAA) state dict: modality-specific weights remain, e.g. {left[:3]}")
+    return dict(state_dict)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``VLMo(config)``'s state dict, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in VLMo(config).state_dict().items()}
+
+
+def count_params(config: ModelConfig) -> dict[str, Any]:
+    """:meth:`VLMo.param_table` for ``config`` without allocating weights."""
+    with torch.device("meta"):
+        return VLMo(config).param_table()
+

@@ -1,0 +1,202 @@
+"""Training checkpoints: the model (``save_model``) plus optimiser / RNG / position in a separate state file.
+
+Layout under the run directory::
+
+    OUT/checkpoints/step-00000120/config.json, model.safetensors   a normal model checkpoint (load_model)
+    OUT/checkpoints/step-00000120/train_state.safetensors          AdamW moments by parameter name, RNG states
+    OUT/checkpoints/step-00000120/train_state.json                 stage, steps, optimiser hyper-parameters
+    OUT/checkpoints/latest.json                                    {"dir": "step-00000120", ...}
+
+A step folder is built whole in a temp folder beside it and renamed into place, and ``latest.json`` is
+replaced only after that, so a run killed (or out of disk) at any moment resumes from the last complete
+checkpoint; ``latest.json`` may only name a folder inside ``OUT/checkpoints``. Nothing is unpickled:
+tensors are safetensors, everything else JSON. The learning-rate schedule is a pure function of the step
+and needs no state; data order and every random draw of training are counter-based (seed, step), so
+the step *is* their state. The global torch RNG states are stored anyway, for any code that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from ..files import clean_stale_temps, make_temp_dir, resolve_inside
+from ..models.checkpoint import CheckpointError, atomic_write_json, read_json, save_model, save_tensors
+from ..models.vlmo import VLMo
+
+LATEST = "latest.json"
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+# the integer fields of ``train_state.json`` the engine resumes from
+META_INTS = ("global_step", "stage_index", "stage_step", "world")
+_STEP_TEMP = re.compile(r"^\.(step-\d{8})\.(?:tmp|old)-")
+
+
+def save_training_checkpoint(
+    out_dir: Path, model: VLMo, optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int, **extra: Any
+) -> Path:
+    """Write ``OUT/checkpoints/step-{global_step}/`` and point ``latest.json`` at it; keep the last ``keep``.
+
+    ``meta`` (JSON) must hold ``global_step``; ``extra`` goes into the model's ``config.json``. The step
+    folder is built whole in a temp folder beside it and renamed into place, then ``latest.json`` is
+    replaced: a save that fails (disk full) or is killed leaves the previous checkpoint as the latest and
+    no partial step folder (temps of a killed save are removed by the next save).
+    """
+    root = out_dir / "checkpoints"
+    ckpt = root / f"step-{meta['global_step']:08d}"
+    root.mkdir(parents=True, exist_ok=True)
+    clean_step_temps(root)
+    tmp = make_temp_dir(ckpt)
+    placed = False
+    try:
+        save_model(model, tmp, **extra)
+        tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        sd = optimizer.state_dict()
+        groups = []
+        for g in sd["param_groups"]:
+            for idx, name in zip(g["params"], g["param_names"], strict=True):
+                for key, value in sd["state"].get(idx, {}).items():
+                    tensors[f"optim.{name}.{key}"] = value
+            groups.append({k: v for k, v in g.items() if k != "params"})
+        save_tensors(tmp / STATE_TENSORS, tensors)
+        atomic_write_json(tmp / STATE_JSON, {**meta, "optimizer_groups": groups})
+        _place(tmp, ckpt)
+        placed = True
+        atomic_write_json(root / LATEST, {"dir": ckpt.name, "global_step": meta["global_step"]})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if placed:  # complete, but latest.json does not point to it: not a checkpoint of this run
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+    previous = sorted(p for p in root.glob("step-*") if p.is_dir() and p != ckpt)
+    for old in previous[: max(0, len(previous) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def _place(tmp: Path, ckpt: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``ckpt``. An existing ``ckpt`` (a step a killed run saved after
+    the latest checkpoint, now redone) is moved aside first, as ``.{name}.old-{pid}-*/ckpt``, so that a kill
+    between the two renames leaves it where :func:`~vlmerge.files.clean_stale_temps` restores it."""
+    if not ckpt.exists():
+        os.rename(tmp, ckpt)
+    else:
+        old = make_temp_dir(ckpt, kind="old")
+        os.rename(ckpt, old / "ckpt")
+        os.rename(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(ckpt.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_step_temps(root: Path) -> list[Path]:
+    """Remove the ``.step-XXXXXXXX.tmp-PID-*`` / ``.old-`` folders that killed saves left in ``root``."""
+    names = sorted({m[1] for e in root.iterdir() if (m := _STEP_TEMP.match(e.name))}) if root.is_dir() else []
+    return [p for name in names for p in clean_stale_temps(root / name, quiet=True)]
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The directory ``latest.json`` points to, or None when the run has no checkpoint yet.
+
+    ``latest.json`` must be ``{"dir": "<name inside OUT/checkpoints>", ...}``; anything else (an absolute path,
+    a ``..`` escape to another run, a number, no ``dir``) is a :class:`CheckpointError`.
+    """
+    pointer = out_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    data = read_json(pointer)
+    if not isinstance(data, dict) or "dir" not in data:
+        raise CheckpointError(f'{pointer}: expected {{"dir": "step-XXXXXXXX", ...}} naming a checkpoint folder '
+                              f"inside {pointer.parent}, got {' '.join(json.dumps(data).split())[:80]}")
+    try:
+        ckpt = resolve_inside(pointer.parent, data["dir"], f"{pointer} 'dir'")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; expected a checkpoint folder of this run") from None
+    if not (ckpt / STATE_JSON).is_file():
+        raise CheckpointError(f"{pointer} points to {ckpt}, which has no {STATE_JSON}")
+    return ckpt
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """``train_state.json``, checked to hold what resuming needs (:data:`META_INTS`, ``optimizer_groups``)."""
+    path = ckpt / STATE_JSON
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in META_INTS:
+        if not isinstance(meta.get(key), int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise CheckpointError(f"{path}: {key!r} must be an integer >= 0, got {meta.get(key, 'nothing')!r}")
+    groups = meta.get("optimizer_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("param_names"), list)
+                                               for g in groups):
+        raise CheckpointError(f"{path}: 'optimizer_groups' must be a list of objects with 'param_names'")
+    return meta
+
+
+def check_training_state(ckpt: Path) -> None:
+    """Check, from its header alone, that ``ckpt``'s training state is a safetensors file with an RNG state
+    (so that a resume fails before any data is built, not at the first stage)."""
+    path = ckpt / STATE_TENSORS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (the training state of {ckpt})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+    if "rng.cpu" not in keys:
+        raise CheckpointError(f"{path}: no 'rng.cpu' tensor; not a training state")
+
+
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimiser and the global RNG states from ``ckpt``; return its ``meta``.
+
+    The optimiser must have been built over the same trainable parameters (checked by name).
+    """
+    meta = read_meta(ckpt)
+    check_training_state(ckpt)
+    path = ckpt / STATE_TENSORS
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+    current = optimizer.state_dict()
+    saved_groups = meta["optimizer_groups"]
+    names = [g["param_names"] for g in current["param_groups"]]
+    if names != [g["param_names"] for g in saved_groups]:
+        raise CheckpointError(f"{ckpt}: optimiser parameters differ from this stage's trainable parameters")
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            if "." not in k[len("optim."):]:
+                raise CheckpointError(f"{path}: tensor {k!r} is not 'optim.<parameter>.<state>'")
+            name, key = k[len("optim."):].rsplit(".", 1)
+            by_name.setdefault(name, {})[key] = v
+    state = {idx: by_name[name] for g in current["param_groups"]
+             for idx, name in zip(g["params"], g["param_names"], strict=True) if name in by_name}
+    groups = [{**saved, "params": g["params"]} for saved, g in zip(saved_groups, current["param_groups"], strict=True)]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt}: the training state does not fit this run ({e})") from None
+    return meta

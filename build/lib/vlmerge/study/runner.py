@@ -1,0 +1,544 @@
+"""The study: the merging paper's experiments (Tables 1–3, 5; Figures 3–4) on the embedded world.
+
+Every number comes from a cell (:mod:`vlmerge.study.cells`): pre-training runs, merges, Gram collections,
+fine-tunes and evaluations are cached under the hash of the config that made them, so a re-run or a run
+killed halfway recomputes nothing that finished. ``results.json`` (schema below) feeds the report.
+
+Schema of ``results`` (scores: ``avg_tr`` / ``avg_ir`` / ``r_mean`` = Avg TR, Avg IR and their mean of
+zero-shot retrieval on the test split, plus fine-tuned task scores ``vqa``, ``nlvr2``, ``cls``, ``seg`` and OOD
+retrieval ``ood_avg_tr`` / ``ood_avg_ir`` / ``ood_r_mean``; in ``results.json`` each score dict also holds
+``ci`` {key: [lo, hi]}, the 95 % bootstrap interval over test queries (:mod:`.stats`), and with several seeds
+``<key>_std``)::
+
+    table1:    {maa, msa, merging_baseline: scores}
+    figure3:   {k_seed: [steps], k_seed_frac: [K_seed / K], before: [scores], after: [scores]}
+    table2:    {interpolation | modality_arithmetic | regmean: {param: scores}}
+    figure4:   {arch: {before: scores, after: scores}}
+    table3:    {msa, maa, merging_baseline, ours: scores}
+    table5:    {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, pearson_ci: {..},
+                spearman: {..}}
+    baselines: {retrieval: chance per key (test split), retrieval_ood, vqa | nlvr2 | cls | seg: best constant}
+    meta:      {preset, seeds, wall_time_s, command, config, config_hash, device, cpu}
+    cells:     {name: {hash, spec}} -- the provenance of every number
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import load
+from .cells import Cell, CellStore, config_hash
+from .report import write_report
+from .stats import LEVEL, RESAMPLES, Scores, mean_over_seeds, mean_score, miou_score, retrieval_scores
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+log = logging.getLogger("vlmerge.study")
+
+PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5")
+EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Table2Grid(_Strict):
+    interpolation: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="α values")
+    modality_arithmetic: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="λ")
+    regmean: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="γ values")
+
+
+class StudyConfig(_Strict):
+    """One study preset (``configs/study/<name>.yaml``)."""
+
+    name: str
+    pretrain: str = Field(description="pre-training config (path, relative to configs/ or absolute)")
+    pretrain_set: list[str] = Field(default_factory=list, description="dotted overrides of the pre-training config")
+    steps: int = Field(gt=0, description="K: total pre-training steps of every model")
+    k_seed: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], description="K_seed / K (Figure 3)")
+    recipe_k_seed: float = Field(0.5, ge=0, lt=1, description="K_seed / K of the recipe (paper: 100k of 200k)")
+    baseline_alpha: float = Field(0.5, ge=0, le=1, description="interpolation α of the merging baseline, Fig. 3/4")
+    recipe_alpha: float = Field(0.75, ge=0, le=1, description="interpolation α of 'ours' in Table 3")
+    table2: Table2Grid = Table2Grid()
+    regmean_batches: int = Field(8, ge=1, description="batches of world image-text pairs for RegMean's Grams")
+    archs: list[Literal["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"]] = Field(
+        default_factory=lambda: ["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"])
+    eval_images: int = Field(200, ge=10, description="test/OOD images for zero-shot retrieval (5 captions each)")
+    world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields of the embedded world every "
+                                  "cell uses (pre-training, Grams, fine-tuning, evaluation); {} = the full world")
+    finetune: str = Field("tiny", description="fine-tuning preset (configs/finetune/<task>.yaml section)")
+    finetune_set: dict[str, list[str]] = Field(default_factory=dict, description="per-task fine-tuning overrides")
+    table1_tasks: list[Literal["vqa"]] = Field(default_factory=lambda: ["vqa"])
+    table3_tasks: list[Literal["nlvr2", "cls", "seg"]] = Field(default_factory=lambda: ["nlvr2", "cls", "seg"])
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        for f in self.k_seed:
+            if not 0 <= f < 1:
+                raise ValueError(f"k_seed: each value must be in [0, 1), got {f}")
+        if 0.0 not in self.k_seed:
+            raise ValueError("k_seed must include 0 (the MSA without seed pre-training: Table 1's baseline)")
+        return self
+
+
+def load_preset(name_or_path: str | Path, model: type[ModelT], kind: str, overrides: Sequence[str] = ()) -> ModelT:
+    """A study preset (name or YAML path) with ``key.sub=value`` overrides, validated as ``model``."""
+    return load(model, name_or_path, kind, overrides)
+
+
+def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    return load_preset(preset, StudyConfig, "study", overrides)
+
+
+def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
+    """The :class:`~vlmerge.pretrain.PretrainConfig` every pre-training cell starts from: the preset's
+    pre-training config with ``pretrain_set``, the study's world, K steps and ``seed``; each cell then sets
+    its recipe."""
+    from ..pretrain import load_config
+
+    return load_config(config.pretrain, [*config.pretrain_set, f"train.steps={config.steps}",
+                                                      f"data.world={json.dumps(config.world)}",
+                                                      f"train.seed={seed}", "recipe={name: scratch}"])
+
+
+def _cpu_name() -> str:
+    """The processor, as /proc/cpuinfo names it (timings are meaningless without it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------------ the study
+class Study:
+    """Runs the cells of one seed; :func:`run_study` aggregates seeds and writes the report."""
+
+    def __init__(self, config: StudyConfig, out: Path, seed: int, progress: bool = True) -> None:
+        self.cfg, self.out, self.seed, self.progress = config, out, seed, progress
+        self.store = CellStore(out)
+        self.base = base_pretrain_config(config, seed).to_dict()
+        self.cells: dict[str, dict[str, Any]] = {}
+        self._eval_sets: dict[tuple[str, int], Any] = {}
+        self.baselines: dict[str, dict[str, float]] = {}
+
+    # -- cells -----------------------------------------------------------------------------------------
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the study directory: specs and results stay valid if the directory moves."""
+        return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
+
+    def path(self, rel: str) -> Path:
+        return self.out / rel
+
+    def _record(self, name: str, kind: str, spec: Mapping[str, Any]) -> Cell:
+        cell = self.store.cell(kind, spec)
+        self.cells[name] = {"hash": cell.hash, "kind": kind, "spec": cell.spec}
+        return cell
+
+    def k_seeds(self) -> list[int]:
+        """Every K_seed > 0 the study uses, in steps."""
+        fracs = {*self.cfg.k_seed, self.cfg.recipe_k_seed}
+        return sorted({round(f * self.cfg.steps) for f in fracs} - {0})
+
+    def branch_step(self, k_seed: int) -> int:
+        """Where a K_seed-step ``wsd`` seed stage leaves the MAA's own run: the start of its decay."""
+        from ..pretrain.optim import wsd_decay_steps
+
+        return k_seed - wsd_decay_steps(k_seed, self.base["optim"]["decay_frac"])
+
+    def shares_seed_stages(self) -> bool:
+        """Whether the MAA trained from scratch passes through every seed stage up to its decay: with a ``wsd``
+        schedule and a warm-up that fits the shortest seed stage, the MAA's checkpoint at K_seed − decay *is*
+        the seed stage's (same init, data, draws and learning rates), so a seed stage costs only its decay."""
+        from ..pretrain.optim import wsd_decay_steps
+
+        o, ks = self.base["optim"], self.k_seeds()
+        if o["schedule"] != "wsd" or not ks:
+            return False
+        maa_stable = self.cfg.steps - wsd_decay_steps(self.cfg.steps, o["decay_frac"])
+        return all(0 < self.branch_step(k) <= maa_stable for k in ks) and o["warmup_steps"] <= min(ks) // 2
+
+    def pretrain(self, arch: str, k_seed_frac: float) -> dict[str, Any]:
+        """A model pre-trained for K steps: ``arch`` from a shared random init (K_seed = 0), or the seed recipe.
+        The MAA's run also leaves the seed stages behind when :meth:`shares_seed_stages`."""
+        from ..pretrain import pretrain
+
+        k_seed = round(k_seed_frac * self.cfg.steps)
+        data = {**self.base, "model": {**self.base["model"], "arch": arch}}
+        data["recipe"] = ({"name": "seed", "seed_steps": k_seed} if k_seed and arch != "maa" else {"name": "scratch"})
+        snapshots = arch == "maa" and not k_seed and self.shares_seed_stages()
+        branches = [self.branch_step(k) for k in self.k_seeds()] if snapshots else []
+        spec = {"pretrain": data, "eval": EVAL_VERSION, **({"branches": branches} if snapshots else {})}
+        label = f"{arch}/kseed={k_seed}"
+        cell = self._record(f"pretrain/{label}", "pretrain", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            if data["recipe"]["name"] == "seed":  # the MAA seed stage is the same for every architecture
+                start_from_checkpoint(self.path(self.seed_stage(k_seed)), c.dir / "run")
+            stages: dict[str, str] = {}
+            for k in branches:
+                # laid out as a run directory (checkpoints/ beside metrics.jsonl), so start_from_checkpoint
+                # hands the seed recipe the seed stage's log too
+                keep = c.dir / f"branch-{k}" / "checkpoints" / f"step-{k:08d}"
+                if not keep.is_dir():
+                    stop = _checkpoint_at(c.dir / "run", k) or pretrain(self._cached(data), c.dir / "run",
+                                                                        stop_after=k, progress=self.progress)
+                    tmp = keep.with_name(keep.name + ".tmp")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(stop, tmp)
+                    shutil.copy(c.dir / "run" / "metrics.jsonl", keep.parents[1] / "metrics.jsonl")
+                    tmp.rename(keep)
+                stages[str(k)] = self.rel(keep)
+            final = pretrain(self._cached(data), c.dir / "run", progress=self.progress)
+            w0 = c.dir / "run" / "w0"
+            return {"final": self.rel(final), "w0": self.rel(w0) if (w0 / "config.json").is_file() else None,
+                    "k_seed": k_seed, "retrieval": self.retrieval(final, "test"), "branches": stages}
+
+        return {**self.store.run("pretrain", cell.spec, run), "label": label}
+
+    def _cached(self, data: Mapping[str, Any]) -> Any:
+        """The validated pre-training config, reading scenes from the study's shared shard cache (the cache's
+        location is not part of any cell's spec)."""
+        from ..pretrain import validate_config
+
+        return validate_config({**data, "data": {**data["data"], "cache_dir": str(self.out / "data-cache")}})
+
+    def seed_stage(self, k_seed: int) -> str:
+        """The training checkpoint that closes a K_seed-step MAA seed stage (shared by the seed recipe of every
+        architecture: the seed stage never depends on the architecture it will be expanded into). Where
+        :meth:`shares_seed_stages`, it resumes from the MAA's own run at :meth:`branch_step` and runs only its
+        decay; else it is a run of its own."""
+        from ..pretrain import pretrain
+
+        data = {**self.base, "model": {**self.base["model"], "arch": "msa"},
+                "recipe": {"name": "seed", "seed_steps": k_seed}}
+        shared = self.shares_seed_stages()
+        spec = {"pretrain": data, "stop_after": k_seed, **({"branch": self.branch_step(k_seed)} if shared else {})}
+        cell = self._record(f"seed-stage/kseed={k_seed}", "seed-stage", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            if shared:
+                branch = self.pretrain("maa", 0.0)["branches"][str(self.branch_step(k_seed))]
+                start_from_checkpoint(self.path(branch), c.dir / "run")
+            return {"checkpoint": self.rel(pretrain(self._cached(data), c.dir / "run", stop_after=k_seed,
+                                                    progress=self.progress))}
+
+        return self.store.run("seed-stage", cell.spec, run)["checkpoint"]
+
+    def merge(self, src: Mapping[str, Any], method: str, **params: Any) -> dict[str, Any]:
+        """``src``'s modality copies merged by ``method``; scores of the merged model."""
+        from ..merge import merge_checkpoint
+
+        if src.get("arch_is_maa"):
+            return src
+        spec = {"src": src["final"], "method": method, "params": params, "eval": EVAL_VERSION}
+        label = f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
+        cell = self._record(f"merge/{label}", "merge", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            kwargs: dict[str, Any] = dict(params)
+            if method == "modality_arithmetic":
+                if not src.get("w0"):
+                    raise ValueError(f"{src['label']}: modality arithmetic needs W0 (a seed-recipe run saves it)")
+                kwargs["base_dir"] = self.path(src["w0"])
+            if method == "regmean":
+                kwargs["grams"] = self.grams(src)
+            # overwrite: a merge killed before its cell finished may have left its output
+            out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", overwrite=True, **kwargs)
+            return {"final": self.rel(out), "retrieval": self.retrieval(out, "test")}
+
+        return {**self.store.run("merge", cell.spec, run), "label": label}
+
+    def grams(self, src: Mapping[str, Any]) -> Any:
+        from ..merge import collect_grams, load_grams, save_grams
+        from ..merge.gram_data import world_batches
+        from ..models import load_model
+
+        spec = {"src": src["final"], "batches": self.cfg.regmean_batches, "seed": self.seed, "world": self.cfg.world}
+        cell = self._record(f"grams/{src['label']}", "grams", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            model = load_model(self.path(src["final"])).eval()
+            g = collect_grams(model, world_batches(model, self.cfg.regmean_batches, self.seed, world=self.cfg.world))
+            save_grams(g, c.dir / "grams.safetensors")
+            return {"path": self.rel(c.dir / "grams.safetensors")}
+
+        return load_grams(self.path(self.store.run("grams", cell.spec, run)["path"]))
+
+    def retrieval(self, ckpt: str | Path, split: str) -> dict[str, Any]:
+        """Zero-shot retrieval of ``ckpt`` on ``split``: the metric keys, the chance levels and the per-query
+        ranks (for the bootstrap)."""
+        from ..data import default_tokenizer
+        from ..finetune.data import embedded_dataset
+        from ..models import load_model
+        from ..pretrain import evaluate_retrieval
+
+        model = load_model(ckpt)
+        key = (split, model.config.image_size)
+        if key not in self._eval_sets:  # rendered once per process, read from the shared shard cache
+            self._eval_sets[key] = embedded_dataset("retrieval", split, self.cfg.eval_images,
+                                                    self.base["data"]["seed"], key[1], world=self.cfg.world,
+                                                    cache_dir=self.out / "data-cache")
+        return evaluate_retrieval(model, self._eval_sets[key], default_tokenizer(), ranks=True)
+
+    def retrieval_scores(self, r: Mapping[str, Any], split: str = "test", prefix: str = "") -> Scores:
+        """Avg TR / Avg IR / their mean with bootstrap replicates over ``split``'s images."""
+        self.baselines.setdefault("retrieval" + (f"_{split}" if split != "test" else ""), r["chance"])
+        sc = retrieval_scores(r["ranks"], r["images"], f"retrieval/{split}")
+        return Scores({prefix + k: v for k, v in sc.items()}, {prefix + k: v for k, v in sc.boot.items()})
+
+    def task(self, src: Mapping[str, Any], task: str) -> Scores:
+        """Fine-tune ``src`` on ``task`` and evaluate on the test split: ``{task: score}`` with replicates."""
+        from ..finetune import finetune
+
+        spec = {"src": src["final"], "task": task, "preset": self.cfg.finetune, "seed": self.seed,
+                "sets": self.cfg.finetune_set.get(task, []), "world": self.cfg.world, "eval": EVAL_VERSION}
+        cell = self._record(f"finetune/{src['label']}/{task}", "finetune", spec)
+
+        def run(c: Cell) -> dict[str, Any]:  # fine-tunes, then scores the test split (finetune's eval_split)
+            shutil.rmtree(c.dir / "model", ignore_errors=True)  # left by a fine-tune killed before it finished
+            ckpt = finetune(task, self.path(src["final"]), c.dir / "model", preset=self.cfg.finetune,
+                            sets=[f"seed={self.seed}", "data.eval_split=test",
+                                  f"data.world={json.dumps(self.cfg.world)}", *self.cfg.finetune_set.get(task, []),
+                                  f"data.cache_dir={self.out / 'data-cache'}"])  # not in the hash: data alike
+            metrics = json.loads((ckpt / "metrics.json").read_text())
+            shutil.rmtree(ckpt)  # only the numbers are kept: a study makes dozens of task models
+            return metrics
+
+        m = self.store.run("finetune", cell.spec, run)
+        base = m.get("baseline", {})
+        self.baselines.setdefault(task, {"kind": base.get("kind"), "score": next(
+            (float(v) for k, v in base.items() if k != "kind"), math.nan)})
+        split = f"{task}/test/{m['n']}"
+        if task == "seg":
+            pe = m["per_example"]
+            return miou_score(task, pe["tp"], pe["fp"], pe["fn"], split)
+        return mean_score(task, m["per_example"], split)
+
+    # -- parts -----------------------------------------------------------------------------------------
+    def scores(self, r: Mapping[str, Any]) -> Scores:
+        return self.retrieval_scores(r["retrieval"])
+
+    def run(self, parts: Sequence[str]) -> dict[str, Any]:
+        c, res = self.cfg, {}
+        maa = {**self.pretrain("maa", 0.0), "arch_is_maa": True}  # first: its run holds the seed stages
+        msa0 = self.pretrain("msa", 0.0)
+        recipe = self.pretrain("msa", c.recipe_k_seed)
+        baseline = self.merge(msa0, "interpolation", alpha=c.baseline_alpha)
+        if "table1" in parts:
+            rows = {"maa": maa, "msa": msa0, "merging_baseline": baseline}
+            res["table1"] = {}
+            for k, v in rows.items():
+                sc = self.scores(v)
+                for t in c.table1_tasks:
+                    sc = sc.merged(self.task(v, t))
+                res["table1"][k] = sc
+        fracs = sorted(c.k_seed)
+        runs = {f: self.pretrain("msa", f) for f in fracs}
+        merged = {f: self.merge(r, "interpolation", alpha=c.baseline_alpha) for f, r in runs.items()}
+        if "figure3" in parts or "table5" in parts:
+            res["figure3"] = {"k_seed": [runs[f]["k_seed"] for f in runs], "k_seed_frac": fracs,
+                              "before": [self.scores(r) for r in runs.values()],
+                              "after": [self.scores(m) for m in merged.values()]}
+        if "table2" in parts:
+            grid = c.table2
+            res["table2"] = {
+                "interpolation": {str(a): self.scores(self.merge(recipe, "interpolation", alpha=a))
+                                  for a in grid.interpolation},
+                "modality_arithmetic": {str(lam): self.scores(self.merge(recipe, "modality_arithmetic", lam=lam))
+                                        for lam in grid.modality_arithmetic},
+                "regmean": {str(g): self.scores(self.merge(recipe, "regmean", gamma=g)) for g in grid.regmean},
+            }
+        if "figure4" in parts:
+            f4 = {}
+            for arch in c.archs:
+                if arch == "maa":
+                    f4[arch] = {"before": self.scores(maa), "after": self.scores(maa)}
+                    continue
+                r = recipe if arch == "msa" else self.pretrain(arch, c.recipe_k_seed)
+                f4[arch] = {"before": self.scores(r),
+                            "after": self.scores(self.merge(r, "interpolation", alpha=c.baseline_alpha))}
+            res["figure4"] = f4
+        if "table3" in parts:
+            ours = self.merge(recipe, "interpolation", alpha=c.recipe_alpha)
+            rows = {"msa": msa0, "maa": maa, "merging_baseline": baseline, "ours": ours}
+            t3 = {}
+            for k, v in rows.items():
+                ood = self.retrieval_scores(self.retrieval(self.path(v["final"]), "ood"), "ood", prefix="ood_")
+                sc = self.scores(v).merged(ood)
+                for t in c.table3_tasks:
+                    sc = sc.merged(self.task(v, t))
+                t3[k] = sc
+            res["table3"] = t3
+        if "table5" in parts:
+            from ..metrics import checkpoint_distances
+
+            dist = [checkpoint_distances(self.path(runs[f]["final"]))["global"] for f in runs]
+            res["table5"] = {"k_seed": res["figure3"]["k_seed"],
+                             "metrics": {m: [float(d[m]) for d in dist] for m in ("l2", "cosine", "ssd", "tssd")},
+                             "sign_flips": [d["sign_flips"] for d in dist], "numel": dist[0]["numel"]}
+        res["baselines"] = dict(self.baselines)
+        return res
+
+
+def _checkpoint_at(run_dir: Path, step: int) -> Path | None:
+    """``run_dir``'s training checkpoint at ``step`` if it still has one (a run killed after stopping there);
+    a run that went past ``step`` without keeping it is removed, so that it is redone up to ``step``."""
+    from ..pretrain.state import latest_checkpoint, read_meta
+
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    last = latest_checkpoint(run_dir)
+    if (last is not None and read_meta(last)["global_step"] > step) or (run_dir / "final").exists():
+        shutil.rmtree(run_dir)
+    return None
+
+
+def start_from_checkpoint(checkpoint: Path, run_dir: Path) -> None:
+    """Make ``checkpoint`` (a training checkpoint of another run) the latest checkpoint of ``run_dir``, so that
+    :func:`~vlmerge.pretrain.pretrain` resumes from it; a run that has checkpoints of its own is left alone."""
+    from ..models.checkpoint import atomic_write_json
+    from ..pretrain.state import LATEST, latest_checkpoint, read_meta
+
+    if latest_checkpoint(run_dir) is not None:
+        return
+    root = run_dir / "checkpoints"
+    shutil.rmtree(root / checkpoint.name, ignore_errors=True)
+    shutil.copytree(checkpoint, root / checkpoint.name)
+    log_rows = checkpoint.parent.parent / "metrics.jsonl"  # the seed stage's log, truncated at the checkpoint
+    if log_rows.is_file() and not (run_dir / "metrics.jsonl").exists():
+        shutil.copy(log_rows, run_dir / "metrics.jsonl")
+    atomic_write_json(root / LATEST, {"dir": checkpoint.name, "global_step": read_meta(checkpoint)["global_step"]})
+
+
+def _finite(x: float) -> float | None:
+    """None where a correlation is undefined (a metric constant over K_seed): JSON has no NaN."""
+    return x if math.isfinite(x) else None
+
+
+def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every number: :class:`~.stats.Scores` by :func:`~.stats.mean_over_seeds` (with
+    ``<key>_std`` and averaged replicates), other numbers by their mean, anything else from the first seed."""
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, Scores):
+            return mean_over_seeds(values)
+        if isinstance(first, Mapping):
+            return {k: merge([v[k] for v in values]) for k in first}
+        if isinstance(first, list):
+            return [merge([v[i] for v in values]) for i in range(len(first))]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            if all(v == first for v in values):  # e.g. step counts: keep them as they are
+                return first
+            return sum(float(v) for v in values) / len(values)
+        return first
+
+    return merge(list(per_seed))
+
+
+def finish_table5(results: dict[str, Any]) -> None:
+    """Table 5's drops (from Figure 3) and each metric's Pearson / Spearman correlation with them, with the
+    Pearson r's 95 % bootstrap interval over test queries (the K_seed runs held fixed)."""
+    import numpy as np
+
+    from ..metrics import correlate
+    from ..metrics.correlation import pearson
+    from .stats import percentile_interval
+
+    t5, f3 = results.get("table5"), results.get("figure3")
+    if not t5 or not f3:
+        return
+    before, after = f3["before"], f3["after"]
+    t5["drop"] = [b["r_mean"] - a["r_mean"] for b, a in zip(before, after, strict=True)]
+    corr = correlate(t5["metrics"], t5["drop"])
+    t5["pearson"] = {m: _finite(corr[m]["pearson"]) for m in t5["metrics"]}
+    t5["spearman"] = {m: _finite(corr[m]["spearman"]) for m in t5["metrics"]}
+    if all("r_mean" in x.boot for x in (*before, *after)):
+        drops = np.stack([b.boot["r_mean"] - a.boot["r_mean"] for b, a in zip(before, after, strict=True)], axis=1)
+        cis = {m: percentile_interval(np.array([pearson(v, d) for d in drops])) for m, v in t5["metrics"].items()}
+        t5["pearson_ci"] = {m: list(ci) if all(map(math.isfinite, ci)) else None for m, ci in cis.items()}
+
+
+def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequence[str] | None = None,
+                  seeds: Sequence[int] = (0,), overrides: Sequence[str] = ()) -> str:
+    """The ``vlmerge study`` command line that reproduces a run with these arguments."""
+    words = ["vlmerge", "study", *([experiment] if experiment != "merging" else []), "--preset", preset, "--out",
+             str(out)]
+    if only:
+        words += ["--only", ",".join(only)]
+    if list(seeds) != [0]:
+        words += ["--seeds", ",".join(str(s) for s in seeds)]
+    for item in overrides:
+        words += ["--set", shlex.quote(item)]
+    return " ".join(words)
+
+
+def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
+              overrides: Sequence[str] = (), progress: bool = True,
+              on_seed: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Run (or resume) the study ``preset`` into ``out_dir``; returns the path of ``report.md``.
+
+    ``only``: the parts to run (None: all; an empty list is refused). The arguments are checked before
+    ``out_dir`` is created; it is then locked (:class:`~vlmerge.files.RunLock`) for the run.
+    """
+    from ..files import RunLock
+
+    t0 = time.time()
+    cfg = load_study_config(preset, overrides)
+    parts = list(PARTS if only is None else only)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ValueError(f"--only: {f'unknown parts {bad}' if bad else 'no parts given'}; expected some of "
+                         f"{', '.join(PARTS)}")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "study folder"):
+        return _run_study(cfg, preset, out_dir, parts, only, seeds, overrides, progress, on_seed, t0)
+
+
+def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[str], only: Sequence[str] | None,
+               seeds: Sequence[int], overrides: Sequence[str], progress: bool,
+               on_seed: Callable[[int, dict[str, Any]], None] | None, t0: float) -> Path:
+    """:func:`run_study` once its arguments are checked and ``out_dir`` is locked."""
+    import torch
+
+    out = Path(out_dir)
+    per_seed, cells, computed = [], {}, 0
+    for seed in seeds:
+        study = Study(cfg, out, seed, progress)
+        per_seed.append(study.run(parts))
+        cells.update({f"seed={seed}/{k}": v for k, v in study.cells.items()})
+        computed += len(study.store.computed)
+        if on_seed:
+            on_seed(seed, per_seed[-1])
+    results = aggregate(per_seed)
+    finish_table5(results)
+    results["meta"] = {
+        "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
+        "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg.model_dump(mode="json")), "device": "cuda" if torch.cuda.is_available() else
+        "cpu", "cpu": _cpu_name(), "threads": torch.get_num_threads(), "cells_computed": computed,
+        "bootstrap": {"resamples": RESAMPLES, "level": LEVEL,
+                      "unit": "test images (retrieval), examples (tasks); the same resamples for every model"},
+    }
+    results["cells"] = cells
+    return write_report(out, results)

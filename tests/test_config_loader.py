@@ -1,0 +1,102 @@
+"""The one config loader (``vlmerge.config``): YAML errors name the file, ``--set`` pairs, presets found by
+name as package data -- also from a wheel installed outside the repository."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlmerge.config import PRESET_ROOT, apply_sets, find_config, load, preset_names, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(1, ge=1)
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "x"
+    train: Inner = Field(default_factory=Inner)
+
+
+def test_read_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    cases = {"bad.yaml": (b"a: [1, 2\n", r"bad.yaml: not valid YAML at line 2"),
+             "list.yaml": (b"- 1\n- 2\n", r"list.yaml: expected a mapping .* got list"),
+             "latin.yaml": (b"a: \xff\n", r"latin.yaml: not UTF-8"),
+             "deep.yaml": (b"[" * 50_000 + b"]" * 50_000, r"deep.yaml: (nested too deeply|expected a mapping)")}
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=message):
+            read_yaml(tmp_path / name)
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml(tmp_path / "empty.yaml") == {}
+    with pytest.raises(FileNotFoundError, match="nope.yaml: no such config file"):
+        read_yaml(tmp_path / "nope.yaml")
+
+
+def test_sets_parse_yaml_values_and_never_modify_their_input() -> None:
+    data = {"train": {"steps": 3}, "name": "a"}
+    out = apply_sets(data, ["train.steps=7", "extra.list=[1, 2]", "name="])
+    assert out == {"train": {"steps": 7}, "extra": {"list": [1, 2]}, "name": None}
+    assert data == {"train": {"steps": 3}, "name": "a"}
+    for bad, message in (("train.steps", "expects key=value"), ("=3", "expects key=value"),
+                         ("a..b=1", "expects key=value"), ("name.x=1", "'name' is a value, not a section"),
+                         ("train.steps=[", "--set train.steps: '\\[' is not a YAML value")):
+        with pytest.raises(ValueError, match=message):
+            apply_sets(data, [bad])
+
+
+def test_validation_errors_name_the_source_key_and_allowed_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match=r"c.yaml: train.stepz: unknown key; allowed keys: steps$"):
+        load(Outer, path)
+    with pytest.raises(ValueError, match=r"c.yaml: train.steps: Input should be greater than or equal to 1 \(got 0\)"):
+        load(Outer, path, overrides=["train={steps: 0}"])
+    assert load(Outer, None, overrides=["train.steps=5"]).train.steps == 5
+
+
+def test_presets_by_name_and_their_errors() -> None:
+    assert find_config("tiny", "study") == PRESET_ROOT / "study" / "tiny.yaml"
+    assert {"micro", "tiny", "small", "paper"} <= set(preset_names())
+    with pytest.raises(FileNotFoundError, match=r"no preset 'tinny'; allowed values: \['micro', 'paper'"):
+        find_config("tinny", "study")
+    with pytest.raises(FileNotFoundError, match="no preset '../tiny'"):  # a name is a name, not a path
+        find_config("../tiny", "study")
+
+
+def test_a_wheel_install_finds_every_preset(tmp_path: Path) -> None:
+    """Presets are package data: a non-editable install, run outside the repository, loads each of them."""
+    # Built from a clean copy of the sources: an egg-info left in the checkout would list the data files itself.
+    src = tmp_path / "src-copy"
+    shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("vlmerge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"vlmerge/configs/{p.relative_to(PRESET_ROOT)}" for p in PRESET_ROOT.rglob("*.yaml")}
+    assert shipped and shipped <= names
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    code = ("from vlmerge.config import PRESET_ROOT; from vlmerge.study.runner import load_study_config;"
+            "from vlmerge.study.unival import load_unival_config; from vlmerge.pretrain import load_config;"
+            "from vlmerge.finetune.config import resolve_config;"
+            "assert 'site' in str(PRESET_ROOT), PRESET_ROOT;"
+            "[load_study_config(p) for p in ('micro', 'tiny', 'small', 'paper')];"
+            "[load_unival_config(p) for p in ('micro', 'tiny', 'small')];"
+            "[load_config(p) for p in ('micro', 'tiny', 'small', 'paper')];"
+            "[resolve_config(t, 'micro') for t in ('retrieval', 'vqa', 'nlvr2', 'cls', 'seg')]; print('ok')")
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
