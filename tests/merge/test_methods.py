@@ -269,3 +269,15 @@ def test_dare_seeds_every_tensor_by_its_name(tmp_path) -> None:
     streamed = load_file(str(out / "model.safetensors"))
     for k in keys:
         assert torch.equal(streamed[k], soup[k]), k
+
+
+def test_ties_threshold_is_device_independent() -> None:
+    """The k-th largest magnitude (TIES's trim threshold) by numpy on CPU and by torch.kthvalue (the path any
+    other device takes, where ``.numpy()`` would fail) agree, ties included."""
+    from vlmerge.merge.methods.ties import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.rand(1000, generator=g), torch.randint(0, 5, (777,), generator=g).float()):
+        for k in (1, 7, 500, values.numel()):
+            assert kth_largest(values, k, use_numpy=True) == kth_largest(values, k, use_numpy=False)
+            assert kth_largest(values, k) == float(values.sort(descending=True).values[k - 1])

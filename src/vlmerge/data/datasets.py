@@ -37,8 +37,9 @@ from .cache import CachedWorld, open_cache
 from .tokenizer import Tokenizer
 from .world import ANSWERS, World, caption_relevance
 
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
+# The one pixel normalisation of the project (BEiT / VLMo's): every default mean / std refers to these.
+MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 CAPTIONS_PER_IMAGE = 5
 QUESTIONS_PER_IMAGE = 5
 

@@ -43,12 +43,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .datasets import MEAN, STD
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # matched case-insensitively (.JPEG too)
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
 VQA_NUM_ANSWERS = 3129  # the VQA v2 answer vocabulary of VLMo / ViLT / the merging paper
 IGNORE_INDEX = 255  # segmentation: pixels excluded from the loss (``reduce_zero_label`` maps 0 here)
-MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 _EXPECTED_IMAGES = "*" + "|*".join(IMAGE_EXTENSIONS) + ", any case"
 ScoringRule = Literal["min3", "official"]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..data.datasets import MEAN, STD
 from ..files import RunLock, clean_stale_temps, guard_output_dir, make_temp_dir
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
@@ -110,8 +111,8 @@ def _prep(config: FinetuneConfig, model: VLMo, extras: Mapping[str, Any], tokeni
         tokenizer=tokenizer,
         max_len=min(config.data.max_text_len or model.config.max_text_len, model.config.max_text_len),
         image_size=model.config.image_size,
-        mean=pixel_stats(extras.get("image_mean", (0.5, 0.5, 0.5)), "image_mean", "checkpoint extras"),
-        std=pixel_stats(extras.get("image_std", (0.5, 0.5, 0.5)), "image_std", "checkpoint extras"),
+        mean=pixel_stats(extras.get("image_mean", MEAN), "image_mean", "checkpoint extras"),
+        std=pixel_stats(extras.get("image_std", STD), "image_std", "checkpoint extras"),
         augment_ops=config.augment_ops,
         augment_magnitude=config.augment_magnitude,
         generator=torch.Generator().manual_seed(config.seed),

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data.datasets import MEAN, STD
 from ..data.world import ANSWERS, COLOR_NAMES, SHAPES, World
 from ..models import VLMo
 from .config import FinetuneConfig
@@ -297,7 +298,7 @@ def task_for(task: str, head: str = "task") -> Task:
 
 
 def evaluate_unified(model: VLMo, task: str, dataset: Any, tokenizer: Any = None, *, batch_size: int = 256,
-                     mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+                     mean: Sequence[float] = MEAN, std: Sequence[float] = STD
                      ) -> dict[str, Any]:
     """Score a model in memory on a unified task's ``dataset`` (any items the task reads); see
     :meth:`UnifiedTask.evaluate` (``score`` = the mean of ``per_example``, each item's outcome in percent, what a

@@ -82,8 +82,8 @@ class MergeContext:
     ``linear``      True when the slot is a linear layer's ``weight`` [out, in] (RegMean solves those).
     ``out``         a contiguous float32 buffer of the output's shape that aliases no input, which the method
                     may write its result into (take it with :meth:`output`). Streaming merges recycle the
-                    buffers of slots already written: first-touching fresh memory costs ~1.7 ns a float32
-                    entry on the 2-core benchmark machine, as much as DARE's arithmetic.
+                    buffers of slots already written: first-touching fresh memory costs as much as DARE's
+                    arithmetic (benchmarks/results/merge_throughput.md).
     """
 
     name: str = "tensor"

@@ -141,15 +141,15 @@ def _load(src: tuple[Any, str]) -> torch.Tensor:
 
 
 _WORKERS = 2
-"""Slots read and merged ahead of the one being written. Two beat one on the 2-core benchmark (DARE 6.4 ->
-4.7 s, interpolation 3.3 -> 2.5 s: a slot's read, its arithmetic and the previous slot's write all overlap)
+"""Slots read and merged ahead of the one being written. Two beat one on the 2-core benchmark (a slot's read,
+its arithmetic and the previous slot's write all overlap; numbers in benchmarks/results/merge_throughput.md)
 and cost one more slot of memory; more gained nothing."""
 
 
 class _OutputBuffers:
     """Flat float32 buffers that merges write their results into (``MergeContext.out``), recycled once a
-    slot is written. Fresh memory costs a page fault per 4 KB on first touch (~1.7 ns a float32 entry on
-    the 2-core benchmark VM, as much as DARE's arithmetic); a recycled buffer costs nothing. At most
+    slot is written. Fresh memory costs a page fault per 4 KB on first touch (as much as DARE's arithmetic,
+    see benchmarks/results/merge_throughput.md); a recycled buffer costs nothing. At most
     ``_WORKERS + 1`` buffers exist: as many as slots in flight. Thread-safe."""
 
     def __init__(self) -> None:

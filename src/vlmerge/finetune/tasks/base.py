@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ...data.datasets import MEAN, STD
 from ...models import VLMo
 from ..config import FinetuneConfig
 
@@ -32,8 +33,8 @@ class Prep:
     tokenizer: Any
     max_len: int
     image_size: int
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
+    mean: Sequence[float] = MEAN
+    std: Sequence[float] = STD
     augment_ops: int = 0
     augment_magnitude: float = 9.0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))

@@ -16,14 +16,12 @@ alike (so the result does not depend on the order tensors are visited, and same-
 names get different masks).
 :func:`dare_keep_masks` returns the masks a merge draws.
 
-Speed (2-core benchmark, ``benchmarks/merge_throughput.py``): the random draw bounds DARE. Raw SFC64 words
-split four ways cost ~2 ns an entry (numpy ``Generator.integers`` uint32: ~7 ns; ``torch.rand`` with a
-seeded generator: ~16 ns). The merge runs in chunks of ``_CHUNK`` entries: each input's float32 0/1 mask
-chunk is drawn into one small cache-resident buffer and applied with fused ``addcmul`` (torch's kernels
-on bool operands are 3–4× slower than on float ones), and the output chunk stays in cache across inputs.
-No buffer of the slot's size is allocated besides the output, and streaming merges hand in a recycled one
-(``MergeContext.out``): on the benchmark VMs first-touching fresh memory costs ~0.4–0.6 ns a byte, as much
-as the arithmetic.
+Speed: the random draw bounds DARE, so masks come from raw SFC64 words split four ways into uint16 draws
+(the cheapest generator measured). The merge runs in chunks of ``_CHUNK`` entries: each input's float32 0/1
+mask chunk is drawn into one small cache-resident buffer and applied with fused ``addcmul`` (bool operands
+are slower), and the output chunk stays in cache across inputs. No buffer of the slot's size is allocated
+besides the output, and streaming merges hand in a recycled one (``MergeContext.out``). The measurements
+behind these choices: ``benchmarks/results/merge_throughput.md``.
 """
 
 from __future__ import annotations

@@ -33,9 +33,18 @@ def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
     n = tau.numel()
     k = max(1, int(density * n))
     mag = tau.abs().reshape(-1)
-    # the k-th largest magnitude; numpy's introselect is ~15x faster than torch.kthvalue on CPU
-    thr = float(np.partition(mag.numpy(), n - k)[n - k])
+    thr = kth_largest(mag, k)
     return tau * (mag >= thr).reshape(tau.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int, use_numpy: bool | None = None) -> float:
+    """The ``k``-th largest entry of 1-D ``values`` (1-based), on any device. On CPU numpy's introselect
+    (faster than ``torch.kthvalue`` there; benchmarks/results/merge_throughput.md); elsewhere ``kthvalue``
+    on the device, which gives the same value (the same order statistic). ``use_numpy`` forces a path."""
+    n = values.numel()
+    if values.device.type == "cpu" if use_numpy is None else use_numpy:
+        return float(np.partition(values.numpy(), n - k)[n - k])
+    return float(values.kthvalue(n - k + 1).values)
 
 
 @register_method
