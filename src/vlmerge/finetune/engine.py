@@ -26,7 +26,6 @@ from torch import nn
 
 from ..models import VLMo, parse_param_name
 from ..pretrain.optim import decays, lr_at
-from .model import VISION_EMBEDDINGS
 
 log = logging.getLogger("vlmerge.finetune")
 
@@ -54,7 +53,7 @@ def layer_id(name: str, depth: int) -> int:
     role = parse_param_name(name)
     if role.kind == "block":
         return int(role.layer) + 1  # type: ignore[arg-type]
-    if name.startswith((*VISION_EMBEDDINGS, "word_embed", "text_pos_embed", "type_embed", "text_embed_norm")):
+    if role.kind == "embed":
         return 0
     return depth + 1
 
@@ -72,7 +71,7 @@ def param_groups(
     for name in sorted(names):
         p = named[name]
         scale = layer_decay ** (depth + 1 - layer_id(name, depth))
-        if name.startswith("heads."):
+        if parse_param_name(name).kind == "head":
             scale *= head_lr_mult
         key = (decays(name, p), scale)
         g = groups.setdefault(key, {"params": [], "param_names": [], "lr_scale": scale,

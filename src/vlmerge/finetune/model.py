@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from ..models import CheckpointError, CheckpointReader, ModelConfig, VLMo, load_model_config, parse_param_name
 from ..models.checkpoint import check_finite, read_json
 
-VISION_EMBEDDINGS: tuple[str, ...] = ("patch_embed.", "cls_token", "image_pos_embed")
 TEXT_EMBEDDINGS: tuple[str, ...] = ("word_embed.", "text_pos_embed.", "text_embed_norm.")
 
 
@@ -91,7 +90,7 @@ def build_task_model(
     if "image_pos_embed" in state and config.image_size != base.image_size:
         state["image_pos_embed"] = resize_image_pos_embed(state["image_pos_embed"], config.num_patches)
     missing = sorted(set(expected) - set(state))
-    bad_missing = [k for k in missing if not any(k.startswith(f"heads.{h}.") for h in new_heads)]
+    bad_missing = [k for k in missing if parse_param_name(k).head not in new_heads]
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: checkpoint {list(state[k].shape)}, model {list(expected[k].shape)}"
              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
@@ -121,9 +120,9 @@ def is_vision_encoder(name: str) -> bool:
     vision scope, so a modality-specific model's language route is unchanged bit for bit (its task heads
     carry their own LayerNorm).
     """
-    if name.startswith(VISION_EMBEDDINGS):
-        return True
     role = parse_param_name(name)
+    if role.kind == "embed":
+        return role.expert == "v"
     return role.kind == "block" and role.expert in ("v", "shared")
 
 
@@ -144,11 +143,11 @@ def trainable_names(model: VLMo, scope: str, task_heads: Iterable[str]) -> set[s
     """
     if scope not in ("all", "vision"):
         raise ValueError(f"scope={scope!r} is invalid; allowed values: ['all', 'vision'] (or 'auto')")
-    heads = tuple(f"heads.{h}." for h in task_heads)
     out = set()
     for name, _ in model.named_parameters():
-        if name.startswith("heads."):
-            if name.startswith(heads):
+        role = parse_param_name(name)
+        if role.kind == "head":
+            if role.head in task_heads:
                 out.add(name)
         elif scope == "all" or is_vision_encoder(name):
             out.add(name)

@@ -163,7 +163,7 @@ def task_vector_merge(method: str, states: Sequence[State], base: State, keys: S
 
 
 def is_head_key(key: str) -> bool:
-    return key.startswith("heads.")
+    return parse_param_name(key).kind == "head"
 
 
 def merge_task_head_models(merge: Callable[[list[State], list[str]], dict[str, torch.Tensor]],

@@ -11,8 +11,11 @@ Every transformer-block weight of a vlmerge model is named
   or ``shared`` for a modality-agnostic module used by every modality.
 * ``suffix``  -- e.g. ``qkv.weight``, ``proj.bias``, ``fc1.weight``, ``weight``.
 
-Everything else (patch / word / position / type embeddings, the final norm, ITC projections and task heads)
-is *not mergeable*: the paper keeps embeddings per modality and never merges heads.
+Every other parameter has a role too (:data:`OUTSIDE_BLOCKS`): ``embed`` (with the modality it embeds:
+``v`` patch / [I_CLS] / image positions, ``l`` words / text positions / the BERT-import embedding norm,
+``shared`` the modality-type table), ``final_norm`` (the LayerNorm after the last block, on both routes)
+and ``head`` (``heads.{name}.*``, with the head's name). None of these is *mergeable*: the paper keeps
+embeddings per modality and never merges heads. A name that matches nothing is ``other``.
 
 Pre-training (freezing), merging (grouping copies), metrics (flattening W^v and W^l) and importers all use
 this module, so a new architecture only has to follow the naming scheme.
@@ -30,11 +33,31 @@ SHARED = "shared"
 EXPERTS: tuple[str, ...] = (*MODALITIES, SHARED)
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(norm1|attn|norm2|mlp)\.(v|l|vl|shared)\.(.+)$")
+_HEAD_RE = re.compile(r"^heads\.([^.]+)\.(.+)$")
+
+OUTSIDE_BLOCKS: dict[str, tuple[str, str, str]] = {
+    # top-level module / parameter name -> (kind, modality, part)
+    "patch_embed": ("embed", "v", "patch"),  # a projection (decayed like any matrix)
+    "cls_token": ("embed", "v", "cls"),
+    "image_pos_embed": ("embed", "v", "position"),
+    "word_embed": ("embed", "l", "table"),
+    "text_pos_embed": ("embed", "l", "position"),
+    "text_embed_norm": ("embed", "l", "norm"),
+    "type_embed": ("embed", SHARED, "table"),
+    "norm": ("final_norm", SHARED, "norm"),
+}
+"""The parameters outside the blocks, by their first name component. ``part`` says what kind of tensor it
+is: lookup ``table`` / ``position`` / ``cls`` tensors are not weight-decayed (BEiT's ``no_weight_decay``)."""
 
 
 @dataclass(frozen=True)
 class ParamRole:
-    """Where one parameter sits: ``kind`` is ``block`` for transformer-block weights, else ``other``."""
+    """Where one parameter sits. ``kind``: ``block``, ``embed``, ``final_norm``, ``head`` or ``other``.
+
+    ``expert``: a block weight's expert (``v``/``l``/``vl``/``shared``), or the modality an embedding serves
+    (``v``/``l``/``shared``). ``head``: the head's name for ``heads.{head}.*``. ``part``: for parameters
+    outside the blocks, what the tensor is (:data:`OUTSIDE_BLOCKS`).
+    """
 
     name: str
     kind: str
@@ -42,6 +65,8 @@ class ParamRole:
     module: str | None = None
     expert: str | None = None
     suffix: str | None = None
+    head: str | None = None
+    part: str | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -69,6 +94,13 @@ def parse_param_name(name: str) -> ParamRole:
     """Parse a state-dict key into its :class:`ParamRole`."""
     m = _BLOCK_RE.match(name)
     if m is None:
+        h = _HEAD_RE.match(name)
+        if h is not None:
+            return ParamRole(name=name, kind="head", head=h.group(1), suffix=h.group(2))
+        first, _, rest = name.partition(".")
+        if first in OUTSIDE_BLOCKS:
+            kind, modality, part = OUTSIDE_BLOCKS[first]
+            return ParamRole(name=name, kind=kind, expert=modality, suffix=rest or None, part=part)
         return ParamRole(name=name, kind="other")
     layer, module, expert, suffix = m.groups()
     return ParamRole(name=name, kind="block", layer=int(layer), module=module, expert=expert, suffix=suffix)

@@ -394,14 +394,10 @@ class VLMo(nn.Module):
             role = parse_param_name(name)
             if role.kind == "block":
                 part = f"blocks.{role.expert}"
-            elif name.startswith("heads."):
-                part = "heads." + name.split(".")[1]
-            elif name.startswith(("patch_embed", "cls_token", "image_pos_embed")):
-                part = "embed.vision"
-            elif name.startswith(("word_embed", "text_pos_embed", "text_embed_norm")):
-                part = "embed.text"
-            elif name.startswith("type_embed"):
-                part = "embed.type"
+            elif role.kind == "head":
+                part = f"heads.{role.head}"
+            elif role.kind == "embed":
+                part = {"v": "embed.vision", "l": "embed.text", SHARED: "embed.type"}[role.expert or SHARED]
             else:
                 part = name.split(".")[0]
             parts[part] = parts.get(part, 0) + p.numel()

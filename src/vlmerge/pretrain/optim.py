@@ -12,12 +12,15 @@ import math
 import torch
 from torch import nn
 
-_NO_DECAY_PREFIXES = ("word_embed", "text_pos_embed", "type_embed", "image_pos_embed", "cls_token")
+from ..models.roles import parse_param_name
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether ``name`` gets weight decay: ≥ 2-D weights that are not embeddings; never ``logit_scale``."""
-    return param.ndim >= 2 and not name.startswith(_NO_DECAY_PREFIXES) and not name.endswith("logit_scale")
+    """Whether ``name`` gets weight decay: ≥ 2-D weights that are not embedding tables, positions or [CLS]
+    (the role map's ``part``); never ``logit_scale``."""
+    role = parse_param_name(name)
+    table = role.kind == "embed" and role.part in ("table", "position", "cls")
+    return param.ndim >= 2 and not table and not name.endswith("logit_scale")
 
 
 def build_optimizer(

@@ -22,8 +22,6 @@ from ..models.roles import SHARED, parse_param_name
 
 RECIPES = ("scratch", "seed", "stagewise")
 VL_HEADS = ("itc", "itm", "mlm")
-_VISION_OTHER = ("patch_embed.", "cls_token", "image_pos_embed", "type_embed.", "norm.", "heads.mim.")
-_TEXT_OTHER = ("word_embed.", "text_pos_embed.", "text_embed_norm.", "heads.mlm.")
 
 
 @dataclass(frozen=True)
@@ -72,13 +70,15 @@ def is_trainable(kind: str, name: str) -> bool:
     """
     role = parse_param_name(name)
     if kind == "vl":
-        return not name.startswith("heads.mim.")
-    if kind == "image":
-        return role.expert in ("v", SHARED) if role.kind == "block" else name.startswith(_VISION_OTHER)
+        return role.head != "mim"
+    if kind == "image":  # the vision route: v / shared experts and embeddings, the final norm, MIM head
+        if role.kind in ("block", "embed"):
+            return role.expert in ("v", SHARED)
+        return role.kind == "final_norm" or role.head == "mim"
     if kind == "text":
         if role.kind == "block":
             return role.expert == "l" and role.module in ("norm2", "mlp")
-        return name.startswith(_TEXT_OTHER)
+        return (role.kind == "embed" and role.expert == "l") or role.head == "mlm"
     raise ValueError(f"stage kind must be 'vl', 'image' or 'text', got {kind!r}")
 
 
