@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +224,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit-tiny": dict(image_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_vl_layers=2),
     "vit-base": dict(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_vl_layers=2),
 }
+
+# The registries as types: pydantic configs that name an architecture or a preset validate against these,
+# so a new entry in ARCHS / PRESETS is known everywhere at once.
+ArchName = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
 def preset_config(preset: str, arch: str = "msa", **overrides: Any) -> ModelConfig:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import load, validate
-from ..models.vlmo import ModelConfig, preset_config
+from ..models.vlmo import ArchName, ModelConfig, PresetName, preset_config
 from .augment import OPS
 
 
@@ -28,8 +28,8 @@ class ModelSection(_Section):
     """Which network: a size preset of ``vlmerge.models`` and an architecture; ``overrides`` edit preset
     fields (``arch``, ``heads`` and ``vocab_size`` are set by the recipe and the tokenizer)."""
 
-    preset: Literal["micro", "tiny", "vit-tiny", "vit-base"] = "micro"
-    arch: Literal["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"] = "msa"
+    preset: PresetName = "micro"
+    arch: ArchName = "msa"
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

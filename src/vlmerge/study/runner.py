@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import load
+from ..models.vlmo import ARCHS, ArchName
 from .cells import Cell, CellStore, config_hash
 from .report import write_report
 from .stats import LEVEL, RESAMPLES, Scores, mean_over_seeds, mean_score, miou_score, retrieval_scores
@@ -72,8 +73,7 @@ class StudyConfig(_Strict):
     recipe_alpha: float = Field(0.75, ge=0, le=1, description="interpolation α of 'ours' in Table 3")
     table2: Table2Grid = Table2Grid()
     regmean_batches: int = Field(8, ge=1, description="batches of world image-text pairs for RegMean's Grams")
-    archs: list[Literal["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"]] = Field(
-        default_factory=lambda: ["msa", "custom-attn", "custom-ffn", "custom-ln", "maa"])
+    archs: list[ArchName] = Field(default_factory=lambda: list(ARCHS))
     eval_images: int = Field(200, ge=10, description="test/OOD images for zero-shot retrieval (5 captions each)")
     world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields of the embedded world every "
                                   "cell uses (pre-training, Grams, fine-tuning, evaluation); {} = the full world")
