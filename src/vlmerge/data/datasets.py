@@ -178,15 +178,20 @@ class SegmentationDataset(_WorldDataset):
 class Collate:
     """Items -> a batch: tensors stacked to [B, ...], ints/floats/bools to a [B] tensor, anything else
     (strings) kept as a list; with a tokenizer, ``text`` also becomes ``input_ids`` / ``attention_mask``
-    [B, max_len] long (``[CLS] … [SEP]``, padded)."""
+    [B, L] long (``[CLS] … [SEP]``, padded). L = ``max_len``, or with ``pad_to_longest`` the batch's longest
+    text (padding is masked out of attention and every loss, so it changes no result, only the cost).
+    ``defaults``: values for keys some items lack (e.g. ``image_id=-1``); ``keys``: keep only these."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None, max_len: int = 40) -> None:
-        self.tokenizer, self.max_len = tokenizer, max_len
+    def __init__(self, tokenizer: Tokenizer | None = None, max_len: int = 40, pad_to_longest: bool = False,
+                 defaults: dict[str, Any] | None = None, keys: tuple[str, ...] | None = None) -> None:
+        self.tokenizer, self.max_len, self.pad_to_longest = tokenizer, max_len, pad_to_longest
+        self.defaults, self.keys = dict(defaults or {}), keys
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key in items[0]:
-            values = [item[key] for item in items]
+        names = list(dict.fromkeys([*items[0], *self.defaults]))
+        for key in names:
+            values = [item.get(key, self.defaults.get(key)) for item in items]
             if isinstance(values[0], torch.Tensor):
                 out[key] = torch.stack(values)
             elif isinstance(values[0], (bool, int, float)):
@@ -194,5 +199,9 @@ class Collate:
             else:
                 out[key] = values
         if self.tokenizer is not None and "text" in out:
-            out.update(self.tokenizer.encode(out["text"], self.max_len))
-        return out
+            enc = self.tokenizer.encode(out["text"], self.max_len)
+            if self.pad_to_longest:
+                longest = int(enc["attention_mask"].sum(dim=1).max())
+                enc = {k: v[:, :longest].contiguous() for k, v in enc.items()}
+            out.update(enc)
+        return out if self.keys is None else {k: out[k] for k in self.keys}

@@ -40,7 +40,7 @@ from . import dist
 from .config import PretrainConfig, dump_config, validate_config
 from .evaluate import evaluate_retrieval
 from .flops import peak_flops, train_flops
-from .inputs import Collate, PretrainData, build_data
+from .inputs import PretrainData, build_data, pretrain_collate
 from .losses import ObjectiveSettings, PretrainObjective
 from .optim import build_optimizer, lr_at, set_lr
 from .recipes import Stage, apply_freezing, heads_for, plan_stages
@@ -218,7 +218,7 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and t.precision == "bf16" else nullcontext())
     sampler = dist.StreamSampler(len(run.data.train), dist.derive_seed(t.seed, "data"), run.micro, info.world,
                                  info.rank, run.accum, start_step=base + start)
-    collate = Collate(run.data.tokenizer, model.config.max_text_len, pad_to_longest=info.world == 1)
+    collate = pretrain_collate(run.data.tokenizer, model.config.max_text_len, pad_to_longest=info.world == 1)
     loader = DataLoader(run.data.train, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=cuda,
                         collate_fn=collate)
     batches = iter(loader)

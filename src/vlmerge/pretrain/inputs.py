@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..data import ImageTextDataset, Tokenizer, World, WorldConfig, cache_folder, default_tokenizer
-from ..data.datasets import MEAN, STD
+from ..data.datasets import MEAN, STD, Collate
 from .losses import SpecialTokens
 
 if TYPE_CHECKING:
@@ -60,24 +58,10 @@ def build_data(config: PretrainConfig) -> PretrainData:
     )
 
 
-class Collate:
+def pretrain_collate(tokenizer: Any, max_len: int, pad_to_longest: bool = False) -> Collate:
     """Items -> ``{"image": [B, 3, S, S], "input_ids": [B, L], "attention_mask": [B, L], "image_id": [B]}`` with
     image_id −1 where the items have none. L = ``max_len``, the same on every rank and step (ranks gather
-    each other's texts for hard negatives), or with ``pad_to_longest`` the batch's longest text: padding is
-    masked out of attention and MLM, so it changes no result, only the cost (a single process)."""
-
-    def __init__(self, tokenizer: Any, max_len: int, pad_to_longest: bool = False) -> None:
-        self.tokenizer, self.max_len, self.pad_to_longest = tokenizer, max_len, pad_to_longest
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer.encode([it["text"] for it in items], self.max_len)
-        ids, att = enc["input_ids"].long(), enc["attention_mask"].long()
-        if self.pad_to_longest:
-            longest = int(att.sum(dim=1).max())
-            ids, att = ids[:, :longest].contiguous(), att[:, :longest].contiguous()
-        return {
-            "image": torch.stack([it["image"] for it in items]).float(),
-            "input_ids": ids,
-            "attention_mask": att,
-            "image_id": torch.tensor([int(it.get("image_id", -1)) for it in items]),
-        }
+    each other's texts for hard negatives), or with ``pad_to_longest`` the batch's longest text (a single
+    process). The one :class:`~vlmerge.data.Collate`, configured."""
+    return Collate(tokenizer, max_len, pad_to_longest=pad_to_longest, defaults={"image_id": -1},
+                   keys=("image", "input_ids", "attention_mask", "image_id"))
