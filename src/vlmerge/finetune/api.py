@@ -173,20 +173,10 @@ def finetune(
 
 
 def _finetune(
-    task: str,
-    init_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    config: ConfigLike = None,
-    *,
-    sets: tuple[str, ...] | list[str] = (),
-    preset: str | None = None,
-    train_data: Any = None,
-    eval_data: Any = None,
-    tokenizer: Any = None,
+    task: str, init_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: FinetuneConfig, *,
+    train_data: Any = None, eval_data: Any = None, tokenizer: Any = None,
 ) -> Path:
-    """:func:`finetune` once ``out_dir`` is checked and locked."""
-    get_task(task)  # an unknown name fails here, listing the tasks
-    cfg = make_config(task, init_dir, config, sets, preset)
+    """:func:`finetune` once its config is resolved and ``out_dir`` is checked and locked."""
     t = task_for(task, cfg.head)
     if cfg.head == "task" and task not in FINETUNE_TASKS:
         raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(FINETUNE_TASKS)} "

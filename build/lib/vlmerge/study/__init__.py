@@ -1,1 +1,0 @@
-"""vlmerge.study"""
