@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from vlmerge.study.findings import OUTCOMES
-from vlmerge.study.unival import _front_gain, check_unival_findings, load_unival_config, run_unival
+from vlmerge.study.unival import check_unival_findings, load_unival_config, run_unival
+from vlmerge.study.unival import front_gain as _front_gain
 
 
 def test_bad_config_values_are_refused_with_the_allowed_range() -> None:
