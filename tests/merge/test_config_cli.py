@@ -93,7 +93,7 @@ def test_cli_inputs_soup(tmp_path: Path) -> None:
     (["--method", "interpolation", "--alpha", "1.5", "IN", "OUT"], "params: alpha"),
     (["--method", "interpolation", "IN"], "give IN_DIR OUT_DIR"),
     (["IN", "OUT"], "--method is required"),
-    (["--method", "interpolation", "--grams", "g", "IN", "OUT"], "are for regmean"),
+    (["--method", "interpolation", "--grams", "g", "IN", "OUT"], "does not use Gram matrices"),
     (["--method", "regmean", "IN", "OUT"], "exactly one of 'grams'"),
     (["--method", "regmean", "--data", "nowhere", "--batches", "2", "IN", "OUT"], "unknown Gram data source"),
 ])

@@ -136,6 +136,25 @@ class MergeMethod:
             params = params.model_dump()
         return validate(self.Params, dict(params or {}), f"{self.name} params")
 
+    def check_inputs(self, *, base: bool, weights: bool, grams: bool, what: str = "checkpoint") -> None:
+        """The one check of what a merge call gives against what the method uses (every entry point runs
+        it before reading anything): a base it requires or does not use, weights or Grams it does not take.
+        ``what`` names the base in the message (``checkpoint`` or ``tensor``)."""
+        if not base and self.base == "required":
+            raise ValueError(f"{self.name}: needs a base {what} (W0, the weights the inputs started from): "
+                             "pass --base / base=")
+        if base and self.base == "unused":
+            using = ", ".join(k for k, v in sorted(METHODS.items()) if v.base != "unused")
+            raise ValueError(f"{self.name}: does not use a base {what}; drop --base / base= (methods with a "
+                             f"base: {using})")
+        if weights and not self.uses_weights:
+            using = ", ".join(k for k, v in sorted(METHODS.items()) if v.uses_weights)
+            raise ValueError(f"{self.name}: does not take weights (methods with weights: {using})")
+        if grams and not self.uses_grams:
+            users = ", ".join(k for k, v in sorted(METHODS.items()) if v.uses_grams)
+            raise ValueError(f"{self.name}: does not use Gram matrices; drop --grams / --data / --save-grams "
+                             f"(methods with Grams: {users})")
+
     def allowed_params(self) -> list[str]:
         return sorted(self.Params.model_fields)
 
@@ -255,13 +274,9 @@ def merge_tensors(
             )
         if not is_finite(t):
             raise ValueError(f"{m.name}: tensors[{i}] ({name}) contains NaN or Inf")
+    m.check_inputs(base=base is not None, weights=weights is not None, grams=False, what="tensor")
     base32 = None
     if base is not None:
-        if m.base == "unused":
-            raise ValueError(
-                f"{m.name}: does not use a base; drop base= (methods with a base: "
-                f"{', '.join(k for k, v in sorted(METHODS.items()) if v.base != 'unused')})"
-            )
         if base.shape != ref.shape or base.dtype != ref.dtype:
             raise ValueError(
                 f"{m.name}: base is {base.dtype} {list(base.shape)} but tensors are "
@@ -270,13 +285,6 @@ def merge_tensors(
         if not is_finite(base):
             raise ValueError(f"{m.name}: base ({name}) contains NaN or Inf")
         base32 = base.to(torch.float32)
-    elif m.base == "required":
-        raise ValueError(f"{m.name}: needs a base (W0) tensor: pass base=")
-    if weights is not None and not m.uses_weights:
-        raise ValueError(
-            f"{m.name}: does not take weights (methods with weights: "
-            f"{', '.join(k for k, v in sorted(METHODS.items()) if v.uses_weights)})"
-        )
     w = check_weights(weights, len(ts), m.name)
     if modalities is not None and len(tuple(modalities)) != len(ts):
         raise ValueError(f"{m.name}: modalities has {len(tuple(modalities))} names for {len(ts)} tensors")

@@ -89,10 +89,8 @@ class MergeConfig(BaseModel):
             raise ValueError(
                 "'data' collects Grams for a modality merge ('input'); for 'inputs' give 'grams'"
             )
-        if not m.uses_grams and (
-            self.grams is not None or self.data is not None or self.save_grams is not None
-        ):
-            raise ValueError(f"'grams' / 'data' / 'save_grams' are for regmean, not {self.method}")
+        m.check_inputs(base=self.base is not None, weights=self.weights is not None,
+                       grams=self.grams is not None or self.data is not None or self.save_grams is not None)
         if m.uses_grams:
             if (self.grams is None) == (self.data is None):
                 raise ValueError("regmean needs exactly one of 'grams' (a Gram file) or 'data' (+ 'batches')")

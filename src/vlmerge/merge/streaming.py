@@ -424,21 +424,12 @@ def merge_checkpoint(
     m = get_method(method)
     p = m.parse_params(params)
     out = _prepare_output(out_dir, [in_dir, base_dir, grams], overwrite)
-    if base_dir is None and m.base == "required":
-        raise ValueError(
-            f"{m.name}: needs a base checkpoint (W0, the VL-stage start weights): pass base_dir= / --base"
-        )
-    if base_dir is not None and m.base == "unused":
-        raise ValueError(f"{m.name}: does not use a base checkpoint; drop base_dir / --base")
-    if grams is not None and not m.uses_grams:
-        raise ValueError(f"{m.name}: does not use Gram matrices; drop grams / --grams")
+    m.check_inputs(base=base_dir is not None, weights=weights is not None, grams=grams is not None)
     if m.uses_grams and grams is None:
         raise ValueError(
             f"{m.name}: needs Gram matrices: pass grams= (--grams FILE, or --data NAME --batches N)"
         )
     if weights is not None:
-        if not m.uses_weights:
-            raise ValueError(f"{m.name}: does not take weights")
         if not isinstance(weights, Mapping):
             raise ValueError(
                 f"{m.name}: a modality merge takes weights per modality, e.g. {{'v': 0.75, 'l': 0.25}}"
@@ -586,15 +577,8 @@ def merge_models(
             f"{m.name}: merges at most {m.max_models} models, got {len(dirs)}; use 'average' for N"
         )
     out = _prepare_output(out_dir, [*dirs, base_dir, *(grams or [])], overwrite)
-    if base_dir is None and m.base == "required":
-        raise ValueError(f"{m.name}: needs a base checkpoint (W0): pass base_dir= / --base")
-    if base_dir is not None and m.base == "unused":
-        raise ValueError(f"{m.name}: does not use a base checkpoint; drop base_dir / --base")
-    if weights is not None and not m.uses_weights:
-        raise ValueError(f"{m.name}: does not take weights")
+    m.check_inputs(base=base_dir is not None, weights=weights is not None, grams=grams is not None)
     w = check_weights(weights, len(dirs), m.name)
-    if grams is not None and not m.uses_grams:
-        raise ValueError(f"{m.name}: does not use Gram matrices; drop grams")
     if m.uses_grams and (grams is None or len(list(grams)) != len(dirs)):
         raise ValueError(
             f"{m.name}: needs one Gram source per model ({len(dirs)}), got "
