@@ -66,3 +66,18 @@ def test_configs_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cfg = resolve_config("vqa", "micro")
     assert cfg.lr == 0.5 and cfg.batch_size == 3
     assert validate_config({"task": "cls"}).scope == "auto"
+
+
+def test_task_lists_agree_with_the_task_registry() -> None:
+    """The config's task names (its Literal), the trainable list and the data formats are the registry's."""
+    from vlmerge.finetune.config import DATA_FORMATS, FINETUNE_TASKS
+    from vlmerge.finetune.tasks import TASKS as ALL
+    from vlmerge.finetune.unified import UNIFIED_TASKS
+
+    unified = {t.name for t in UNIFIED_TASKS.values()}  # the answer-as-word variants (head: unified)
+    REGISTRY = {name: t for name, t in ALL.items() if name not in unified}
+    assert set(TASKS) == set(REGISTRY)
+    assert set(FINETUNE_TASKS) == {name for name, t in REGISTRY.items() if t.trainable}
+    for name, task in REGISTRY.items():
+        assert task.name == name and task.data_format in DATA_FORMATS and task.data_format != "embedded"
+        assert (configs_dir() / f"{name}.yaml").is_file() or not task.trainable, name

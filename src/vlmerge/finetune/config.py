@@ -30,11 +30,6 @@ FINETUNE_TASKS: tuple[str, ...] = ("retrieval", "vqa", "nlvr2", "cls", "seg")
 DataFormat = Literal["embedded", "karpathy", "vqa2", "nlvr2", "imagefolder", "segfolder"]
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 
-# Which real-data format each task reads.
-TASK_FORMATS: dict[str, str] = {
-    "retrieval": "karpathy", "itm": "karpathy", "vqa": "vqa2", "nlvr2": "nlvr2", "cls": "imagefolder",
-    "seg": "segfolder",
-}
 # Model-size preset -> the fine-tuning preset section used by default.
 MODEL_PRESET_TO_FT: dict[str, str] = {"micro": "micro", "tiny": "tiny", "vit-tiny": "paper", "vit-base": "paper"}
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from .config import TASK_FORMATS, DataConfig
+from .config import DataConfig
 
 EMBEDDED_SPLITS = ("train", "val", "test", "ood")
 
@@ -97,8 +97,9 @@ def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size
 def file_dataset(task: str, split: str, cfg: DataConfig, image_size: int) -> Dataset:
     """``task``'s dataset read from ``cfg.root`` in ``cfg.format`` (see :mod:`vlmerge.data.formats`)."""
     from ..data import formats
+    from .tasks import get_task
 
-    expected = TASK_FORMATS[task]
+    expected = get_task(task).data_format
     if cfg.format != expected:
         raise ValueError(f"data.format={cfg.format!r} does not fit task {task!r}; allowed values: ['embedded', "
                          f"{expected!r}]")
