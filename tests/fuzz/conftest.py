@@ -1,5 +1,22 @@
-"""Fixtures of the fuzz suite: micro checkpoints built once per session and copied per test, and ``cli``,
-which runs ``vlmerge.cli.main`` and returns its exit code and stderr."""
+"""The fuzz suite: every command run through the real CLI (``vlmerge.cli.main``) on bad inputs, asserting the
+exit code, one stderr line naming the culprit, inputs byte-identical and nothing left behind.
+
+Where each class of bad input is tested:
+  data destroyed (output vs inputs, --save-grams, eval --out)  test_merge_inputs, test_finetune_inputs
+  broken or wrong models (config, keys, shapes, dtypes, overflow)  test_merge_inputs, test_model_config_inputs,
+                                                                   test_distance_inputs
+  paths out of the checkpoint (shards, latest.json, tokenizer)     test_merge_inputs, test_pretrain_inputs,
+                                                                   test_tokenizer_inputs
+  tracebacks and unclear messages (configs, --set, --param, pickles, counts, OSError)
+                                                                   test_cli_inputs, test_model_config_inputs,
+                                                                   test_checkpoint_extras_inputs, test_grams_inputs,
+                                                                   test_pretrain_inputs
+  leftovers and races (temps, locks, umask, --only, alpha: true)   test_merge_inputs, test_pretrain_inputs,
+                                                                   test_study_inputs, test_finetune_inputs
+
+This conftest builds micro checkpoints once per session (copied per test) and ``cli``, which runs the CLI
+and returns its exit code and stderr.
+"""
 
 from __future__ import annotations
 
