@@ -99,6 +99,8 @@ def error_message(e: BaseException) -> tuple[str, int]:
         else:
             msg = str(e)
         return msg, 2
+    if isinstance(e, ArithmeticError):  # a run that diverged (NaN loss): not a bug, not bad input as such
+        return str(e), 1
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename is not None else ""
         what = e.strerror or str(e)

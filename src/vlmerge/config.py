@@ -13,7 +13,9 @@ Presets live in the package (``vlmerge/configs/{kind}/{name}.yaml``), so a wheel
 
 from __future__ import annotations
 
+import math
 import os
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,10 +158,52 @@ def explain(e: ValidationError, source: Any, model: type[BaseModel] | None = Non
     return f"{source}: " + "; ".join(parts)
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field annotation takes numbers but not booleans (``int``, ``float``, ``list[float]``, ...)."""
+    args = typing.get_args(annotation)
+    if annotation in (int, float):
+        return True
+    if annotation is bool or (args and bool in args):
+        return False
+    return bool(args) and any(_numeric(a) for a in args if a is not type(None))
+
+
+def _check_values(model: type[BaseModel], data: Mapping[str, Any], loc: str, source: Any) -> None:
+    """Refuse what pydantic's lax mode would coerce silently: ``true`` / ``false`` for a number (a bool is an
+    int in Python), and NaN / Inf for any number (no config of the project means them)."""
+
+    def walk(annotation: Any, value: Any, key: str) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if isinstance(value, Mapping):
+                _check_values(annotation, value, key + ".", source)
+            return
+        if isinstance(value, bool):
+            if _numeric(annotation):
+                raise ValueError(f"{source}: {key}: expected a number, got {value!r} (true / false is not a number)")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source}: {key}: expected a finite number, got {value!r}")
+        elif isinstance(value, (list, tuple)):
+            args = [a for a in typing.get_args(annotation) if a is not Ellipsis] or [Any]
+            for i, v in enumerate(value):
+                walk(args[min(i, len(args) - 1)] if typing.get_origin(annotation) is tuple else args[0], v,
+                     f"{key}[{i}]")
+        elif isinstance(value, Mapping):
+            args = typing.get_args(annotation)
+            for k, v in value.items():
+                walk(args[1] if len(args) == 2 else Any, v, f"{key}.{k}")
+
+    hints = typing.get_type_hints(model)
+    for name, value in data.items():
+        if name in model.model_fields:
+            walk(hints.get(name, Any), value, f"{loc}{name}")
+
+
 def validate(model: type[ModelT], data: Any, source: Any) -> ModelT:
-    """``model(**data)``, with pydantic's errors turned into one ``ValueError`` (:func:`explain`)."""
+    """``model(**data)``, with pydantic's errors turned into one ``ValueError`` (:func:`explain`). Booleans
+    where numbers are expected and non-finite numbers are refused first (:func:`_check_values`)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    _check_values(model, data, "", source)
     try:
         return model.model_validate(dict(data))
     except ValidationError as e:

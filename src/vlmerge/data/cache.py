@@ -159,6 +159,24 @@ def _shard_length(path: Path) -> int | None:
         return None
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A cache's ``meta.json``, checked: an object with every layout key, ``n`` and ``shard_size`` positive
+    integers, ``complete`` a boolean, ``config`` an object; ``ValueError`` naming the file otherwise."""
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a cache record (an object), got {type(meta).__name__}")
+    missing = [k for k in (*_LAYOUT_KEYS, "n", "complete") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: not a vlmerge cache record (missing {missing}); use another directory")
+    for key in ("n", "shard_size"):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key}={value!r} is invalid; expected a positive integer")
+    if not isinstance(meta["complete"], bool) or not isinstance(meta["config"], dict):
+        raise ValueError(f"{path}: 'complete' must be true/false and 'config' an object")
+    return meta
+
+
 def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",
                 shard_size: int | None = None, progress: bool = True) -> Path:
     """Generate the first ``n`` examples of ``world`` (``kind`` "scenes": ``world[i]``; "nlvr2":
@@ -171,7 +189,7 @@ def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",
         raise ValueError(f"cache size n={n} is invalid; allowed values: an integer ≥ 1")
     out = Path(out_dir)
     meta_path = out / "meta.json"
-    old = read_json(meta_path) if meta_path.is_file() else None
+    old = read_meta(meta_path) if meta_path.is_file() else None
     size = shard_size or (old["shard_size"] if old else default_shard_size(world, kind))
     layout = {"format": FORMAT, "kind": kind, "config": _config_record(world.config), "split": world.split,
               "seed": world.seed, "shard_size": size}
@@ -217,7 +235,7 @@ class CachedWorld:
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.dir = Path(cache_dir)
-        meta = read_json(self.dir / "meta.json")
+        meta = read_meta(self.dir / "meta.json")
         if meta.get("format") != FORMAT or not meta.get("complete"):
             raise ValueError(f"{self.dir}: not a complete cache of format {FORMAT} (re-run write_cache)")
         self.config = WorldConfig.from_dict(meta["config"])

@@ -107,6 +107,10 @@ def checked_extras(extras: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _prep(config: FinetuneConfig, model: VLMo, extras: Mapping[str, Any], tokenizer: Any) -> Prep:
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would index past the word embedding
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's model has "
+                         f"vocab_size={model.config.vocab_size}; the checkpoint needs its own tokenizer record "
+                         "(config.json 'tokenizer') or a tokenizer of that size")
     return Prep(
         tokenizer=tokenizer,
         max_len=min(config.data.max_text_len or model.config.max_text_len, model.config.max_text_len),

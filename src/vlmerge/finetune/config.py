@@ -37,7 +37,7 @@ MODEL_PRESET_TO_FT: dict[str, str] = {"micro": "micro", "tiny": "tiny", "vit-tin
 class DataConfig(BaseModel):
     """Where the task's examples come from."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: DataFormat = "embedded"  # embedded = the procedural world of vlmerge.data
     root: str | None = None  # real formats: the dataset folder
@@ -64,7 +64,7 @@ class DataConfig(BaseModel):
 class FinetuneConfig(BaseModel):
     """Every setting of one fine-tuning run (VLMo supp. B.2–B.3, merging paper Table 6)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: TaskName
     preset: str | None = None  # the preset section these defaults came from (recorded, not read)

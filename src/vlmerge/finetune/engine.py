@@ -137,7 +137,8 @@ def train(
         out = loss_fn(model, move(next(batches), device))
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning loss is {float(loss)} at step {step}")
+            raise FloatingPointError(f"fine-tuning loss is {float(loss.detach())} at step {step}: training "
+                                         "diverged (lower lr or check the inputs)")
         loss.backward()
         if optimizer is None:  # the first backward tells which allowed weights the loss reaches
             named = dict(model.named_parameters())

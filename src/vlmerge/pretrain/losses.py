@@ -70,6 +70,9 @@ def sample_hard_negatives(
     Returns (index [B] long, valid [B] bool); ``valid`` is False for a row with no allowed candidate (its
     index is arbitrary and the pair must not enter the loss).
     """
+    if not bool(torch.isfinite(logits).all()):  # multinomial would fail on NaN weights with an obscure error
+        raise FloatingPointError("image-text similarities are NaN / Inf: training diverged (lower the learning "
+                                 "rate or check the inputs)")
     masked = logits.detach().float().masked_fill(excluded, float("-inf"))
     valid = ~excluded.all(dim=1)
     weights = torch.where(valid[:, None], masked.softmax(dim=1), torch.ones_like(masked))

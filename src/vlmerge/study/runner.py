@@ -51,7 +51,7 @@ EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older ev
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Table2Grid(_Strict):

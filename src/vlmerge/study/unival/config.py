@@ -19,7 +19,7 @@ RECIPES = ("vanilla", "fusing", "ratatouille")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class UnivalConfig(_Strict):
