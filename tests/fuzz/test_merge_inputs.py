@@ -310,3 +310,15 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(work: Path, cli
     refused(res, 2, "appeared while merging")
     assert snapshot(work / "out") == {"theirs.txt": b"the other merge's result"}
     assert leftovers(work, ["msa", "base", "out"]) == []
+
+
+@pytest.mark.parametrize("case", ["int64 weight", "float8 weight", "width mismatch", "one expert copy missing"])
+@pytest.mark.parametrize("command", [("eval", "itm"), ("distance",)])
+def test_eval_and_distance_refuse_what_merge_refuses(work: Path, cli, case: str, command: tuple[str, ...]) -> None:
+    """The same architecture check guards every reader: no silent cast of integer / float8 weights."""
+    corrupt, names = BROKEN[case]
+    corrupt(work)
+    before = snapshot(work)
+    res = cli(*command, work / "msa")
+    refused(res, 2, *names)
+    assert snapshot(work) == before and not (work / "msa" / "eval").exists()
