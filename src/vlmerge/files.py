@@ -94,6 +94,16 @@ def _real(p: PathLike) -> Path:
     return Path(p).expanduser().absolute().resolve()
 
 
+def check_output_path(out: PathLike, flag: str) -> None:
+    """An output path must be given (``""`` would be the working directory) and must not be the working
+    directory or a folder above it (replacing it would delete what the user is working in)."""
+    if not str(out).strip():
+        raise ValueError(f"{flag}: empty path; give the output's path")
+    real, cwd = _real(out), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise ValueError(f"{flag} {out} is the working directory or holds it; write to a new path")
+
+
 def _overlap(out: Path, reads: Iterable[PathLike | None], flag: str) -> None:
     for r in reads:
         if r is None:
@@ -118,6 +128,7 @@ def guard_output_dir(
     ``clean_stale``, temps of an earlier killed writer of this output are cleaned up first (after the
     overlap check), so a previous output they held is restored and then counts as existing.
     """
+    check_output_path(out, flag)
     path = Path(out).expanduser().absolute()
     _overlap(_real(path), list(reads), flag)
     if clean_stale:
@@ -138,6 +149,7 @@ def guard_output_file(
     Refused: it is any path in ``reads`` (or a file inside a read folder, or a folder holding one); it exists
     as a directory; it exists and ``overwrite`` is False.
     """
+    check_output_path(out, flag)
     path = Path(out).expanduser().absolute()
     real = _real(path)
     for r in reads:
@@ -148,7 +160,7 @@ def guard_output_file(
             raise ValueError(f"{flag} {path} would overwrite or lie inside the input {r}; write to a new path")
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; expected a file path")
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise ValueError(f"{flag} {path} exists; pass --overwrite to replace it")
     return path
 
@@ -168,6 +180,20 @@ def resolve_inside(root: PathLike, rel: Any, what: str) -> Path:
     if target != base and base not in target.parents:
         raise ValueError(f"{what}: {rel!r} points outside {root}")
     return Path(root) / rel
+
+
+def check_run_folder(out: PathLike, marker: str, what: str, flag: str = "--out") -> Path:
+    """A folder a run writes into and resumes from: a new or empty folder, or one holding ``marker`` (the
+    entry that run kind leaves, e.g. a study's ``cells``). Anything else is someone else's folder."""
+    check_output_path(out, flag)
+    path = Path(out).expanduser().absolute()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {path} exists and is not a directory")
+        if any(path.iterdir()) and not (path / marker).exists():
+            raise ValueError(f"{flag} {path} is not empty and holds no {what} (no {marker}); give a new or empty "
+                             "directory")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- run locks
@@ -200,7 +226,9 @@ class RunLock:
 
 
 # -------------------------------------------------------------------------------------------- stale temps
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+# Exactly what make_temp_dir / make_temp_file create: ".{name}.{kind}-{pid}-" + tempfile's 8 random characters
+# (+ ".tmp" for files). Anything else -- a user's ".x.old-2024" -- is never touched.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}(?:\.tmp)?$")
 
 
 def _alive(pid: int) -> bool:
@@ -216,8 +244,8 @@ def _alive(pid: int) -> bool:
 def clean_stale_temps(target: PathLike, quiet: bool = False) -> list[Path]:
     """Remove the temp folders / files an earlier, killed writer of ``target`` left beside it.
 
-    A temp is stale when the pid in its name is not running (names without a pid come from older
-    versions and are stale too). A stale ``.old-`` folder that holds the only copy of the previous output
+    A temp is stale when the pid in its name is not running; only names exactly as vlmerge makes them
+    count (pid and tempfile's random suffix). A stale ``.old-`` folder that holds the only copy of the previous output
     (the kill came between the two renames of a replace) is renamed back to ``target`` instead.
     Returns what was removed or restored; says so on stderr unless ``quiet``.
     """
@@ -229,8 +257,8 @@ def clean_stale_temps(target: PathLike, quiet: bool = False) -> list[Path]:
         m = _TEMP_NAME.match(entry.name)
         if not m or m["name"] != target.name:
             continue
-        pid = m["pid"]
-        if pid is not None and (int(pid) == os.getpid() or _alive(int(pid))):
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
             continue
         previous = entry / "ckpt"
         if m["kind"] == "old" and previous.is_dir() and not target.exists():

@@ -7,7 +7,7 @@ import errno
 from pathlib import Path
 
 import pytest
-from fuzz_helpers import refused
+from fuzz_helpers import refused, snapshot
 
 from vlmerge.cli import error_message
 
@@ -74,3 +74,49 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
         rc = main([*argv, "distance", str(tmp_path / "missing")])
         err = capsys.readouterr().err
         assert rc == 2 and ("Traceback" in err) == traceback
+
+
+def test_preview_never_replaces_a_dangling_symlink(tmp_path: Path, cli) -> None:
+    (tmp_path / "link.png").symlink_to(tmp_path / "nowhere.png")
+    res = cli("data", "preview", "--n", "2", "--image-size", "16", "--out", tmp_path / "link.png")
+    refused(res, 2, "link.png", "--overwrite")
+    assert (tmp_path / "link.png").is_symlink()
+
+
+def test_data_cache_refuses_an_empty_path(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = cli("data", "cache", "--split", "train", "--n", "2", "--out", "")
+    refused(res, 2, "--out", "empty path")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_yaml_with_a_repeated_key_is_refused(tmp_path: Path, cli, micro_ckpts: Path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"method: interpolation\ninput: {micro_ckpts / 'msa'}\noutput: {tmp_path / 'o'}\n"
+                   "method: average\n")
+    res = cli("merge", cfg)
+    refused(res, 2, "m.yaml", "duplicate key 'method'")
+    with pytest.raises(SystemExit):  # an argparse usage error, one line (checked for every flag above)
+        cli("merge", "--method", "average", "--weights", "v=1,v=2,l=1,vl=1", micro_ckpts / "msa", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_never_writes_into_a_folder_it_did_not_make(tmp_path: Path, cli, micro_ckpts: Path) -> None:
+    import shutil
+
+    shutil.copytree(micro_ckpts / "msa", tmp_path / "ckpt")
+    before = snapshot(tmp_path)
+    res = cli("study", "--preset", "micro", "--out", tmp_path / "ckpt")
+    refused(res, 2, "ckpt", "holds no study")
+    assert snapshot(tmp_path) == before
+
+
+def test_finetune_output_filled_during_the_run_is_not_replaced(tmp_path: Path) -> None:
+    from vlmerge.finetune.api import _replace_dir
+
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "theirs.txt").write_text("theirs")
+    with pytest.raises(ValueError, match="filled by someone else"):
+        _replace_dir(tmp_path / "tmp", tmp_path / "out", overwrite=False)
+    assert (tmp_path / "out" / "theirs.txt").read_text() == "theirs"

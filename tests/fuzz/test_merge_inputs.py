@@ -225,15 +225,15 @@ def test_disk_full_or_read_only_is_exit_1_and_leaves_nothing(work: Path, cli, mo
 # ----------------------------------------------------------------------------- leftovers, permissions
 def test_stale_temps_of_a_killed_merge_are_removed_or_restored(work: Path, cli) -> None:
     dead = 4_194_305  # above Linux's largest pid_max: never a running process
-    (work / f".out.tmp-{dead}-abc").mkdir()
-    (work / f".out.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"half")
+    (work / f".out.tmp-{dead}-abcd1234").mkdir()
+    (work / f".out.tmp-{dead}-abcd1234" / "model.safetensors").write_bytes(b"half")
     res = cli(*INTERP, work / "msa", work / "out")
     assert res.rc == 0, res.err
     assert leftovers(work, ["msa", "base", "out"]) == []
-    assert "removed" in res.err and f".out.tmp-{dead}-abc" in res.err
+    assert "removed" in res.err and f".out.tmp-{dead}-abcd1234" in res.err
     # killed between the two renames of a replace: the previous output is only in .old-*/ckpt
     good = snapshot(work / "out")
-    old = work / f".out.old-{dead}-xyz"
+    old = work / f".out.old-{dead}-xyz_9876"
     old.mkdir()
     (work / "out").rename(old / "ckpt")
     res = cli(*INTERP, work / "msa", work / "out")  # no --overwrite: restored, then refused as existing
@@ -322,3 +322,27 @@ def test_eval_and_distance_refuse_what_merge_refuses(work: Path, cli, case: str,
     res = cli(*command, work / "msa")
     refused(res, 2, *names)
     assert snapshot(work) == before and not (work / "msa" / "eval").exists()
+
+
+def test_user_files_that_look_like_temps_are_never_touched(work: Path, cli) -> None:
+    """Only names exactly as vlmerge makes them (pid + 8 random characters) are its temps."""
+    (work / ".out.tmp-notes.txt").write_text("notes")
+    (work / ".out.old-2024").mkdir()
+    (work / ".out.old-2024" / "important.txt").write_text("keep")
+    (work / f".out.old-{os.getpid()}-abcd1234").mkdir()  # a live writer's (ours): not stale
+    before = snapshot(work)
+    res = cli(*INTERP, work / "msa", work / "out")
+    assert res.rc == 0 and "removed" not in res.err, res.err
+    after = snapshot(work)
+    assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_the_working_directory_is_never_an_output(work: Path, cli, monkeypatch: pytest.MonkeyPatch,
+                                                   out: str) -> None:
+    monkeypatch.chdir(work)
+    (work / "precious.txt").write_text("p")
+    before = snapshot(work)
+    res = cli(*INTERP, work / "msa", out, "--overwrite")
+    refused(res, 2, "working directory")  # "" is the working directory to every path API
+    assert snapshot(work) == before

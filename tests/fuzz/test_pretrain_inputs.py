@@ -187,7 +187,7 @@ def test_a_save_that_runs_out_of_disk_keeps_the_previous_checkpoint(
 
 def test_the_next_save_removes_the_temp_folder_of_a_killed_save(run: Path) -> None:
     root = run / "checkpoints"
-    stale = root / ".step-00000002.tmp-99999999-x1y2"  # no such pid: its writer is gone
+    stale = root / ".step-00000002.tmp-99999999-x1y2z3w4"  # no such pid: its writer is gone
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     assert main(pretrain_argv(run, "--stop-after", "2")) == 0

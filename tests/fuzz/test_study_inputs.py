@@ -56,9 +56,10 @@ def test_a_second_study_on_a_locked_folder_fails_at_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], experiment: list[str]
 ) -> None:
     out = tmp_path / "study"
-    out.mkdir()
+    (out / "cells").mkdir(parents=True)  # a study folder another process is running in
     (out / "notes.txt").write_bytes(b"mine\n")
     with RunLock(out):
         assert main(["study", *experiment, "--preset", "micro", "--out", str(out), "--no-progress"]) == 1
     assert "another vlmerge process is writing this study folder" in one_line_error(capsys)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_bytes() == b"mine\n"
+    assert sorted(p.name for p in out.iterdir()) == ["cells", "notes.txt"]
+    assert (out / "notes.txt").read_bytes() == b"mine\n"

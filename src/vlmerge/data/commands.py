@@ -19,8 +19,11 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    from ..files import check_output_path
     from .cache import write_cache
     from .world import World, WorldConfig
+
+    check_output_path(args.out, "--out")
 
     world = World(WorldConfig(image_size=args.image_size), args.split, args.seed)
     out = write_cache(world, args.n, args.out, kind=args.kind, shard_size=args.shard_size)

@@ -169,7 +169,8 @@ def finetune(
         with RunLock(out, "fine-tuning output folder"):
             guard_output_dir(out, reads, overwrite, flag="--out")  # again, now that no one else writes it
             clean_stale_temps(out, quiet=True)
-            _finetune(task, init_dir, out, cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer)
+            _finetune(task, init_dir, out, cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
+                      overwrite=overwrite)
             return Path(out_dir)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
@@ -178,7 +179,7 @@ def finetune(
 
 def _finetune(
     task: str, init_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: FinetuneConfig, *,
-    train_data: Any = None, eval_data: Any = None, tokenizer: Any = None,
+    train_data: Any = None, eval_data: Any = None, tokenizer: Any = None, overwrite: bool = True,
 ) -> Path:
     """:func:`finetune` once its config is resolved and ``out_dir`` is checked and locked."""
     t = task_for(task, cfg.head)
@@ -221,30 +222,33 @@ def _finetune(
         keep["unified"] = unified_record(tok)
     else:
         keep.pop("unified", None)  # a task head was added: no longer a unified model
-    return _write_output(out, model.cpu(), keep, record, metrics, result.history)
+    return _write_output(out, model.cpu(), keep, record, metrics, result.history, overwrite)
 
 
 def _write_output(out: Path, model: VLMo, keep: Mapping[str, Any], record: Mapping[str, Any],
-                  metrics: Mapping[str, Any], history: Any) -> Path:
+                  metrics: Mapping[str, Any], history: Any, overwrite: bool = True) -> Path:
     """Build the fine-tuned checkpoint in a temp folder beside ``out`` and put it in place of ``out``."""
     tmp = make_temp_dir(out)
     try:
         save_model(model, tmp, **keep, finetune=record)
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / "train_log.json", history)
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_dir(tmp: Path, out: Path, overwrite: bool = True) -> None:
     """Rename ``tmp`` to ``out``. A non-empty ``out`` is first moved to ``.{name}.old-{pid}-*/ckpt``, so that a
     kill between the two renames leaves it where :func:`~vlmerge.files.clean_stale_temps` restores it."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.rename(tmp, out)  # replaces an empty folder in one step (POSIX rename)
         return
+    if not overwrite:  # something was put there while the model trained: not ours to replace
+        raise ValueError(f"--out {out} was filled by someone else while fine-tuning; nothing was replaced, pass "
+                         "--overwrite to replace it")
     old = make_temp_dir(out, kind="old")
     os.rename(out, old / "ckpt")
     os.rename(tmp, out)

@@ -43,7 +43,10 @@ def _weights(text: str) -> dict[str, float] | list[float]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         if all("=" in p for p in parts):
-            return {k.strip(): float(v) for k, v in (p.split("=", 1) for p in parts)}
+            pairs = [(k.strip(), float(v)) for k, v in (p.split("=", 1) for p in parts)]
+            if len({k for k, _ in pairs}) != len(pairs):
+                raise argparse.ArgumentTypeError(f"a modality is given twice in {text!r}")
+            return dict(pairs)
         return [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 0.5,0.5 or v=0.75,l=0.25; got {text!r}") from None

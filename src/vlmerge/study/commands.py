@@ -47,13 +47,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.experiment == "unival":
         if args.only is not None:
             raise ValueError("--only applies to the merging study; the unival study always runs its three scenarios")
-        from ..files import RunLock
+        from ..files import RunLock, check_run_folder
         from .unival import load_unival_config, run_unival
 
         load_unival_config(args.preset, args.set)  # a bad preset or --set is refused before --out is created
         if any(s < 0 for s in seeds):
             raise ValueError(f"--seeds expects integers >= 0, got {args.seeds!r}")
-        out = Path(args.out)
+        out = check_run_folder(args.out, "cells", "study")
         out.mkdir(parents=True, exist_ok=True)
         with RunLock(out, "study folder"):
             report = run_unival(args.preset, out, seeds=seeds, overrides=args.set, progress=not args.no_progress)

@@ -497,7 +497,7 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
     ``only``: the parts to run (None: all; an empty list is refused). The arguments are checked before
     ``out_dir`` is created; it is then locked (:class:`~vlmerge.files.RunLock`) for the run.
     """
-    from ..files import RunLock
+    from ..files import RunLock, check_run_folder
 
     t0 = time.time()
     cfg = load_study_config(preset, overrides)
@@ -508,7 +508,7 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
                          f"{', '.join(PARTS)}")
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
-    out = Path(out_dir)
+    out = check_run_folder(out_dir, "cells", "study")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "study folder"):
         return _run_study(cfg, preset, out_dir, parts, only, seeds, overrides, progress, on_seed, t0)
