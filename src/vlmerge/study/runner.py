@@ -201,7 +201,9 @@ class Study:
                     tmp = keep.with_name(keep.name + ".tmp")
                     shutil.rmtree(tmp, ignore_errors=True)
                     shutil.copytree(stop, tmp)
-                    shutil.copy(c.dir / "run" / "metrics.jsonl", keep.parents[1] / "metrics.jsonl")
+                    log = c.dir / "run" / "metrics.jsonl"  # absent when no step was logged before k yet
+                    if log.is_file():
+                        shutil.copy(log, keep.parents[1] / "metrics.jsonl")
                     tmp.rename(keep)
                 stages[str(k)] = self.rel(keep)
             final = pretrain(self._cached(data), c.dir / "run", progress=self.progress)
