@@ -76,7 +76,8 @@ def test_presets_by_name_and_their_errors() -> None:
 
 def test_a_wheel_install_finds_every_preset(tmp_path: Path) -> None:
     """Presets are package data: a non-editable install, run outside the repository, loads each of them."""
-    # Built from a clean copy of the sources: an egg-info left in the checkout would list the data files itself.
+    # Built from a clean copy of the sources (an egg-info left in the checkout would list the data files itself),
+    # without build isolation: setuptools comes with the test extra.
     src = tmp_path / "src-copy"
     shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     for name in ("pyproject.toml", "README.md"):
