@@ -9,15 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fuzz_helpers import snapshot
 
 from vlmerge.cli import main
 from vlmerge.finetune.api import checked_extras, evaluate, pixel_stats
 from vlmerge.models import VLMo, preset_config, save_model
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 BAD: list[tuple[str, Any, str]] = [
     ("image_mean", "grey", "3 finite numbers"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzz_helpers import snapshot
 from safetensors.torch import load_file, save_file
 
 from vlmerge.cli import main
@@ -17,10 +18,6 @@ from vlmerge.models import CheckpointError, VLMo, preset_config, save_model
 from vlmerge.models.checkpoint import save_checkpoint
 
 KEY = "blocks.0.attn.v.qkv.weight"
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

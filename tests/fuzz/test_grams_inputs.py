@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_helpers import snapshot
 from safetensors.torch import save_file
 
 from vlmerge.cli import main
@@ -19,10 +20,6 @@ from vlmerge.merge.grams import GRAMS_FORMAT, check_gram_file, open_grams
 from vlmerge.models import CheckpointError, VLMo, preset_config, save_model
 
 HINT = "a Gram file is a safetensors file written by 'vlmerge merge --save-grams' or Grams.save"
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class Booby:

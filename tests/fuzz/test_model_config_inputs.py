@@ -9,15 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_helpers import snapshot
 
 from vlmerge.cli import main
 from vlmerge.models import PRESETS, CheckpointError, ModelConfig, VLMo, load_model_config, preset_config, save_model
 from vlmerge.models.checkpoint import read_json
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (relative path -> bytes)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_helpers import snapshot
 
 from vlmerge.cli import main
 from vlmerge.data import Tokenizer
@@ -15,10 +16,6 @@ from vlmerge.finetune.data import tokenizer_from_config
 from vlmerge.models import VLMo, preset_config, save_model
 
 TEXTS = ["a red circle left of a blue box", "two green squares"]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()

@@ -24,11 +24,11 @@ import torch
 
 from ..models.checkpoint import (
     CONFIG_NAME,
-    FLOAT_DTYPES,
     WEIGHTS_NAME,
     CheckpointError,
     CheckpointReader,
     check_checkpoint,
+    check_float_dtypes,
     load_model_config,
 )
 from ..models.roles import merge_groups
@@ -95,10 +95,7 @@ def check_distance_reader(reader: CheckpointReader) -> None:
         return
     if "model" in reader.config:
         load_model_config(reader.path)  # typed errors naming config.json and the key
-    bad = [f"{k} ({reader.dtype(k)})" for k in reader if reader.dtype(k) not in FLOAT_DTYPES]
-    if bad:
-        raise CheckpointError(f"{reader.path}: {len(bad)} tensors are not floating point: {', '.join(bad[:8])}"
-                              f"{' ...' if len(bad) > 8 else ''}; expected float32, float16, bfloat16 or float64")
+    check_float_dtypes(reader)
 
 
 def checkpoint_distances(

@@ -362,11 +362,16 @@ def check_checkpoint(reader: CheckpointReader, config: Any | None = None) -> Any
     where = (f"{reader.path}: the weights do not match the model in {CONFIG_NAME} (arch {c.arch}, embed_dim "
              f"{c.embed_dim}, depth {c.depth}, num_vl_layers {c.num_vl_layers})")
     validate_state_dict(param_shapes(config), {k: reader.shape(k) for k in reader}, where)
+    check_float_dtypes(reader)
+    return config
+
+
+def check_float_dtypes(reader: CheckpointReader) -> None:
+    """``CheckpointError`` naming the tensors that are not float32 / float16 / bfloat16 / float64."""
     bad = [f"{k} ({reader.dtype(k)})" for k in reader if reader.dtype(k) not in FLOAT_DTYPES]
     if bad:
         raise CheckpointError(f"{reader.path}: {len(bad)} tensors are not floating point: {', '.join(bad[:8])}"
                               f"{' ...' if len(bad) > 8 else ''}; expected float32, float16, bfloat16 or float64")
-    return config
 
 
 def load_model(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
