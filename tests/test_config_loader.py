@@ -3,6 +3,7 @@ name as package data -- also from a wheel installed outside the repository."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,14 @@ def test_a_wheel_install_finds_every_preset(tmp_path: Path) -> None:
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    # and the installed package runs the main job's smallest preset and a fine-tune from its result, as shipped
+    # (``--only table1``: its seed branch comes before the first logged step, which once failed)
+    cli = [sys.executable, "-c", "import sys; from vlmerge.cli import main; sys.exit(main(sys.argv[1:]))"]
+    res = subprocess.run([*cli, "study", "--preset", "micro", "--only", "table1", "--out", "s", "--no-progress"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and (tmp_path / "s" / "report.md").is_file(), res.stderr[-2000:]
+    msa = sorted(p.parent for p in (tmp_path / "s" / "cells").rglob("final/config.json")
+                 if json.loads(p.read_text())["model"]["arch"] == "msa")[0]
+    res = subprocess.run([*cli, "finetune", "vqa", "--init", str(msa), "--out", "ft", "--set", "max_steps=2",
+                          "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and (tmp_path / "ft" / "config.json").is_file(), res.stderr[-2000:]

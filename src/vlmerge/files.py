@@ -182,6 +182,17 @@ def resolve_inside(root: PathLike, rel: Any, what: str) -> Path:
     return Path(root) / rel
 
 
+def relative_name(root: PathLike, rel: str, what: str) -> Path:
+    """``root / rel`` for a file name read from a dataset's own index (a Karpathy ``filename``, an NLVR2
+    ``directory``): relative and free of ``..``, checked on the string alone, so a folder inside ``root`` that
+    is a symlink to the real images still works; ``ValueError`` naming ``what`` otherwise."""
+    parts = Path(rel).parts
+    if not rel or "\x00" in rel or os.path.isabs(rel) or rel.startswith("~") or ".." in parts:
+        raise ValueError(f"{what}: {rel!r} is not a file name inside {root} (absolute, '..' or empty); the "
+                         "dataset index may only name files under its root")
+    return Path(root) / rel
+
+
 def check_run_folder(out: PathLike, marker: str, what: str, flag: str = "--out") -> Path:
     """A folder a run writes into and resumes from: a new or empty folder, or one holding ``marker`` (the
     entry that run kind leaves, e.g. a study's ``cells``). Anything else is someone else's folder."""

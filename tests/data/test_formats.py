@@ -436,3 +436,25 @@ def test_load_task_dataset_layouts(tmp_path: Path) -> None:
         load_task_dataset("nlvr2", "nlvr2", tmp_path / "nlvr2", "test")
     with pytest.raises(ValueError, match="unknown data format 'coco'"):
         load_task_dataset("retrieval", "coco", tmp_path, "test")
+
+
+@pytest.mark.parametrize("name", ["../../outside.jpg", "/etc/passwd", "val2014/../../x.jpg", "~/x.jpg"])
+def test_dataset_indexes_may_only_name_files_under_their_root(tmp_path: Path, name: str) -> None:
+    """A Karpathy filename or an NLVR2 directory that leaves the dataset root is refused, naming the entry,
+    before anything at that path is opened; a folder under the root that is a symlink elsewhere still works."""
+    data = json.loads(_coco_karpathy(tmp_path / "ok.json").read_text())
+    data["images"][0].update(filepath="", filename=name)
+    js = _json(tmp_path / "dataset_coco.json", data)
+    with pytest.raises(ValueError, match=r"images\[0\]: filepath/filename: .* not a file name inside"):
+        load_karpathy(js, tmp_path / "coco", "val")  # any split: every entry is checked
+    dev = tmp_path / "dev.json"
+    dev.write_text(_nlvr2_line("dev-850-0-0", directory=name) + "\n")
+    with pytest.raises(ValueError, match=r"dev.json line 1: 'directory': .* not a file name inside"):
+        load_nlvr2(dev, tmp_path / "images")
+    real = tmp_path / "elsewhere" / "val2014"
+    real.mkdir(parents=True)
+    (tmp_path / "coco").mkdir(exist_ok=True)
+    (tmp_path / "coco" / "val2014").symlink_to(real)
+    (real / "COCO_val2014_000000000042.jpg").write_bytes(b"x")
+    ok = load_karpathy(_coco_karpathy(tmp_path / "dataset_coco.json"), tmp_path / "coco", "test", check_files=True)
+    assert ok[0].image_path == tmp_path / "coco/val2014/COCO_val2014_000000000042.jpg"

@@ -39,19 +39,49 @@ def test_interpolation_endpoints_are_exact_and_lambda_range_checked() -> None:
     for k in w1:
         assert torch.equal(soups.interpolate(w1, w2, 1.0)[k], w1[k])
         assert torch.equal(soups.interpolate(w1, w2, 0.0)[k], w2[k])
-        assert torch.allclose(soups.interpolate(w1, w2, 0.3)[k], 0.3 * w1[k] + 0.7 * w2[k], atol=1e-6)
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"allowed range: \[0, 1\]"):
             soups.interpolate(w1, w2, bad)
 
 
-def test_interpolated_endpoints_reproduce_evaluations(picos: list[Path]) -> None:
+def test_interpolation_at_interior_lambda_matches_the_formula() -> None:
+    """W = λ·W₁ + (1 − λ)·W₂ away from the endpoints (where ``interpolate`` returns copies without merging):
+    the oracle is written out entry by entry from plain numbers; λ ≠ 0.5 tells W₁'s weight from W₂'s."""
+    a = [[1.0, -2.0, 4.0], [0.5, 8.0, -16.0]]
+    b = [[-3.0, 6.0, 0.0], [2.5, -8.0, 32.0]]
+    w1 = {"w": torch.tensor(a), "v": torch.tensor(a[0])}
+    w2 = {"w": torch.tensor(b), "v": torch.tensor(b[0])}
+    for lam in (0.3, 0.25, 0.8):
+        out = soups.interpolate(w1, w2, lam)
+        want = torch.tensor([[lam * x + (1 - lam) * y for x, y in zip(ra, rb, strict=True)]
+                             for ra, rb in zip(a, b, strict=True)])
+        assert torch.allclose(out["w"], want, rtol=0, atol=1e-5), (lam, out["w"], want)
+        assert torch.allclose(out["v"], want[0], rtol=0, atol=1e-5), lam
+    assert torch.equal(soups.interpolate(w1, w2, 0.25)["w"][0], torch.tensor([-2.0, 4.0, 1.0]))  # exact here
+
+
+def test_interpolated_models_reproduce_evaluations(picos: list[Path]) -> None:
     a, b = load_model(picos[0]), load_model(picos[1])
+    sa, sb = a.state_dict(), b.state_dict()
     items = materialize(unified_dataset("vqa", "val", 4, image_size=16))
     for lam, ref in ((1.0, a), (0.0, b)):
         m = load_model(picos[0])
-        m.load_state_dict(soups.interpolate(a.state_dict(), b.state_dict(), lam))
+        m.load_state_dict(soups.interpolate(sa, sb, lam))
         assert evaluate_unified(m, "vqa", items) == evaluate_unified(ref, "vqa", items)
+    # an interior λ: every float weight is λ·W_a + (1 − λ)·W_b (the oracle computed here), and the merged
+    # model scores as the model holding the oracle's weights does
+    lam = 0.3
+    merged = soups.interpolate(sa, sb, lam)
+    oracle = {k: lam * sa[k] + (1 - lam) * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa}
+    assert merged.keys() == oracle.keys()
+    for k in sa:
+        assert torch.allclose(merged[k], oracle[k], rtol=1e-6, atol=1e-6), k
+    assert any(not torch.allclose(merged[k], sa[k]) for k in sa) and any(not torch.allclose(merged[k], sb[k])
+                                                                         for k in sa)
+    m, ref = load_model(picos[0]), load_model(picos[0])
+    m.load_state_dict(merged)
+    ref.load_state_dict(oracle)
+    assert evaluate_unified(m, "vqa", items) == evaluate_unified(ref, "vqa", items)
 
 
 def test_soup_of_identical_models_is_that_model(picos: list[Path]) -> None:
@@ -151,16 +181,98 @@ def test_grid_search_picks_the_best_lambda() -> None:
         soups.grid_search(lambda lam: lam, [0.5, 2.0])
 
 
+def _ties_oracle(base: list[float], taus: list[list[float]], density: float, lam: float,
+                 weights: list[float] | None = None) -> list[float]:
+    """TIES (Yadav et al. 2023) written out entry by entry: keep each task vector's top ``density`` share by
+    magnitude, elect each entry's sign by the (weighted) sum of the kept values, average the kept values of
+    that sign (weighted), W = W0 + λ·merged. Inputs must have distinct magnitudes (no trimming ties)."""
+    n, w = len(base), weights or [1.0] * len(taus)
+    k = max(1, int(density * n))
+    trimmed = []
+    for t in taus:
+        top = set(sorted(range(n), key=lambda i: -abs(t[i]))[:k])
+        trimmed.append([t[i] if i in top else 0.0 for i in range(n)])
+    out = []
+    for i in range(n):
+        total = sum(wi * t[i] for wi, t in zip(w, trimmed, strict=True))
+        sign = (total > 0) - (total < 0)
+        agree = [(wi, t[i]) for wi, t in zip(w, trimmed, strict=True) if t[i] != 0 and (t[i] > 0) - (t[i] < 0) == sign]
+        merged = sum(wi * v for wi, v in agree) / sum(wi for wi, _ in agree) if agree else 0.0
+        out.append(base[i] + lam * merged)
+    return out
+
+
+# Task vectors with distinct magnitudes (no trimming ties) and dyadic values, so W_m − W0 is exact in float32.
+TIES_BASE = [0.5, -1.0, 2.0, 0.0, 1.25, -0.5, 3.0, -2.0]
+TIES_TAUS = [[4.0, -3.0, 2.0, 0.5, -1.0, 6.0, 0.25, -0.75],
+             [-1.0, -2.0, -5.0, 3.0, 0.5, 4.0, -0.25, 7.0],
+             [-2.5, 1.5, 1.0, -0.5, 3.5, -8.0, 0.125, -6.0]]
+
+
+def test_ties_matches_the_papers_definition() -> None:
+    base = {"w": torch.tensor(TIES_BASE).reshape(2, 4)}
+    states = [{"w": torch.tensor([b + t for b, t in zip(TIES_BASE, tau, strict=True)]).reshape(2, 4)}
+              for tau in TIES_TAUS]
+    cases = [(0.5, 0.6, None), (1.0, 0.6, None), (0.5, 1.0, [1.0, 1.0, 3.0])]
+    for density, lam, weights in cases:
+        want = torch.tensor(_ties_oracle(TIES_BASE, TIES_TAUS, density, lam, weights)).reshape(2, 4)
+        kw = {"weights": weights} if weights else {}
+        got = soups.task_vector_merge("ties", states, base, density=density, lam=lam, **kw)["w"]
+        assert torch.allclose(got, want, rtol=0, atol=1e-6), (density, lam, weights, got, want)
+    # the cases exercise trimming, the election and the disjoint mean: hand-checked values of the first one
+    # (entry 5: 6 + 4 − 8 > 0 elects +, the mean of 6 and 4; entry 6: nothing survives the trim)
+    merged = (soups.task_vector_merge("ties", states, base, density=0.5, lam=1.0)["w"] - base["w"]).reshape(-1)
+    assert merged.tolist() == [4.0, -3.0, -5.0, 3.0, 3.5, 5.0, 0.0, 7.0]
+    weighted = (soups.task_vector_merge("ties", states, base, density=0.5, lam=1.0, weights=[1.0, 1.0, 3.0])["w"]
+                - base["w"]).reshape(-1)
+    assert weighted.tolist()[0] == -2.5 and weighted.tolist()[5] == -8.0  # the weights flip the election
+
+
 def test_task_vector_merges() -> None:
     base, w1, w2 = _state(0), _state(1), _state(2)
+    t1, t2 = w1["a"] - base["a"], w2["a"] - base["a"]
     ta = soups.task_vector_merge("task_arithmetic", [w1, w2], base, lam=0.5)
-    assert torch.allclose(ta["a"], base["a"] + 0.5 * ((w1["a"] - base["a"]) + (w2["a"] - base["a"])), atol=1e-6)
-    ties = soups.task_vector_merge("ties", [w1, w2], base, density=1.0, lam=1.0)
-    assert ties["a"].shape == base["a"].shape
-    dare = soups.task_vector_merge("dare", [w1, w1], base, drop=0.0, lam=1.0)
-    assert torch.allclose(dare["a"], w1["a"], atol=1e-6)
+    assert torch.allclose(ta["a"], base["a"] + 0.5 * (t1 + t2), atol=1e-6)
+    # DARE without dropping is a linear combination of the task vectors: their mean (normalize, the default)
+    # or their sum, scaled by λ
+    dare = soups.task_vector_merge("dare", [w1, w2], base, drop=0.0, lam=0.7)
+    assert torch.allclose(dare["a"], base["a"] + 0.7 * (t1 + t2) / 2, atol=1e-6)
+    dare = soups.task_vector_merge("dare", [w1, w2], base, drop=0.0, lam=0.7, normalize=False)
+    assert torch.allclose(dare["a"], base["a"] + 0.7 * (t1 + t2), atol=1e-6)
     with pytest.raises(ValueError, match="allowed values"):
         soups.task_vector_merge("magic", [w1, w2], base)
+
+
+def test_dare_drops_a_share_p_and_rescales_the_kept_entries() -> None:
+    """With drop p, each task vector entry is either dropped or kept as τ/(1 − p) (λ = 1, summed): the merged
+    delta of every entry is one of 0, τ₁/(1 − p), τ₂/(1 − p), (τ₁ + τ₂)/(1 − p). |τ₁| ∈ [1, 2) and |τ₂| ∈ [10, 20)
+    keep those four at least 1 apart, so each entry tells which inputs kept it."""
+    g = torch.Generator().manual_seed(0)
+    shape, p = (100, 100), 0.3
+
+    def signed(lo: float, hi: float) -> torch.Tensor:
+        mag = lo + (hi - lo) * torch.rand(shape, generator=g)
+        return torch.where(torch.rand(shape, generator=g) < 0.5, -mag, mag)
+
+    base = {"a": 0.1 * torch.randn(shape, generator=g)}
+    t1, t2 = signed(1.0, 2.0), signed(10.0, 20.0)
+    states = [{"a": base["a"] + t1}, {"a": base["a"] + t2}]
+    t1, t2 = states[0]["a"] - base["a"], states[1]["a"] - base["a"]  # the task vectors as float32 holds them
+    out = soups.task_vector_merge("dare", states, base, drop=p, lam=1.0, normalize=False, seed=7)
+    delta = out["a"] - base["a"]
+    cands = torch.stack([torch.zeros(shape), t1, t2, t1 + t2]) / (1 - p)
+    close = torch.isclose(delta[None], cands, rtol=1e-4, atol=1e-4)
+    assert bool((close.sum(0) == 1).all()), "an entry is not a dropped / rescaled combination of the inputs"
+    which = close.int().argmax(0)
+    kept1, kept2 = (which == 1) | (which == 3), (which == 2) | (which == 3)
+    n = delta.numel()
+    for kept in (kept1, kept2):
+        assert abs((n - int(kept.sum())) / n - p) < 0.03
+    assert abs(int((~kept1 & ~kept2).sum()) / n - p * p) < 0.03  # the inputs draw their masks independently
+    again = soups.task_vector_merge("dare", states, base, drop=p, lam=1.0, normalize=False, seed=7)
+    assert torch.equal(again["a"], out["a"])
+    other = soups.task_vector_merge("dare", states, base, drop=p, lam=1.0, normalize=False, seed=8)
+    assert not torch.equal(other["a"], out["a"])
 
 
 def test_task_head_mode_merges_backbone_and_keeps_heads() -> None:

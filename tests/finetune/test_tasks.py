@@ -29,6 +29,7 @@ from vlmerge.finetune.api import _prep, checkpoint_extras, make_config
 from vlmerge.finetune.config import DataConfig
 from vlmerge.finetune.data import embedded_dataset, load_split, tokenizer_from_config
 from vlmerge.finetune.tasks import retrieval as retrieval_task
+from vlmerge.finetune.tasks import vqa as vqa_task
 from vlmerge.models import load_model, parse_param_name
 
 SIMPLE_WORLD = "data.world={max_objects: 1, rotation: false, texture: false, noise: 0, size_scale: 2}"
@@ -95,12 +96,29 @@ def test_task_beats_its_baseline_on_the_test_split(task: str, finetuned: Callabl
     assert "tokenizer" in json.loads((out / "config.json").read_text())
 
 
-def test_evaluate_reloads_a_checkpoint_and_scores_the_ood_split(finetuned: Callable[[str], Path]) -> None:
+def test_evaluate_reloads_a_checkpoint_and_scores_the_ood_split(finetuned: Callable[[str], Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     out = finetuned("vqa")
     again = evaluate("vqa", out, "test")  # the data settings it was fine-tuned with
     assert again["score"] == pytest.approx(metrics(out)["score"], abs=1e-6)
+    # record the answers the model gives and the questions' soft scores, to recompute the score by hand
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    logits = vqa_task.VQA.logits
+
+    def recording(model: Any, batch: Any) -> torch.Tensor:
+        lg = logits(model, batch)
+        seen.append((lg.argmax(1), batch["target"]))
+        return lg
+
+    monkeypatch.setattr(vqa_task.VQA, "logits", staticmethod(recording))
     ood = evaluate("vqa", out, "ood")
-    assert ood["split"] == "ood" and 0 <= ood["score"] <= 100 and ood["n"] == 500
+    assert ood["split"] == "ood" and ood["n"] == 500
+    answers = [int(a) for pred, _ in seen for a in pred]
+    soft = [row.tolist() for _, target in seen for row in target]
+    assert len(answers) == len(soft) == 500
+    assert {round(3 * v, 6) for row in soft for v in row} <= {0, 1, 2, 3}  # VQA v2 soft scores: min(1, k / 3)
+    oracle = 100 * sum(row[a] for a, row in zip(answers, soft, strict=True)) / len(answers)
+    assert ood["score"] == pytest.approx(oracle, abs=1e-9)
 
 
 def test_vision_only_finetune_leaves_language_and_vl_weights_bit_identical(
@@ -129,7 +147,16 @@ def test_itc_only_retrieval_never_touches_weights_it_does_not_use(pretrained: Pa
     assert json.loads((out / "config.json").read_text())["finetune"]["train"]["frozen_unreached"] > 0
 
 
-def test_zero_shot_retrieval_and_itm(pretrained: Path) -> None:
+def test_zero_shot_retrieval_and_itm(pretrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    margins: list[torch.Tensor] = []  # the ITM head's log-odds of "matched", call by call
+    itm_margin = retrieval_task.itm_margin
+
+    def recording(m: Any, image: torch.Tensor, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        out = itm_margin(m, image, ids, att)
+        margins.append(out)
+        return out
+
+    monkeypatch.setattr(retrieval_task, "itm_margin", recording)
     res = zero_shot(pretrained, "test", sets=["data.eval_size=50"])
     r, itm = res["retrieval"], res["itm"]
     assert r["n_images"] == 50 and r["n_texts"] == 250
@@ -141,7 +168,18 @@ def test_zero_shot_retrieval_and_itm(pretrained: Path) -> None:
     assert r["relevance"] == "truthful" and r["baseline"]["kind"] == "chance"
     assert r["baseline"]["ir_r1"] == pytest.approx(100 * rel.sum(axis=0).mean() / 50) and rel.sum() > 250
     assert r["r_mean"] > r["baseline"]["r_mean"]  # pre-training alone already beats chance
-    assert itm["n_pairs"] == 500 and itm["baseline"]["accuracy"] == 50.0 and 0 <= itm["accuracy"] <= 100
+    assert itm["n_pairs"] == 500 and itm["baseline"]["accuracy"] == 50.0
+    # oracle from the recorded margins: each batch scores its items' positive pairs, then their negatives; a
+    # positive is right when the margin is > 0, a negative when it is <= 0
+    pos, neg = torch.cat(margins[0::2]).tolist(), torch.cat(margins[1::2]).tolist()
+    assert len(pos) == len(neg) == 250
+    pos_acc, neg_acc = 100 * sum(x > 0 for x in pos) / 250, 100 * sum(x <= 0 for x in neg) / 250
+    assert itm["pos_acc"] == pytest.approx(pos_acc) and itm["neg_acc"] == pytest.approx(neg_acc)
+    assert itm["accuracy"] == pytest.approx((pos_acc + neg_acc) / 2)
+    # a head that calls every pair "matched" is right on all positives and no negative: exactly 50 %
+    monkeypatch.setattr(retrieval_task, "itm_margin", lambda m, image, ids, att: torch.ones(len(ids)))
+    always = evaluate("itm", pretrained, "test", sets=["data.eval_size=50"])
+    assert (always["pos_acc"], always["neg_acc"], always["accuracy"]) == (100.0, 0.0, 50.0)
     with pytest.raises(ValueError, match="no 'vqa' head"):
         evaluate("vqa", pretrained, "test", sets=["data.eval_size=5"])
 

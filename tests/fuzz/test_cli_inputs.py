@@ -120,3 +120,19 @@ def test_finetune_output_filled_during_the_run_is_not_replaced(tmp_path: Path) -
     with pytest.raises(ValueError, match="filled by someone else"):
         _replace_dir(tmp_path / "tmp", tmp_path / "out", overwrite=False)
     assert (tmp_path / "out" / "theirs.txt").read_text() == "theirs"
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["model", "info", "--heads", ","], ["--heads", "comma-separated head names"]),
+        (["model", "info", "--heads", "vqa,,itc"], ["--heads"]),
+        (["merge", "--method", "ties", "--param", "=1", "{ckpt}", "{tmp}/out"], ["--param", "'=1'", "before '='"]),
+        (["merge", "--method", "ties", "--param", "density", "{ckpt}", "{tmp}/out"], ["--param", "KEY=VALUE"]),
+    ],
+)
+def test_malformed_lists_and_parameters_are_named(tmp_path: Path, cli, micro_ckpts: Path, argv: list[str],
+                                                 names: list[str]) -> None:
+    res = cli(*[a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(micro_ckpts / "msa")) for a in argv])
+    refused(res, 2, *names)
+    assert list(tmp_path.iterdir()) == []

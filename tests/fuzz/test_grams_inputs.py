@@ -132,3 +132,45 @@ def test_merge_cli_refuses_a_bad_gram_file(kind: str, ckpt: Path, tmp_path: Path
     assert f"{path}: " in err and "Gram" in err, err
     assert snapshot(tmp_path) == before and snapshot(ckpt) == ck_before
     assert not (tmp_path / "out").exists() and not (tmp_path / "unpickled").exists()
+
+
+@pytest.mark.parametrize("kind", ["asymmetric", "zero", "negative-diagonal", "extra-key", "nan"])
+def test_merge_refuses_a_gram_that_no_activations_could_give(kind: str, ckpt: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A well-formed Gram file whose matrices are no XᵀX (or that holds Grams of weights the checkpoint does
+    not have) is refused naming the file and the weight; nothing is written."""
+    grams = good_grams(ckpt)
+    key = sorted(grams)[0]
+    g = grams[key]
+    if kind == "asymmetric":
+        g[0, 1] = 0.5
+    elif kind == "zero":
+        g.zero_()
+    elif kind == "negative-diagonal":
+        g[1, 1] = -1.0
+    elif kind == "nan":
+        g[0, 0] = float("nan")
+    else:
+        key = "blocks.9.attn.v.qkv.weight"
+        grams[key] = torch.eye(4, dtype=torch.float64)
+    path = save_grams(Grams(grams, {k: 10 for k in grams}), tmp_path / "g.safetensors")
+    before, ck_before = snapshot(tmp_path), snapshot(ckpt)
+    rc = main(["merge", "--method", "regmean", "--grams", str(path), str(ckpt), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(path) in err and key in err, err
+    want = {"asymmetric": "not symmetric", "zero": "all zero", "negative-diagonal": "negative diagonal",
+            "nan": "NaN or Inf", "extra-key": "has no linear weight for"}[kind]
+    assert want in err, err
+    assert snapshot(tmp_path) == before and snapshot(ckpt) == ck_before and not (tmp_path / "out").exists()
+
+
+def test_merge_tensors_refuses_a_non_gram() -> None:
+    from vlmerge.merge import merge_tensors
+
+    w = [torch.randn(3, 4), torch.randn(3, 4)]
+    good = torch.eye(4, dtype=torch.float64)
+    bad = good.clone()
+    bad[0, 2] = 1.0
+    with pytest.raises(ValueError, match=r"grams\[1\] is not symmetric"):
+        merge_tensors("regmean", w, grams=[good, bad])

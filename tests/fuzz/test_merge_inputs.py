@@ -83,6 +83,19 @@ def test_save_grams_never_overwrites(work: Path, cli) -> None:
     assert leftovers(work, ["msa", "base", "grams.safetensors"]) == []
 
 
+def test_a_soup_names_each_model_once_and_its_base_is_no_input(work: Path, cli) -> None:
+    """`--inputs A A` (a hidden 2:1 weight) and a base that is one of the inputs (a zero task vector) are
+    refused, however the path is spelled."""
+    before = snapshot(work)
+    res = cli("merge", "--method", "average", "--inputs", work / "msa", work / "base", f"{work}/./msa", "-o",
+              work / "out")
+    refused(res, 2, "--inputs", "given twice", "--weights")
+    res = cli("merge", "--method", "modality_arithmetic", "--lam", "0.5", "--inputs", work / "msa", work / "base",
+              "--base", work / "base", "-o", work / "out")
+    refused(res, 2, "--base", "also one of the inputs")
+    assert snapshot(work) == before and leftovers(work, ["msa", "base"]) == []
+
+
 # ----------------------------------------------------------------------------- broken or wrong models
 def _drop_config(w: Path) -> None:
     (w / "msa" / "config.json").unlink()

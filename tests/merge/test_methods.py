@@ -218,10 +218,12 @@ def test_bad_params(method: str, kwargs: dict, match: str) -> None:
 
 def test_bad_tensors() -> None:
     a, b = rnd(3, 3, seed=1), rnd(3, 3, seed=2)
-    with pytest.raises(ValueError, match=r"tensors\[1\] is torch.float32 \[3, 4\]"):
+    with pytest.raises(ValueError, match=r"tensors\[1\] torch.float32 \[3, 4\]: all inputs need one shape"):
         merge_tensors("interpolation", [a, rnd(3, 4)])
-    with pytest.raises(ValueError, match=r"tensors\[1\] is torch.float64"):
+    with pytest.raises(ValueError, match=r"tensors\[1\] torch.float64 \[3, 3\]: all inputs need one shape"):
         merge_tensors("interpolation", [a, b.double()])
+    with pytest.raises(ValueError, match=r"dtype torch.int64 is not floating point"):
+        merge_tensors("average", [a.long(), b.long()])
     bad = b.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"tensors\[1\] \(tensor\) contains NaN or Inf"):

@@ -149,7 +149,7 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
     wrong["blocks.0.attn.v.qkv.weight"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match=r"b3: .*: shape mismatches \(1\): blocks.0.attn.v.qkv.weight: checkpoint \["):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3", wrong))
-    with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight: torch.float32 \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"base blocks.0.attn.v.qkv.weight is torch.float32 \[2, 2\] but the"):
         merge_checkpoint("ties", in_dir, out, base_dir=write(tmp_path, "b3p", wrong, plain=True))
     # modality copies of different shapes, a missing expert copy, a missing config: the input's own check
     bad = dict(sd)
@@ -303,7 +303,7 @@ def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
         merge_models("average", [dirs[0], bad], tmp_path / "out")
     msg = str(e.value)
     assert "norm.weight (missing in" in msg and "extra.weight (only in" in msg
-    assert "blocks.0.attn.v.qkv.weight (" in msg and "[4, 8] vs" in msg
+    assert "blocks.0.attn.v.qkv.weight (" in msg and "bad torch.float32 [4, 8]: all inputs need one shape" in msg
     with pytest.raises(ValueError, match="at most 2 models"):
         merge_models("interpolation", [*dirs, dirs[0]], tmp_path / "out")
     with pytest.raises(ValueError, match="weights has 1 values but there are 2"):

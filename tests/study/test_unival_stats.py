@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vlmerge.study.stats import Scores, mean_score, percentile_interval
-from vlmerge.study.unival import aggregate, check_unival_findings, render_report
+from vlmerge.study.stats import aggregate_seeds as aggregate
+from vlmerge.study.unival import check_unival_findings, render_report
 
 N = 400  # test examples per task in the hand-made cases
 
@@ -126,11 +127,13 @@ def test_aggregate_over_two_seeds_gives_mean_std_and_averaged_replicates() -> No
     both = np.stack([s0.boot["vqa"], s1.boot["vqa"]], axis=1)  # two-level bootstrap: seeds drawn per replicate
     np.testing.assert_allclose(m.boot["vqa"], both[np.arange(len(both))[:, None], seed_draws(2)].mean(axis=1))
     assert agg["tasks"] == ["vqa", "cls"] and agg["timings"]["n"] == 3.0
+    assert aggregate([{"k": [0, 5], "n": 7}, {"k": [0, 5], "n": 7}]) == {"k": [0, 5], "n": 7}  # agreeing ints kept
     # the findings read the seed means and the averaged replicates, not the _std keys
     s2 = {"soup/vanilla": m, "soup/fusing": m, "soup/ratatouille": m}
     f = findings({"tasks": ["vqa", "cls"], "scenario2": s2})
     assert f["id_order"].margin == pytest.approx(0.0) and f["id_order"].outcome == "inconclusive"
-    assert aggregate(per_seed[:1])["scenario2"]["soup/vanilla"] is s0  # one seed: unchanged
+    one = aggregate(per_seed[:1])["scenario2"]["soup/vanilla"]  # one seed: its numbers unchanged
+    assert dict(one) == dict(s0) and all(np.array_equal(one.boot[k], s0.boot[k]) for k in s0.boot)
 
 
 # ------------------------------------------------------------------------------------------------ coverage

@@ -31,9 +31,10 @@ docstring) and returns images in [0, 1] (mean 0, std 1), because the fine-tuning
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -43,6 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..files import relative_name
 from .datasets import MEAN, STD
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # matched case-insensitively (.JPEG too)
@@ -205,12 +207,12 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str, *,
         image_id = _get(im, "cocoid", int, where, optional=True)
         if image_id is None:
             image_id = _get(im, "imgid", int, where)
+        image_path = relative_name(root, os.path.join(filepath, filename), f"{where}: filepath/filename")
         if s not in wanted:
             continue
         if image_id in seen:
             raise ValueError(f"{where}: image id {image_id} repeats images[{seen[image_id]}]")
         seen[image_id] = i
-        image_path = root / filepath / filename
         if check_files:
             _require_file(image_path)
         records.append(CaptionRecord(image_path, captions, image_id))
@@ -444,7 +446,7 @@ def load_nlvr2(jsonl_path: str | Path, image_root: str | Path, *, check_files: b
                 raise ValueError(f"{where}: 'directory' must be an integer or a string, "
                                  f"got {_short(directory)}")
             flat = root / m["split"]
-            folder = flat / str(directory) if directory is not None else flat
+            folder = relative_name(flat, str(directory), f"{where}: 'directory'") if directory is not None else flat
             pair = []
             for k in (0, 1):
                 name = f"{m['stem']}-img{k}.png"
@@ -651,11 +653,85 @@ def _vqa_files(root: Path, split: str) -> tuple[Path, Path | None, str]:
     return q, (a if a.is_file() else None), coco_image_split(split)
 
 
+FormatReader = Callable[[Path, str, dict[str, Any]], FileImageDataset]
+"""``reader(root, split, image_kw)``: one split of a dataset folder (``image_kw``: ``image_size``, ``mean``,
+``std`` for :class:`FileImageDataset`)."""
+FORMATS: dict[str, FormatReader] = {}
+"""Data format name (``data.format``) -> its reader; a new format is one function decorated with
+:func:`register_format` (the config's ``data.format`` values and ``--data-format`` choices come from here)."""
+
+
+def register_format(name: str) -> Callable[[FormatReader], FormatReader]:
+    def add(reader: FormatReader) -> FormatReader:
+        FORMATS[name] = reader
+        return reader
+
+    return add
+
+
+@register_format("karpathy")
+def _read_karpathy(base: Path, split: str, kw: dict[str, Any]) -> FileImageDataset:
+    found = sorted(base.glob("dataset_*.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{base}: expected exactly one dataset_*.json (Karpathy split), found "
+                                f"{[p.name for p in found]}")
+    flickr = base / "flickr30k-images"
+    return FileImageDataset(load_karpathy(found[0], flickr if flickr.is_dir() else base, split), **kw)
+
+
+@register_format("vqa2")
+def _read_vqa2(base: Path, split: str, kw: dict[str, Any]) -> FileImageDataset:
+    q, a, image_split = _vqa_files(base, split)
+    records = load_vqa_v2(q, a, base, image_split)
+    vocab_file = base / "answer_vocab.json"
+    if vocab_file.is_file():
+        vocab = _read_json(vocab_file)
+        if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+            raise ValueError(f"{vocab_file}: expected a JSON list of answer strings")
+    else:
+        tq, ta, t_split = _vqa_files(base, "train")
+        if ta is None:
+            raise FileNotFoundError(f"{base}: no answer_vocab.json and no train annotations to build one")
+        vocab = build_answer_vocab(records if split == "train" else load_vqa_v2(tq, ta, base, t_split))
+    return FileImageDataset(records, answer_vocab=vocab, **kw)
+
+
+@register_format("nlvr2")
+def _read_nlvr2(base: Path, split: str, kw: dict[str, Any]) -> FileImageDataset:
+    names = _split_names(split, {"val": ["dev"], "test": ["test1"]})
+    path = _first_existing([d / f"{n}{ext}" for d in (base, base / "data") for n in names
+                            for ext in (".json", ".jsonl")], f"NLVR2 {split} file")
+    images = base / "images"
+    return FileImageDataset(load_nlvr2(path, images if images.is_dir() else base), **kw)
+
+
+@register_format("imagefolder")
+def _read_imagefolder(base: Path, split: str, kw: dict[str, Any]) -> FileImageDataset:
+    folder = _first_existing([base / n for n in _split_names(split, {"test": ["val"]})], f"{split} class folder")
+    classes = None
+    if (base / "train").is_dir() and folder != base / "train":
+        classes = [p.name for p in _class_folders(base / "train")]
+    records, names = load_image_folder(folder, classes)
+    return FileImageDataset(records, classes=names, **kw)
+
+
+@register_format("segfolder")
+def _read_segfolder(base: Path, split: str, kw: dict[str, Any]) -> FileImageDataset:
+    names = _split_names(split, {"train": ["training"], "val": ["validation"], "test": ["validation"]})
+    name = _first_existing([base / "images" / n for n in names], f"segmentation {split} images").name
+    info = [p for p in (base / "objectInfo150.txt", base / "objectInfo150.csv") if p.is_file()]
+    n_cls = None
+    if info:
+        n_cls = sum(1 for line in info[0].read_text(encoding="utf-8").splitlines() if line.strip()) - 1
+    records = load_segmentation_folder(base, name)
+    return FileImageDataset(records, num_classes=n_cls, reduce_zero_label=True, **kw)
+
+
 def load_task_dataset(task: str, fmt: str, root: str | Path, split: str, image_size: int = 224,
                       mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)
                       ) -> FileImageDataset:
-    """``task``'s ``split`` read from the dataset folder ``root`` in format ``fmt`` (images in [0, 1] by
-    default: the fine-tuning code normalises them itself). Layouts:
+    """``task``'s ``split`` read from the dataset folder ``root`` in format ``fmt`` (a name in
+    :data:`FORMATS`; images in [0, 1] by default: the fine-tuning code normalises them itself). Layouts:
 
     * ``karpathy`` (retrieval, itm): ``root/dataset_*.json`` (one file); COCO images at
       ``root/{filepath}/{filename}``, Flickr30k ones in ``root/flickr30k-images/`` (or ``root/``).
@@ -673,51 +749,7 @@ def load_task_dataset(task: str, fmt: str, root: str | Path, split: str, image_s
       reduced (0 → ignore 255, k → k - 1); ``num_classes`` is 150 when ``root/objectInfo150.txt`` /
       ``.csv`` exists (its lines minus the header), else left for the caller to infer.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r} for task {task!r}; allowed values: {list(FORMATS)}")
     base = _require_dir(Path(root), f"{fmt} dataset root")
-    kw: dict[str, Any] = {"image_size": image_size, "mean": mean, "std": std}
-    if fmt == "karpathy":
-        found = sorted(base.glob("dataset_*.json"))
-        if len(found) != 1:
-            raise FileNotFoundError(f"{base}: expected exactly one dataset_*.json (Karpathy split), found "
-                                    f"{[p.name for p in found]}")
-        flickr = base / "flickr30k-images"
-        return FileImageDataset(load_karpathy(found[0], flickr if flickr.is_dir() else base, split), **kw)
-    if fmt == "vqa2":
-        q, a, image_split = _vqa_files(base, split)
-        records = load_vqa_v2(q, a, base, image_split)
-        vocab_file = base / "answer_vocab.json"
-        if vocab_file.is_file():
-            vocab = _read_json(vocab_file)
-            if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
-                raise ValueError(f"{vocab_file}: expected a JSON list of answer strings")
-        else:
-            tq, ta, t_split = _vqa_files(base, "train")
-            if ta is None:
-                raise FileNotFoundError(f"{base}: no answer_vocab.json and no train annotations to build one")
-            vocab = build_answer_vocab(records if split == "train" else load_vqa_v2(tq, ta, base, t_split))
-        return FileImageDataset(records, answer_vocab=vocab, **kw)
-    if fmt == "nlvr2":
-        names = _split_names(split, {"val": ["dev"], "test": ["test1"]})
-        path = _first_existing([d / f"{n}{ext}" for d in (base, base / "data") for n in names
-                                for ext in (".json", ".jsonl")], f"NLVR2 {split} file")
-        images = base / "images"
-        return FileImageDataset(load_nlvr2(path, images if images.is_dir() else base), **kw)
-    if fmt == "imagefolder":
-        folder = _first_existing([base / n for n in _split_names(split, {"test": ["val"]})],
-                                 f"{split} class folder")
-        classes = None
-        if (base / "train").is_dir() and folder != base / "train":
-            classes = [p.name for p in _class_folders(base / "train")]
-        records, names = load_image_folder(folder, classes)
-        return FileImageDataset(records, classes=names, **kw)
-    if fmt == "segfolder":
-        names = _split_names(split, {"train": ["training"], "val": ["validation"], "test": ["validation"]})
-        name = _first_existing([base / "images" / n for n in names], f"segmentation {split} images").name
-        info = [p for p in (base / "objectInfo150.txt", base / "objectInfo150.csv") if p.is_file()]
-        n_cls = None
-        if info:
-            n_cls = sum(1 for line in info[0].read_text(encoding="utf-8").splitlines() if line.strip()) - 1
-        records = load_segmentation_folder(base, name)
-        return FileImageDataset(records, num_classes=n_cls, reduce_zero_label=True, **kw)
-    raise ValueError(f"unknown data format {fmt!r} for task {task!r}; allowed values: "
-                     "['karpathy', 'vqa2', 'nlvr2', 'imagefolder', 'segfolder']")
+    return FORMATS[fmt](base, split, {"image_size": image_size, "mean": mean, "std": std})

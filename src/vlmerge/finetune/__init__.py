@@ -13,7 +13,7 @@ answer mode (:mod:`.unified`: the MLM head answers in vocabulary words, so task 
 """
 
 from .api import evaluate, finetune, infer_preset, make_config, zero_shot
-from .config import FINETUNE_TASKS, TASKS, DataConfig, FinetuneConfig, resolve_config
+from .config import DataConfig, FinetuneConfig, resolve_config
 from .metrics import (
     accuracy,
     confusion_matrix,
@@ -25,10 +25,10 @@ from .metrics import (
     vqa_score,
     vqa_soft_score,
 )
-from .tasks import get_task, rerank_scores
+from .tasks import get_task, rerank_scores, task_names
 
 __all__ = [
-    "FINETUNE_TASKS", "TASKS", "DataConfig", "FinetuneConfig", "accuracy", "confusion_matrix", "evaluate",
+    "task_names", "DataConfig", "FinetuneConfig", "accuracy", "confusion_matrix", "evaluate",
     "finetune", "get_task", "infer_preset", "make_config", "miou", "miou_from_confusion", "recall_at_k",
     "rerank_scores", "resolve_config", "retrieval_chance", "retrieval_metrics", "vqa_score", "vqa_soft_score",
     "zero_shot",

@@ -23,11 +23,11 @@ from ..data.datasets import MEAN, STD
 from ..files import RunLock, clean_stale_temps, guard_output_dir, make_temp_dir
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
-from .config import FINETUNE_TASKS, MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
+from .config import MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
 from .data import default_tokenizer, load_split, tokenizer_from_config
 from .engine import steps_for, train
 from .model import build_task_model, checkpoint_extras, resolve_scope, trainable_names
-from .tasks import Prep, get_task
+from .tasks import Prep, get_task, task_names
 from .unified import UNIFIED_FINETUNE_TASKS, task_for, unified_record
 
 log = logging.getLogger("vlmerge.finetune")
@@ -183,8 +183,8 @@ def _finetune(
 ) -> Path:
     """:func:`finetune` once its config is resolved and ``out_dir`` is checked and locked."""
     t = task_for(task, cfg.head)
-    if cfg.head == "task" and task not in FINETUNE_TASKS:
-        raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(FINETUNE_TASKS)} "
+    if cfg.head == "task" and task not in task_names(trainable=True):
+        raise ValueError(f"task {task!r} is evaluation-only; fine-tunable tasks: {list(task_names(trainable=True))} "
                          f"(with head=unified: {list(UNIFIED_FINETUNE_TASKS)})")
     where = str(Path(init_dir) / CONFIG_NAME)
     extras = checked_extras(checkpoint_extras(init_dir), where)

@@ -20,7 +20,8 @@ from typing import Any
 
 from ..files import guard_output_file
 from ..models.checkpoint import atomic_write_json
-from .config import DATA_FORMATS, FINETUNE_TASKS, TASKS
+from .config import DATA_FORMATS
+from .tasks import task_names
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -106,7 +107,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ft = subparsers.add_parser("finetune", help="fine-tune a checkpoint on a downstream task and evaluate it")
-    ft.add_argument("task", choices=FINETUNE_TASKS, help="downstream task")
+    ft.add_argument("task", choices=task_names(trainable=True), help="downstream task")
     ft.add_argument("--init", required=True, help="checkpoint directory to start from (pre-trained or merged)")
     ft.add_argument("--out", required=True, help="output checkpoint directory")
     ft.add_argument("--preset", help="defaults section of configs/finetune/TASK.yaml (default: from the checkpoint)")
@@ -115,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.set_defaults(func=_finetune)
 
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint on a task (zero-shot for retrieval / itm)")
-    ev.add_argument("task", choices=TASKS, help="task (itm: zero-shot image-text matching accuracy)")
+    ev.add_argument("task", choices=task_names(), help="task (itm: zero-shot image-text matching accuracy)")
     ev.add_argument("ckpt", help="checkpoint directory")
     ev.add_argument("--split", default="test", help="split to score: test | ood | val | train (default: test)")
     ev.add_argument("--rerank-k", type=int, help="retrieval: rerank the top-k by ITM (needs an itm head)")

@@ -20,14 +20,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import apply_sets, config_root, deep_merge, read_yaml, validate
+from ..data.formats import FORMATS
 
-TaskName = Literal["retrieval", "vqa", "nlvr2", "cls", "seg", "itm"]
-TASKS: tuple[str, ...] = get_args(TaskName)  # itm: zero-shot image-text matching, evaluation only
-FINETUNE_TASKS: tuple[str, ...] = ("retrieval", "vqa", "nlvr2", "cls", "seg")
-DataFormat = Literal["embedded", "karpathy", "vqa2", "nlvr2", "imagefolder", "segfolder"]
+DataFormat = Literal[("embedded", *FORMATS)]  # type: ignore[valid-type]  # embedded + the format registry
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 
 # Model-size preset -> the fine-tuning preset section used by default.
@@ -66,7 +64,7 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    task: TaskName
+    task: str  # a registered task (vlmerge.finetune.tasks.task_names())
     preset: str | None = None  # the preset section these defaults came from (recorded, not read)
     # -- schedule (VLMo: AdamW β=(0.9, 0.98), wd 0.01, linear warmup over 10% then linear decay to 0)
     epochs: float = Field(default=10.0, gt=0)
@@ -97,6 +95,15 @@ class FinetuneConfig(BaseModel):
     log_every: int = Field(default=50, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
 
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, task: str) -> str:
+        from .tasks import task_names  # the registry imports this module: look it up when validating
+
+        if task not in task_names():
+            raise ValueError(f"unknown task {task!r}; allowed values: {list(task_names())}")
+        return task
+
 
 def validate_config(d: Mapping[str, Any], source: str = "finetune config") -> FinetuneConfig:
     """Build a :class:`FinetuneConfig`; one ``ValueError`` naming each bad key (:func:`vlmerge.config.explain`)."""
@@ -116,8 +123,10 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, Any]:
 
 def task_defaults(task: str, preset: str) -> dict[str, Any]:
     """The merged ``common`` + ``presets[preset]`` section of ``configs/finetune/{task}.yaml``."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed values: {list(TASKS)}")
+    from .tasks import task_names
+
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; allowed values: {list(task_names())}")
     path = configs_dir() / f"{task}.yaml"
     doc = read_yaml(path)
     bad = sorted(set(doc) - {"common", "presets"})

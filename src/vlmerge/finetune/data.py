@@ -16,23 +16,9 @@ from typing import Any
 from torch.utils.data import Dataset, Subset
 
 from .config import DataConfig
+from .tasks.base import Labeled
 
 EMBEDDED_SPLITS = ("train", "val", "test", "ood")
-
-
-class Labeled(Dataset):
-    """A dataset with its label-set sizes attached (``num_answers`` / ``num_classes``), items unchanged."""
-
-    def __init__(self, base: Any, **sizes: Any) -> None:
-        self.base = base
-        for k, v in sizes.items():
-            setattr(self, k, v)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[i]
 
 
 def default_tokenizer() -> Any:
@@ -62,36 +48,16 @@ def embedded_dataset(task: str, split: str, size: int, seed: int = 0, image_size
     ``cache_dir``: render once into ``.npz`` shards in :func:`~vlmerge.data.cache_folder` under this folder,
     so runs that share it (and the pre-training engine's ``data.cache_dir``) render each scene once.
     """
-    from ..data import (
-        ANSWERS,
-        NUM_CLASSES,
-        NUM_SEG_CLASSES,
-        ClassificationDataset,
-        ImageTextDataset,
-        NLVR2Dataset,
-        SegmentationDataset,
-        VQADataset,
-        World,
-        WorldConfig,
-        cache_folder,
-    )
+    from ..data import World, WorldConfig, cache_folder
+    from .tasks import get_task
 
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown split {split!r} of the embedded world; allowed values: {list(EMBEDDED_SPLITS)}")
     wc = WorldConfig.from_dict({"image_size": max(16, min(512, image_size)), **(world or {})})
     source = World(wc, split=split, seed=seed)
-    cache = None if cache_dir is None else cache_folder(cache_dir, source, "nlvr2" if task == "nlvr2" else "scenes")
-    if task in ("retrieval", "itm"):
-        return ImageTextDataset(source, size, pairs=True, cache_dir=cache)
-    if task == "vqa":
-        return Labeled(VQADataset(source, size, cache), num_answers=len(ANSWERS))
-    if task == "nlvr2":
-        return NLVR2Dataset(source, size, cache)
-    if task == "cls":
-        return Labeled(ClassificationDataset(source, size, cache), num_classes=NUM_CLASSES)
-    if task == "seg":
-        return Labeled(SegmentationDataset(source, size, cache), num_classes=NUM_SEG_CLASSES)
-    raise ValueError(f"unknown task {task!r}")
+    handler = get_task(task)
+    cache = None if cache_dir is None else cache_folder(cache_dir, source, handler.cache_kind)
+    return handler.embedded(source, size, cache)
 
 
 def file_dataset(task: str, split: str, cfg: DataConfig, image_size: int) -> Dataset:

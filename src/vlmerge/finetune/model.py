@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from ..models import CheckpointError, CheckpointReader, ModelConfig, VLMo, load_model_config, parse_param_name
 from ..models.checkpoint import check_finite, read_json
 
-TEXT_EMBEDDINGS: tuple[str, ...] = ("word_embed.", "text_pos_embed.", "text_embed_norm.")
-
 
 def resize_image_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     """[1, 1 + P, D] -> [1, 1 + P', D]: the [I_CLS] row kept, the √P × √P grid resized bicubically (ViT/BEiT

@@ -48,23 +48,20 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.datasets import MEAN, STD
-from ..data.world import ANSWERS, COLOR_NAMES, SHAPES, World
+from ..data.world import COLOR_NAMES, World
 from ..models import VLMo
 from .config import FinetuneConfig
-from .tasks.base import TASKS, Prep, Task, get_task, predict_all
+from .tasks import TASKS, task_names
+from .tasks.base import Prep, Task, get_task, predict_all
 
+OOD_FAMILIES: dict[str, tuple[str, ...]] = {"size": ("small", "large"), "largest-color": COLOR_NAMES}
+"""Evaluation-only question families of the embedded world (OOD for a model fine-tuned on the tasks), with
+their candidate answers."""
+UNIFIED_FINETUNE_TASKS: tuple[str, ...] = tuple(n for n in task_names() if TASKS[n].unified_answers is not None)
+"""Tasks a unified model is fine-tuned on: every registered task with ``unified_answers``."""
 ANSWER_SPACE: dict[str, tuple[str, ...]] = {
-    "vqa": ANSWERS,
-    "nlvr2": ("true", "false"),
-    "cls": SHAPES,
-    "itm": ("yes", "no"),
-    "size": ("small", "large"),
-    "largest-color": COLOR_NAMES,
-}
+    **{n: TASKS[n].unified_answers for n in UNIFIED_FINETUNE_TASKS}, **OOD_FAMILIES}  # type: ignore[dict-item]
 """Task -> its candidate answers, in target-index order (cls: class index k is ``SHAPES[k]``)."""
-UNIFIED_FINETUNE_TASKS: tuple[str, ...] = ("vqa", "nlvr2", "cls", "itm")
-"""Tasks a unified model is fine-tuned on; ``size`` and ``largest-color`` are evaluation-only (OOD)."""
-OOD_FAMILIES: tuple[str, ...] = ("size", "largest-color")
 CLS_PROMPT = "what shape is the largest object?"
 ANSWER_TOKENS = "first word piece"
 
@@ -174,6 +171,7 @@ class UnifiedTask(Task):
 
     heads: ClassVar[tuple[str, ...]] = ("mlm",)
     vision: ClassVar[bool] = False
+    unified_mode: ClassVar[bool] = True
     headline: ClassVar[str] = "accuracy"
 
     def __init__(self, key: str) -> None:

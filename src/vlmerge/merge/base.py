@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..config import validate
+from .grams import gram_problem
 
 BaseUse = Literal["required", "optional", "unused"]
 
@@ -231,6 +232,29 @@ def is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+"""(label for messages, dtype, shape) of one tensor a merge reads: what a safetensors header tells."""
+
+
+def slot_problem(method: MergeMethod, inputs: Sequence[TensorSpec], base: Sequence[TensorSpec] = ()) -> str | None:
+    """The one check of the inputs of one output tensor, from dtypes and shapes alone, shared by
+    :func:`merge_tensors` and both streaming planners (:mod:`.streaming`): enough inputs for the method, one
+    shape and dtype for all, a floating-point dtype, and every base copy of that shape and dtype. Returns the
+    first problem as text naming the offending inputs, or None."""
+    if len(inputs) < method.min_inputs:
+        return f"{len(inputs)} inputs, {method.name} needs at least {method.min_inputs}"
+    _, dtype, shape = inputs[0]
+    if any(d != dtype or tuple(s) != tuple(shape) for _, d, s in inputs[1:]):
+        listed = ", ".join(f"{label} {d} {list(s)}" for label, d, s in inputs)
+        return f"{listed}: all inputs need one shape and dtype"
+    if not dtype.is_floating_point:
+        return f"dtype {dtype} is not floating point"
+    for label, d, s in base:
+        if d != dtype or tuple(s) != tuple(shape):
+            return f"{f'base {label}' if label else 'base'} is {d} {list(s)} but the inputs are {dtype} {list(shape)}"
+    return None
+
+
 def merge_tensors(
     method: str | MergeMethod,
     tensors: Sequence[torch.Tensor],
@@ -260,28 +284,21 @@ def merge_tensors(
     grams = params.pop("grams", None) if m.uses_grams else None
     p = m.parse_params(params)
     ts = list(tensors)
-    if len(ts) < m.min_inputs:
-        raise ValueError(f"{m.name}: needs at least {m.min_inputs} tensors, got {len(ts)}")
+    for i, t in enumerate([*ts, base]):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{m.name}: {'base' if i == len(ts) else f'tensors[{i}]'} is a {type(t).__name__}, "
+                             "not a tensor")
+    problem = slot_problem(m, [(f"tensors[{i}]", t.dtype, tuple(t.shape)) for i, t in enumerate(ts)],
+                           [] if base is None else [("", base.dtype, tuple(base.shape))])
+    if problem:
+        raise ValueError(f"{m.name}: {name}: {problem}")
     ref = ts[0]
-    if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
-        raise ValueError(f"{m.name}: tensors[0] must be a floating-point tensor")
     for i, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
-            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{m.name}: tensors[{i}] is {got} but tensors[0] is {ref.dtype} {list(ref.shape)}; "
-                "all inputs need one shape and dtype"
-            )
         if not is_finite(t):
             raise ValueError(f"{m.name}: tensors[{i}] ({name}) contains NaN or Inf")
     m.check_inputs(base=base is not None, weights=weights is not None, grams=False, what="tensor")
     base32 = None
     if base is not None:
-        if base.shape != ref.shape or base.dtype != ref.dtype:
-            raise ValueError(
-                f"{m.name}: base is {base.dtype} {list(base.shape)} but tensors are "
-                f"{ref.dtype} {list(ref.shape)}"
-            )
         if not is_finite(base):
             raise ValueError(f"{m.name}: base ({name}) contains NaN or Inf")
         base32 = base.to(torch.float32)
@@ -309,8 +326,9 @@ def merge_tensors(
                     f"{m.name}: grams[{i}] is {list(gi.shape)}; expected [{ref.shape[1]}, "
                     f"{ref.shape[1]}] (the weight's input width)"
                 )
-            if not is_finite(gi):
-                raise ValueError(f"{m.name}: grams[{i}] contains NaN or Inf")
+            problem = gram_problem(gi)
+            if problem:
+                raise ValueError(f"{m.name}: grams[{i}] {problem}")
     ctx = MergeContext(
         name=name,
         layer=layer,

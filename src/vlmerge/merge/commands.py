@@ -63,9 +63,9 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     if args.normalize is not None:
         params["normalize"] = args.normalize
     for kv in args.param or []:
-        if "=" not in kv:
-            raise ValueError(f"--param expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
+        k, _, v = kv.partition("=")
+        if not k.strip() or not _:
+            raise ValueError(f"--param expects KEY=VALUE with a parameter name before '=', got {kv!r}")
         params[k.strip()] = parse_value(v, f"--param {k.strip()}")
     paths = list(args.paths) + ([args.output] if args.output else [])
     if args.inputs:

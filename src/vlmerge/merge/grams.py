@@ -124,6 +124,22 @@ def check_gram_file(path: str | os.PathLike[str]) -> dict[str, int]:
     return dict(counts)
 
 
+def gram_problem(gram: torch.Tensor) -> str | None:
+    """What makes ``gram`` [in, in] no Gram matrix ``XᵀX`` of real activations, or None: NaN / Inf, all zero
+    (no token reached the weight: RegMean would solve a singular system for nothing), asymmetric beyond
+    rounding (|G − Gᵀ| > 1e-6 · max |G|), or a negative diagonal entry (a sum of squares)."""
+    if not bool(torch.isfinite(gram).all()):
+        return "contains NaN or Inf"
+    scale = float(gram.abs().max()) if gram.numel() else 0.0
+    if scale == 0.0:
+        return "is all zero (no token reached this weight's input when it was collected)"
+    if float((gram - gram.t()).abs().max()) > 1e-6 * scale:
+        return "is not symmetric (a Gram matrix XᵀX is)"
+    if bool((gram.diagonal() < 0).any()):
+        return "has a negative diagonal entry (a Gram matrix XᵀX has none)"
+    return None
+
+
 def load_grams(path: str | os.PathLike[str]) -> Grams:
     """Read a Gram file written by :func:`save_grams` into memory (checked first: :func:`check_gram_file`)."""
     path = Path(path)

@@ -58,8 +58,8 @@ from ..models.checkpoint import (
     check_checkpoint,
 )
 from ..models.roles import merge_groups, parse_param_name
-from .base import MergeContext, MergeMethod, MergeParams, check_weights, get_method, is_finite
-from .grams import open_grams
+from .base import MergeContext, MergeMethod, MergeParams, check_weights, get_method, is_finite, slot_problem
+from .grams import gram_problem, open_grams
 from .io import StreamingReader
 
 PathLike = str | os.PathLike[str]
@@ -243,20 +243,22 @@ def _load_job(job: Job, check: bool = True) -> Loaded:
     loaded = Loaded(tensors, base, grams)
     if check:
         _check_finite(job, loaded)
+    for (src, key), g in zip(job.grams or [], grams or (), strict=True):
+        problem = gram_problem(g)
+        if problem:
+            raise ValueError(f"{getattr(src, 'path', 'Grams given in memory')}: the Gram of {key!r} {problem}")
     return loaded
 
 
 def _check_finite(job: Job, loaded: Loaded) -> None:
-    """``ValueError`` naming the file and key of the first input, base or Gram holding a NaN or Inf."""
+    """``ValueError`` naming the file and key of the first input or base tensor holding a NaN or Inf (Grams:
+    :func:`~.grams.gram_problem`, in :func:`_load_job`)."""
     for (reader, key), t in zip(job.sources, loaded.tensors, strict=True):
         if not is_finite(t):
             raise ValueError(f"{reader.path}: tensor {key!r} contains NaN or Inf")
     for (reader, key), t in zip(job.base, loaded.base, strict=True):
         if not is_finite(t):
             raise ValueError(f"{reader.path}: base tensor {key!r} contains NaN or Inf")
-    for (src, key), g in zip(job.grams or [], loaded.grams or (), strict=True):
-        if not is_finite(g):
-            raise ValueError(f"Gram of {key!r} contains NaN or Inf ({getattr(src, 'path', 'in memory')})")
 
 
 def _merge_job(
@@ -356,13 +358,37 @@ def _check_gram(gsrc: Any, key: str, shape: tuple[int, ...], missing: list[str],
         bad.append(f"{key}: Gram {list(got)}, expected {list(want)}")
 
 
-def _gram_errors(missing: list[str], bad: list[str], where: str) -> None:
+def _gram_errors(missing: list[str], bad: list[str], where: str, sources: Sequence[Any] = (),
+                 jobs: Sequence[Job] = ()) -> None:
+    """One error for Grams missing or of the wrong shape, or for Grams of weights the merge does not have
+    (a Gram file collected on another model)."""
     if missing:
         raise ValueError(
             f"regmean: no Gram for {len(missing)} linear weights in {where}: {_listing(missing)}"
         )
     if bad:
         raise ValueError(f"regmean: Gram shapes do not match the weights in {where}: {_listing(bad, 4)}")
+    for src in sources:
+        used = {key for job in jobs for s, key in job.grams or [] if s is src}
+        extra = sorted(set(src.keys()) - used)
+        if extra:
+            raise ValueError(f"regmean: {where} holds Grams of {len(extra)} weights this merge has no linear "
+                             f"weight for (collected on another model?): {_listing(extra)}")
+
+
+def _check_distinct(dirs: Sequence[PathLike], base_dir: PathLike | None) -> None:
+    """A soup names each model once (a repeat is a hidden weight: say it with ``weights``), and its base is
+    none of them (every task vector of that model would be zero)."""
+    seen: dict[Path, PathLike] = {}
+    for d in dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise ValueError(f"--inputs: {d} is given twice (as {seen[key]} before); name each model once and "
+                             "weight one more with --weights")
+        seen[key] = d
+    if base_dir is not None and Path(base_dir).resolve() in seen:
+        raise ValueError(f"--base {base_dir} is also one of the inputs; the base is the common start (W0) the "
+                         "models were fine-tuned from")
 
 
 _INIT_ONLY = {"init_std", "tied_init"}  # model-config keys that only shape the initialisation
@@ -446,100 +472,88 @@ def merge_checkpoint(
         gsrc = open_grams(grams) if grams is not None else None
         if isinstance(gsrc, CheckpointReader):
             stack.enter_context(gsrc)
-        keys = reader.keys()
-        groups = merge_groups(keys)
-        if not groups:
-            raise ValueError(
-                f"{in_dir}: no modality-specific block weights (blocks.{{i}}.{{module}}.{{v|l|vl}}.*) to "
-                "merge; is it already modality-agnostic?"
-            )
-        grouped = {k for g in groups for k in g.sources.values()}
-        jobs: list[Job] = []
-        problems: list[str] = []
-        missing_base: list[str] = []
-        missing_g: list[str] = []
-        bad_g: list[str] = []
-        for k in keys:
-            if k not in grouped:
-                jobs.append(Job(k, reader.dtype(k), reader.shape(k), [(reader, k)], merge=False))
-        for g in groups:
-            mods = g.modalities
-            srcs = [g.sources[mod] for mod in mods]
-            shapes = {reader.shape(s) for s in srcs}
-            dtypes = {reader.dtype(s) for s in srcs}
-            if len(shapes) > 1 or len(dtypes) > 1:
-                problems.append(
-                    f"{g.target}: "
-                    + ", ".join(f"{s} {reader.dtype(s)} {list(reader.shape(s))}" for s in srcs)
-                )
-                continue
-            shape, dtype = shapes.pop(), dtypes.pop()
-            if not dtype.is_floating_point:
-                problems.append(f"{g.target}: dtype {dtype} is not floating point")
-                continue
-            job = Job(g.target, dtype, shape, [(reader, s) for s in srcs], layer=g.layer, modalities=mods)
-            if base is not None:
-                bkeys = [g.target] if g.target in base else srcs
-                absent = [b for b in bkeys if b not in base]
-                if absent:
-                    missing_base.extend(absent)
-                else:
-                    for b in bkeys:
-                        if base.shape(b) != shape or base.dtype(b) != dtype:
-                            problems.append(
-                                f"base {b}: {base.dtype(b)} {list(base.shape(b))}, input {dtype} "
-                                f"{list(shape)}"
-                            )
-                    job.base = [(base, b) for b in bkeys]
-            if (
-                gsrc is not None
-                and g.module in ("attn", "mlp")
-                and g.suffix.endswith(".weight")
-                and len(shape) == 2
-            ):
-                for s in srcs:
-                    _check_gram(gsrc, s, shape, missing_g, bad_g)
-                job.grams = [(gsrc, s) for s in srcs]
-            if weights is not None:
-                absent_w = [mod for mod in mods if mod not in weights]
-                if absent_w:
-                    raise ValueError(
-                        f"{m.name}: weights has no entry for modality {absent_w[0]!r} "
-                        f"(slot {g.target} has {list(mods)})"
-                    )
-                job.weights = check_weights([weights[mod] for mod in mods], len(mods), m.name)
-            if len(srcs) < m.min_inputs:
-                problems.append(f"{g.target}: {len(srcs)} modality copies, {m.name} needs ≥ {m.min_inputs}")
-            jobs.append(job)
-        if problems:
-            raise ValueError(f"{in_dir}: cannot merge: {_listing(problems, 4)}")
-        if missing_base:
-            raise ValueError(
-                f"base {base_dir}: missing {len(missing_base)} keys (looked for the shared name, then "
-                f"each modality copy): {_listing(missing_base)}"
-            )
-        _gram_errors(
-            missing_g, bad_g, str(grams) if isinstance(grams, (str, os.PathLike)) else "the Grams given"
-        )
-        m.check_layers(p, sorted({g.layer for g in groups}))
-
+        jobs = _plan_modality_merge(m, p, reader, base, gsrc, weights, in_dir, base_dir, grams)
         config = copy.deepcopy(reader.config) or {"format": FORMAT}
         if isinstance(config.get("model"), dict):
             config["model"]["arch"] = "maa"  # every modality-specific slot was merged into a shared one
-        record = _merge_record(
-            m,
-            p,
-            "modality",
-            [fingerprint(in_dir, hash_inputs)],
-            fingerprint(base_dir, hash_inputs) if base_dir is not None else None,
-            grams,
-            dict(weights) if weights is not None else None,
-        )
-        previous = config.pop("merge", None)
-        if previous is not None:
-            record["previous"] = previous
-        config["merge"] = record
+        _record_provenance(config, m, p, "modality", [in_dir], base_dir, grams,
+                           dict(weights) if weights is not None else None, hash_inputs)
         return _execute(m, p, jobs, out, config, progress, overwrite)
+
+
+def _plan_modality_merge(
+    m: MergeMethod, p: MergeParams, reader: CheckpointReader, base: CheckpointReader | None, gsrc: Any,
+    weights: Mapping[str, float] | None, in_dir: PathLike, base_dir: PathLike | None, grams: GramsArg,
+) -> list[Job]:
+    """The jobs of a modality merge, from the headers alone: one per output tensor, every slot checked by
+    :func:`~.base.slot_problem` (all problems listed at once), base keys, Grams, weights and per-layer
+    schedules checked. Nothing is read or written."""
+    keys = reader.keys()
+    groups = merge_groups(keys)
+    if not groups:
+        raise ValueError(
+            f"{in_dir}: no modality-specific block weights (blocks.{{i}}.{{module}}.{{v|l|vl}}.*) to "
+            "merge; is it already modality-agnostic?"
+        )
+    grouped = {k for g in groups for k in g.sources.values()}
+    jobs = [Job(k, reader.dtype(k), reader.shape(k), [(reader, k)], merge=False) for k in keys if k not in grouped]
+    problems: list[str] = []
+    missing_base: list[str] = []
+    missing_g: list[str] = []
+    bad_g: list[str] = []
+    for g in groups:
+        mods = g.modalities
+        srcs = [g.sources[mod] for mod in mods]
+        bkeys: list[str] = []
+        if base is not None:
+            bkeys = [g.target] if g.target in base else srcs
+            missing_base.extend(b for b in bkeys if b not in base)
+            bkeys = [b for b in bkeys if b in base]
+        problem = slot_problem(m, [(s, reader.dtype(s), tuple(reader.shape(s))) for s in srcs],
+                               [(b, base.dtype(b), tuple(base.shape(b))) for b in bkeys] if base else [])
+        if problem:
+            problems.append(f"{g.target}: {problem}")
+            continue
+        shape, dtype = reader.shape(srcs[0]), reader.dtype(srcs[0])
+        job = Job(g.target, dtype, shape, [(reader, s) for s in srcs], layer=g.layer, modalities=mods,
+                  base=[(base, b) for b in bkeys] if base is not None else [])
+        if gsrc is not None and g.module in ("attn", "mlp") and g.suffix.endswith(".weight") and len(shape) == 2:
+            for s in srcs:
+                _check_gram(gsrc, s, shape, missing_g, bad_g)
+            job.grams = [(gsrc, s) for s in srcs]
+        if weights is not None:
+            absent_w = [mod for mod in mods if mod not in weights]
+            if absent_w:
+                raise ValueError(f"{m.name}: weights has no entry for modality {absent_w[0]!r} "
+                                 f"(slot {g.target} has {list(mods)})")
+            job.weights = check_weights([weights[mod] for mod in mods], len(mods), m.name)
+        jobs.append(job)
+    if problems:
+        raise ValueError(f"{in_dir}: cannot merge: {_listing(problems, 4)}")
+    if missing_base:
+        raise ValueError(
+            f"base {base_dir}: missing {len(missing_base)} keys (looked for the shared name, then "
+            f"each modality copy): {_listing(missing_base)}"
+        )
+    _gram_errors(missing_g, bad_g, str(grams) if isinstance(grams, (str, os.PathLike)) else "the Grams given",
+                 [gsrc] if gsrc is not None else [], jobs)
+    m.check_layers(p, sorted({g.layer for g in groups}))
+    return jobs
+
+
+def _record_provenance(
+    config: dict[str, Any], m: MergeMethod, p: MergeParams, kind: str, dirs: Sequence[PathLike],
+    base_dir: PathLike | None, grams: Any, weights: Any, hash_inputs: bool,
+) -> None:
+    """Put the merge record (:func:`_merge_record`: method, params, weights, fingerprinted sources, base,
+    Grams, version) into ``config["merge"]``; an input's own record (a merge of merges) is kept as
+    ``"previous"`` for a modality merge and dropped for a soup (whose inputs each have their own)."""
+    record = _merge_record(m, p, kind, [fingerprint(d, hash_inputs) for d in dirs],
+                           fingerprint(base_dir, hash_inputs) if base_dir is not None else None, grams, weights)
+    previous = config.pop("merge", None)
+    if previous is not None and kind == "modality":
+        record["previous"] = previous
+    config["merge"] = record
 
 
 # -------------------------------------------------------------------------------------------- model soups
@@ -578,6 +592,7 @@ def merge_models(
         )
     out = _prepare_output(out_dir, [*dirs, base_dir, *(grams or [])], overwrite)
     m.check_inputs(base=base_dir is not None, weights=weights is not None, grams=grams is not None)
+    _check_distinct(dirs, base_dir)
     w = check_weights(weights, len(dirs), m.name)
     if m.uses_grams and (grams is None or len(list(grams)) != len(dirs)):
         raise ValueError(
@@ -594,70 +609,58 @@ def merge_models(
                 stack.enter_context(src)
             gsrcs.append(src)
         _check_model_inputs(dirs, readers, base_dir, base)
-        ref = readers[0]
-        keys = ref.keys()
-        key_set = set(keys)
-        diffs: list[str] = []
-        for d, r in zip(
-            dirs[1:] + ([base_dir] if base is not None else []),
-            readers[1:] + ([base] if base else []),
-            strict=True,
-        ):
-            rk = set(r.keys())
-            for k in sorted(key_set - rk):
-                diffs.append(f"{k} (missing in {d})")
-            for k in sorted(rk - key_set):
-                diffs.append(f"{k} (only in {d})")
-            for k in sorted(key_set & rk):
-                if r.shape(k) != ref.shape(k) or r.dtype(k) != ref.dtype(k):
-                    diffs.append(
-                        f"{k} ({d}: {r.dtype(k)} {list(r.shape(k))} vs {dirs[0]}: {ref.dtype(k)} "
-                        f"{list(ref.shape(k))})"
-                    )
-        if diffs:
-            raise ValueError(f"{m.name}: the models differ in {len(diffs)} keys: {_listing(diffs)}")
-        jobs: list[Job] = []
-        missing_g: list[str] = []
-        bad_g: list[str] = []
-        for k in keys:
-            srcs = [(r, k) for r in readers]
-            dtype, shape = ref.dtype(k), ref.shape(k)
-            if not dtype.is_floating_point:
-                jobs.append(Job(k, dtype, shape, srcs, merge=False))
-                continue
-            role = parse_param_name(k)
-            job = Job(
-                k,
-                dtype,
-                shape,
-                srcs,
-                layer=role.layer,
-                weights=w,
-                base=[(base, k)] if base is not None else [],
-            )
-            if gsrcs:
-                is_block_linear = (
-                    role.kind == "block"
-                    and role.module in ("attn", "mlp")
-                    and len(shape) == 2
-                    and (role.suffix or "").endswith("weight")
-                )
-                if is_block_linear or all(k in gs for gs in gsrcs):
-                    for gs in gsrcs:
-                        _check_gram(gs, k, shape, missing_g, bad_g)
-                    job.grams = [(gs, k) for gs in gsrcs]
-            jobs.append(job)
-        _gram_errors(missing_g, bad_g, "the Gram sources")
-        m.check_layers(p, [j.layer for j in jobs if j.merge])
-        config = copy.deepcopy(ref.config) or {"format": FORMAT}
-        config.pop("merge", None)
-        config["merge"] = _merge_record(
-            m,
-            p,
-            "models",
-            [fingerprint(d, hash_inputs) for d in dirs],
-            fingerprint(base_dir, hash_inputs) if base_dir is not None else None,
-            grams,
-            list(w) if w else None,
-        )
+        jobs = _plan_model_merge(m, p, dirs, readers, base_dir, base, gsrcs, w)
+        config = copy.deepcopy(readers[0].config) or {"format": FORMAT}
+        _record_provenance(config, m, p, "models", dirs, base_dir, grams, list(w) if w else None, hash_inputs)
         return _execute(m, p, jobs, out, config, progress, overwrite)
+
+
+def _plan_model_merge(
+    m: MergeMethod, p: MergeParams, dirs: Sequence[PathLike], readers: Sequence[CheckpointReader],
+    base_dir: PathLike | None, base: CheckpointReader | None, gsrcs: Sequence[Any], w: tuple[float, ...] | None,
+) -> list[Job]:
+    """The jobs of a soup of whole models, from the headers alone: the key sets must agree (differences
+    listed), every float tensor is checked by :func:`~.base.slot_problem` across the models and the base,
+    integer buffers pass through (checked equal when read), Grams and per-layer schedules checked."""
+    ref = readers[0]
+    keys = ref.keys()
+    key_set = set(keys)
+    diffs: list[str] = []
+    for d, r in zip([*dirs[1:], *([base_dir] if base is not None else [])],
+                    [*readers[1:], *([base] if base is not None else [])], strict=True):
+        rk = set(r.keys())
+        diffs.extend(f"{k} (missing in {d})" for k in sorted(key_set - rk))
+        diffs.extend(f"{k} (only in {d})" for k in sorted(rk - key_set))
+    jobs: list[Job] = []
+    missing_g: list[str] = []
+    bad_g: list[str] = []
+    for k in keys:
+        if any(k not in r for r in [*readers, *([base] if base is not None else [])]):
+            continue  # listed in diffs
+        srcs = [(r, k) for r in readers]
+        dtype, shape = ref.dtype(k), ref.shape(k)
+        specs = [(str(d), r.dtype(k), tuple(r.shape(k))) for d, r in zip(dirs, readers, strict=True)]
+        base_spec = [(str(base_dir), base.dtype(k), tuple(base.shape(k)))] if base is not None else []
+        if not dtype.is_floating_point and all(s[1:] == specs[0][1:] for s in [*specs, *base_spec]):
+            jobs.append(Job(k, dtype, shape, srcs, merge=False))
+            continue
+        problem = slot_problem(m, specs, base_spec)
+        if problem:
+            diffs.append(f"{k} ({problem})")
+            continue
+        role = parse_param_name(k)
+        job = Job(k, dtype, shape, srcs, layer=role.layer, weights=w,
+                  base=[(base, k)] if base is not None else [])
+        if gsrcs:
+            is_block_linear = (role.kind == "block" and role.module in ("attn", "mlp") and len(shape) == 2
+                               and (role.suffix or "").endswith("weight"))
+            if is_block_linear or all(k in gs for gs in gsrcs):
+                for gs in gsrcs:
+                    _check_gram(gs, k, shape, missing_g, bad_g)
+                job.grams = [(gs, k) for gs in gsrcs]
+        jobs.append(job)
+    if diffs:
+        raise ValueError(f"{m.name}: the models differ in {len(diffs)} keys: {_listing(diffs)}")
+    _gram_errors(missing_g, bad_g, "the Gram sources", gsrcs, jobs)
+    m.check_layers(p, [j.layer for j in jobs if j.merge])
+    return jobs

@@ -13,7 +13,10 @@ PAPER_TABLE7_M = {"msa": 217, "custom-attn": 151, "custom-ffn": 184, "custom-ln"
 
 
 def _info(args: argparse.Namespace) -> int:
-    heads = tuple(h for h in args.heads.split(",") if h)
+    heads = tuple(h.strip() for h in args.heads.split(","))
+    if args.heads.strip() and not all(heads):
+        raise ValueError(f"--heads {args.heads!r}: expected comma-separated head names (e.g. vqa,itc), or '' for none")
+    heads = tuple(h for h in heads if h)
     archs = list(ARCHS) if args.arch == "all" else [args.arch]
     rows = []
     for arch in archs:

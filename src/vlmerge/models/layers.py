@@ -5,8 +5,6 @@ Shapes: ``B`` batch, ``L`` tokens, ``D`` width, ``H`` heads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,8 +117,3 @@ class Block(nn.Module):
             return x + mlp(norm2(x))
         x = norm1(x + attn(x, mask))
         return norm2(x + mlp(x))
-
-    def expert_names(self) -> Iterable[tuple[str, str]]:
-        for module in MODULES:
-            for e in getattr(self, module):
-                yield module, e

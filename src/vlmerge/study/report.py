@@ -9,7 +9,6 @@ interval over test queries, ``[lo, hi]``, and with several seeds ``± std`` over
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -297,7 +296,3 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
     atomic_write_json(out / "findings.json", [f.to_dict() for f in findings])
     atomic_write_bytes(out / "report.md", render_markdown(results, plots, findings).encode())
     return out / "report.md"
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -40,7 +40,7 @@ from ..config import load
 from ..models.vlmo import ARCHS, ArchName
 from .cells import Cell, CellStore, config_hash
 from .report import write_report
-from .stats import LEVEL, RESAMPLES, Scores, mean_over_seeds, mean_score, miou_score, retrieval_scores
+from .stats import LEVEL, RESAMPLES, Scores, aggregate_seeds, mean_score, miou_score, retrieval_scores
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -434,26 +434,6 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of every number: :class:`~.stats.Scores` by :func:`~.stats.mean_over_seeds` (with
-    ``<key>_std`` and averaged replicates), other numbers by their mean, anything else from the first seed."""
-    def merge(values: list[Any]) -> Any:
-        first = values[0]
-        if isinstance(first, Scores):
-            return mean_over_seeds(values)
-        if isinstance(first, Mapping):
-            return {k: merge([v[k] for v in values]) for k in first}
-        if isinstance(first, list):
-            return [merge([v[i] for v in values]) for i in range(len(first))]
-        if isinstance(first, (int, float)) and not isinstance(first, bool):
-            if all(v == first for v in values):  # e.g. step counts: keep them as they are
-                return first
-            return sum(float(v) for v in values) / len(values)
-        return first
-
-    return merge(list(per_seed))
-
-
 def finish_table5(results: dict[str, Any]) -> None:
     """Table 5's drops (from Figure 3) and each metric's Pearson / Spearman correlation with them, with the
     Pearson r's 95 % bootstrap interval over test queries (the K_seed runs held fixed)."""
@@ -531,7 +511,7 @@ def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[s
         computed += len(study.store.computed)
         if on_seed:
             on_seed(seed, per_seed[-1])
-    results = aggregate(per_seed)
+    results = aggregate_seeds(per_seed)
     finish_table5(results)
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,

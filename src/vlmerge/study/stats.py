@@ -180,6 +180,32 @@ def mean_over_seeds(per_seed: Sequence[Scores]) -> Scores:
     return out
 
 
+def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The results of both studies over training seeds, in the structure of the first seed's: each
+    :class:`Scores` by :func:`mean_over_seeds` (seed mean, ``<key>_std``, two-level bootstrap replicates), every
+    other number by its mean (kept as it is when all seeds agree, e.g. step counts), mappings key-wise over the
+    keys every seed has, lists of one length element-wise; anything else (strings, bools, None, lists of other
+    lengths) from the first seed. One seed: its numbers unchanged."""
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, Scores) and all(isinstance(v, Scores) for v in values):
+            return mean_over_seeds(values)
+        if isinstance(first, bool) or first is None or isinstance(first, str):
+            return first
+        if isinstance(first, (int, float)):
+            if all(v == first for v in values):
+                return first
+            return sum(float(v) for v in values) / len(values)
+        if isinstance(first, Mapping):
+            return {k: merge([v[k] for v in values]) for k in first
+                    if all(isinstance(v, Mapping) and k in v for v in values)}
+        if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+            return [merge([v[i] for v in values]) for i in range(len(first))]
+        return first
+
+    return merge(list(per_seed))
+
+
 def with_intervals(node: Any) -> Any:
     """``node`` as plain JSON: each :class:`Scores` gets ``ci`` {key: [lo, hi]} (95 %) for its replicated keys."""
     if isinstance(node, Scores):

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ...data.datasets import MEAN, STD
 from ...models import VLMo
@@ -66,8 +67,25 @@ class Prep:
         return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+class Labeled(Dataset):
+    """A dataset with its label-set sizes attached (``num_answers`` / ``num_classes``), items unchanged."""
+
+    def __init__(self, base: Any, **sizes: Any) -> None:
+        self.base = base
+        for k, v in sizes.items():
+            setattr(self, k, v)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[i]
+
+
 class Task:
-    """One downstream task. Subclasses set the class attributes and implement the three methods."""
+    """One downstream task. Subclasses set the class attributes and implement the three methods (and
+    :meth:`embedded` where the embedded world has the task's data): a new task is one module registered with
+    :func:`register`, plus its ``configs/finetune/<name>.yaml``."""
 
     name: ClassVar[str]
     heads: ClassVar[tuple[str, ...]]  # heads the model needs; the fine-tune trains these
@@ -75,6 +93,16 @@ class Task:
     data_format: ClassVar[str]  # the real-data format this task reads
     headline: ClassVar[str]  # the metric key that summarises the task (``score`` in the results)
     trainable: ClassVar[bool] = True  # False for evaluation-only tasks (zero-shot ITM)
+    unified_mode: ClassVar[bool] = False  # a u-<name> variant of the unified answer mode
+    cache_kind: ClassVar[str] = "scenes"  # the embedded world's shard cache this task's data reads
+    # the task's candidate answers as words of the shared vocabulary, in target-index order, for the unified
+    # answer mode (vlmerge.finetune.unified); None = the task has no unified form
+    unified_answers: ClassVar[tuple[str, ...] | None] = None
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        """The task's dataset over the first ``size`` scenes (NLVR2: examples) of ``source``, a
+        :class:`~vlmerge.data.World` split; ``cache``: its shard-cache folder (None = render on the fly)."""
+        raise ValueError(f"task {self.name!r} has no embedded-world data; read it from files (data.format)")
 
     def head_sizes(self, dataset: Any) -> dict[str, int]:
         """Model-config fields the task's head needs, read from the data (e.g. ``num_answers``)."""
@@ -115,6 +143,13 @@ TASKS: dict[str, Task] = {}
 def register(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls()
     return cls
+
+
+def task_names(trainable: bool = False) -> tuple[str, ...]:
+    """The registered tasks of the task-head mode (the config's ``task`` values), in registration order;
+    ``trainable``: only those a task-head fine-tune trains (``itm`` is evaluation-only there). The unified
+    mode's ``u-<name>`` variants (:mod:`vlmerge.finetune.unified`) are left out."""
+    return tuple(n for n, t in TASKS.items() if not t.unified_mode and (t.trainable or not trainable))
 
 
 def get_task(name: str) -> Task:

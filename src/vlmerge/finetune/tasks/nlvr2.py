@@ -12,10 +12,12 @@ majority label of the evaluated split.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ...models import VLMo
 from ..config import FinetuneConfig
@@ -39,6 +41,13 @@ class NLVR2(Task):
     heads = ("nlvr2",)
     data_format = "nlvr2"
     headline = "accuracy"
+    cache_kind = "nlvr2"
+    unified_answers = ("true", "false")
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        from ...data import NLVR2Dataset
+
+        return NLVR2Dataset(source, size, cache)
 
     def collate(self, items: list[Mapping[str, Any]], prep: Prep, train: bool) -> dict[str, Any]:
         ids, att = prep.texts([it["text"] for it in items])

@@ -17,9 +17,11 @@ same image: COCO / Flickr30k have five captions per image; without it every item
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from ...models import VLMo
 from ...pretrain.evaluate import dataset_relevance, retrieval_chance, retrieval_metrics
@@ -60,6 +62,13 @@ def rerank_scores(
     return out
 
 
+def image_text_pairs(source: Any, size: int, cache: Path | None) -> Dataset:
+    """Every caption of each of the first ``size`` scenes of ``source`` (5 pairs per image)."""
+    from ...data import ImageTextDataset
+
+    return ImageTextDataset(source, size, pairs=True, cache_dir=cache)
+
+
 @register
 class Retrieval(Task):
     """Image-text retrieval (COCO / Flickr30k in the papers). Metrics: ``tr_r{1,5,10}``, ``ir_r{1,5,10}``,
@@ -69,6 +78,9 @@ class Retrieval(Task):
     heads = ("itc",)
     data_format = "karpathy"
     headline = "r_mean"
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        return image_text_pairs(source, size, cache)
 
     def collate(self, items: list[Mapping[str, Any]], prep: Prep, train: bool) -> dict[str, Any]:
         ids, att = prep.texts([it["text"] for it in items])
@@ -206,7 +218,11 @@ class ZeroShotITM(Task):
     heads = ("itm",)
     data_format = "karpathy"
     headline = "accuracy"
-    trainable = False
+    trainable = False  # in the task-head mode; the unified mode fine-tunes it
+    unified_answers = ("yes", "no")
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        return image_text_pairs(source, size, cache)
 
     @torch.no_grad()
     def evaluate(self, model: VLMo, dataset: Any, prep: Prep, config: FinetuneConfig) -> dict[str, Any]:

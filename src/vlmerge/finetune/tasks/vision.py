@@ -17,15 +17,18 @@ encoder (paper §6.5), so its language and VL weights stay bit-identical.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from ...data.world import SHAPES
 from ...models import VLMo
 from ..config import FinetuneConfig
 from ..metrics import accuracy, confusion_matrix, majority_accuracy, miou_best_constant, miou_from_confusion
-from .base import Prep, Task, predict_all, register
+from .base import Labeled, Prep, Task, predict_all, register
 
 IGNORE_INDEX = 255
 
@@ -57,6 +60,12 @@ class Classification(Task):
     vision = True
     data_format = "imagefolder"
     headline = "top1"
+    unified_answers = SHAPES  # class index k is SHAPES[k]
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        from ...data import NUM_CLASSES, ClassificationDataset
+
+        return Labeled(ClassificationDataset(source, size, cache), num_classes=NUM_CLASSES)
 
     def head_sizes(self, dataset: Any) -> dict[str, int]:
         return {"num_classes": num_classes_of(dataset)}
@@ -95,6 +104,11 @@ class Segmentation(Task):
     vision = True
     data_format = "segfolder"
     headline = "miou"
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        from ...data import NUM_SEG_CLASSES, SegmentationDataset
+
+        return Labeled(SegmentationDataset(source, size, cache), num_classes=NUM_SEG_CLASSES)
 
     def head_sizes(self, dataset: Any) -> dict[str, int]:
         return {"num_seg_classes": max(2, num_classes_of(dataset))}

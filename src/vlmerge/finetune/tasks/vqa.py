@@ -12,15 +12,18 @@ of the arg-max answer; baseline: the best single answer given to every question.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from ...data.world import ANSWERS
 from ...models import VLMo
 from ..config import FinetuneConfig
 from ..metrics import vqa_best_constant, vqa_score
-from .base import Prep, Task, predict_all, register
+from .base import Labeled, Prep, Task, predict_all, register
 
 
 def num_answers_of(dataset: Any) -> int:
@@ -50,6 +53,12 @@ class VQA(Task):
     heads = ("vqa",)
     data_format = "vqa2"
     headline = "vqa_score"
+    unified_answers = ANSWERS
+
+    def embedded(self, source: Any, size: int, cache: Path | None) -> Dataset:
+        from ...data import VQADataset
+
+        return Labeled(VQADataset(source, size, cache), num_answers=len(ANSWERS))
 
     def head_sizes(self, dataset: Any) -> dict[str, int]:
         return {"num_answers": num_answers_of(dataset)}

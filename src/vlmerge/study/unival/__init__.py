@@ -46,11 +46,11 @@ from .config import ID_TASKS, OOD_TASKS, RECIPES, UnivalConfig, load_unival_conf
 from .findings import FINDING_PARTS, PAPER, check_unival_findings, front_gain, unival_claims
 from .heads import TASK_HEAD_NAMES, HeadMode, TaskHeads, UnifiedHeads, head_mode
 from .report import LABELS, plot_all, render_report, write_report
-from .runner import Unival, aggregate, run_unival, unival_command
+from .runner import Unival, run_unival, unival_command
 
 __all__ = [
     "FINDING_PARTS", "ID_TASKS", "LABELS", "OOD_TASKS", "PAPER", "RECIPES", "TASK_HEAD_NAMES", "HeadMode", "TaskHeads",
-    "UnifiedHeads", "Unival", "UnivalConfig", "aggregate", "check_unival_findings", "front_gain", "head_mode",
+    "UnifiedHeads", "Unival", "UnivalConfig", "check_unival_findings", "front_gain", "head_mode",
     "load_unival_config", "plot_all", "render_report", "run_unival", "unival_claims", "unival_command",
     "write_report",
 ]

@@ -1,5 +1,5 @@
 """The UnIVAL study's runner: :class:`Unival` runs every cell and evaluation of one seed (pre-training, the three
-fine-tuning recipes, the scenarios' merges and scores), :func:`aggregate` averages the seeds, and
+fine-tuning recipes, the scenarios' merges and scores), :func:`~..stats.aggregate_seeds` averages the seeds, and
 :func:`run_unival` runs a preset's seeds and writes the results and report (:mod:`.report`)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..stats import (
     LEVEL,
     RESAMPLES,
     Scores,
-    mean_over_seeds,
+    aggregate_seeds,
     mean_score,
     n_resamples,
     retrieval_scores,
@@ -272,29 +272,6 @@ class Unival:
         }
 
 
-def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds, structure of the first seed: each :class:`~..stats.Scores` by
-    :func:`~..stats.mean_over_seeds` (seed mean, ``<key>_std`` beside it, replicates averaged over seeds: the test
-    sets are the same for every seed, so replicate b of each seed resamples the same examples), every other
-    number by its mean; mappings key-wise (keys all seeds have), lists of equal length element-wise, anything
-    else (strings, lists of other lengths) from the first seed. One seed: its results unchanged."""
-    def merge(vals: list[Any]) -> Any:
-        v0 = vals[0]
-        if isinstance(v0, Scores) and all(isinstance(v, Scores) for v in vals):
-            return mean_over_seeds(vals)
-        if isinstance(v0, bool) or v0 is None or isinstance(v0, str):
-            return v0
-        if isinstance(v0, (int, float)):
-            return mean([float(v) for v in vals])
-        if isinstance(v0, Mapping):
-            return {k: merge([v[k] for v in vals]) for k in v0 if all(isinstance(v, Mapping) and k in v for v in vals)}
-        if isinstance(v0, list) and all(isinstance(v, list) and len(v) == len(v0) for v in vals):
-            return [merge([v[i] for v in vals]) for i in range(len(v0))]
-        return v0
-
-    return merge(list(per_seed)) if len(per_seed) > 1 else dict(per_seed[0])
-
-
 def unival_command(preset: str, out: str | Path, seeds: Sequence[int], overrides: Sequence[str]) -> str:
     """The ``vlmerge study unival`` command line that reruns this study (quoted for a shell)."""
     cmd = ["vlmerge", "study", "unival", "--preset", preset, "--out", str(out)]
@@ -328,7 +305,7 @@ def run_unival(preset: str, out: str | Path, *, seeds: Sequence[int] = (0,), ove
             cells.update({f"seed{seed}/{k}": v for k, v in study.cells.items()})
     finally:
         torch.set_num_threads(threads)
-    results = aggregate(per_seed)
+    results = aggregate_seeds(per_seed)
     results["per_seed"] = {str(s): r for s, r in zip(seeds, per_seed, strict=True)} if len(seeds) > 1 else {}
     results["cells"] = cells
     results["meta"] = {"preset": preset, "config_file": str(path), "seeds": seeds,
