@@ -110,6 +110,16 @@ def test_cache_resumes_extends_and_refuses_other_worlds(tmp_path) -> None:
     (out / "shard-00001.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="shard-00001.npz: corrupt cache shard"):
         CachedWorld(out)[15]
+    # a complete cache with a corrupt, truncated or deleted shard is repaired by the next write, not trusted
+    good = (out / "shard-00000.npz").read_bytes()
+    (out / "shard-00000.npz").write_bytes(good[: len(good) // 2])
+    (out / "shard-00002.npz").unlink()
+    kept = (out / "meta.json").read_bytes()
+    write_cache(w, 5, out, progress=False)
+    assert (out / "meta.json").read_bytes() == kept
+    c = CachedWorld(out)
+    for i in (0, 9, 15, 29):
+        assert_same_scene(c[i], w[i])
     (tmp_path / "orphan").mkdir()
     (tmp_path / "orphan" / "shard-00000.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="has cache shards but no meta.json"):

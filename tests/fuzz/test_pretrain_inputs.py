@@ -151,6 +151,57 @@ def test_a_damaged_training_state_is_refused_naming_the_file(
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("damage", ["nan optimiser state", "string lr", "negative eps", "betas", "stage not a name"])
+def test_a_resume_refuses_training_state_it_cannot_continue_from(
+    run: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ckpt = run / "checkpoints" / "step-00000001"
+    if damage == "nan optimiser state":
+        victim = ckpt / STATE_TENSORS
+        tensors = load_file(str(victim))
+        key = next(k for k in sorted(tensors) if k.startswith("optim.") and k.endswith(".exp_avg"))
+        tensors[key][..., 0] = float("nan")
+        save_file(tensors, str(victim))
+        want = [key, "NaN"]
+    else:
+        victim = ckpt / STATE_JSON
+        meta = json.loads(victim.read_text())
+        group = meta["optimizer_groups"][0]
+        if damage == "string lr":
+            group["lr"], want = "0.001", ["optimizer_groups[0].lr"]
+        elif damage == "negative eps":
+            group["eps"], want = -1.0, ["optimizer_groups[0].eps"]
+        elif damage == "betas":
+            group["betas"], want = [0.9], ["optimizer_groups[0].betas"]
+        else:
+            meta["stage"], want = 3, ["'stage'"]
+        victim.write_text(json.dumps(meta))
+    before = snapshot(run)
+    assert main(pretrain_argv(run)) == 2
+    line = one_line_error(capsys)
+    assert str(victim) in line and all(w in line for w in want), line
+    assert snapshot(run) == before
+
+
+def test_a_deleted_latest_json_resumes_from_the_newest_step_folder(run: Path, stopped: Path, tmp_path: Path) -> None:
+    """Without latest.json the run does not restart at step 0 over its own checkpoints: it resumes from the
+    newest complete step folder and ends with the weights of a run that never lost the pointer."""
+    import torch
+
+    (run / "checkpoints" / LATEST).unlink()
+    assert state.latest_checkpoint(run) == run / "checkpoints" / "step-00000001"
+    assert main(pretrain_argv(run)) == 0
+    reference = tmp_path / "reference"
+    shutil.copytree(stopped, reference)
+    assert main(pretrain_argv(reference)) == 0
+    a, b = load_model(run / "final").state_dict(), load_model(reference / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------------------------------------ disk full
 def _no_space(*_: Any, **__: Any) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")

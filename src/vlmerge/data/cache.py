@@ -203,9 +203,10 @@ def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",
             recorded, requested = {k: old.get(k) for k in differ}, {k: layout[k] for k in differ}
             raise ValueError(f"{out}: the directory holds a different cache (recorded {recorded}, requested "
                              f"{requested}); use another directory")
-        if old["complete"] and old["n"] >= n:
-            return out
         n = max(n, old["n"])
+        if old["complete"] and all(_shard_length(out / _shard_name(k)) == min(size, n - k * size)
+                                   for k in range(-(-n // size))):
+            return out  # complete, and every shard is there and readable: a deleted or truncated one is re-made
     atomic_write_json(meta_path, {**layout, "n": n, "complete": False})
     for k in tqdm(range(-(-n // size)), desc=f"cache {world.split} {kind}", disable=not progress):
         indices = range(k * size, min(n, (k + 1) * size))

@@ -18,6 +18,8 @@ the step *is* their state. The global torch RNG states are stored anyway, for an
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -32,12 +34,17 @@ from ..files import clean_stale_temps, make_temp_dir, resolve_inside
 from ..models.checkpoint import CheckpointError, atomic_write_json, read_json, save_model, save_tensors
 from ..models.vlmo import VLMo
 
+log = logging.getLogger("vlmerge.pretrain")
+
 LATEST = "latest.json"
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 # the integer fields of ``train_state.json`` the engine resumes from
 META_INTS = ("global_step", "stage_index", "stage_step", "world")
 _STEP_TEMP = re.compile(r"^\.(step-\d{8})\.(?:tmp|old)-")
+_STEP = re.compile(r"^step-\d{8}$")
+# optimiser hyper-parameters in ``train_state.json`` ``optimizer_groups``: numbers (``betas`` a pair of them)
+_GROUP_NUMBERS = ("lr", "eps", "weight_decay")
 
 
 def save_training_checkpoint(
@@ -116,11 +123,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     """The directory ``latest.json`` points to, or None when the run has no checkpoint yet.
 
     ``latest.json`` must be ``{"dir": "<name inside OUT/checkpoints>", ...}``; anything else (an absolute path,
-    a ``..`` escape to another run, a number, no ``dir``) is a :class:`CheckpointError`.
+    a ``..`` escape to another run, a number, no ``dir``) is a :class:`CheckpointError`. Without
+    ``latest.json`` (deleted by hand), the newest ``step-*`` folder with a training state is the latest: step
+    folders are renamed into place whole, so each one is complete, and a run never restarts from step 0 over
+    its own checkpoints.
     """
     pointer = out_dir / "checkpoints" / LATEST
     if not pointer.is_file():
-        return None
+        steps = sorted(p for p in pointer.parent.glob("step-*") if _STEP.match(p.name) and (p / STATE_JSON).is_file())
+        if steps:
+            log.warning("%s is missing: resuming from the newest step folder, %s", pointer, steps[-1].name)
+        return steps[-1] if steps else None
     data = read_json(pointer)
     if not isinstance(data, dict) or "dir" not in data:
         raise CheckpointError(f'{pointer}: expected {{"dir": "step-XXXXXXXX", ...}} naming a checkpoint folder '
@@ -147,6 +160,19 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("param_names"), list)
                                                for g in groups):
         raise CheckpointError(f"{path}: 'optimizer_groups' must be a list of objects with 'param_names'")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    for i, g in enumerate(groups):
+        for key in _GROUP_NUMBERS:
+            if key in g and not number(g[key]):
+                raise CheckpointError(f"{path}: optimizer_groups[{i}].{key}={g[key]!r}; expected a finite number >= 0")
+        betas = g.get("betas", (0.9, 0.999))
+        if not (isinstance(betas, list | tuple) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+            raise CheckpointError(f"{path}: optimizer_groups[{i}].betas={betas!r}; expected two numbers in [0, 1)")
+    if "stage" in meta and not isinstance(meta["stage"], str):
+        raise CheckpointError(f"{path}: 'stage' must be a stage name, got {meta['stage']!r}")
     return meta
 
 
@@ -184,6 +210,8 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[st
         raise CheckpointError(f"{ckpt}: optimiser parameters differ from this stage's trainable parameters")
     by_name: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k!r} contains NaN or Inf; the run cannot resume from it")
         if k.startswith("optim."):
             if "." not in k[len("optim."):]:
                 raise CheckpointError(f"{path}: tensor {k!r} is not 'optim.<parameter>.<state>'")
