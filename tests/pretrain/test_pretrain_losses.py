@@ -217,3 +217,92 @@ def test_take_rows_is_indexing_with_a_deterministic_backward() -> None:
     (g2,) = torch.autograd.grad((x[idx] * w).sum(), x)
     assert torch.allclose(g1, g2, atol=1e-6)
     assert torch.allclose(g1[2], w[0] + w[1] + w[4], atol=1e-6) and torch.all(g1[[1, 3, 4]] == 0)
+
+
+def test_itc_leaves_known_false_negatives_out_of_both_softmaxes() -> None:
+    """``not_negative[i, j]``: caption j is also true of image i, so it is no negative of image i (row i) and
+    image i is no negative of caption j (column j); the positives on the diagonal always stay."""
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0, 1] = mask[2, 2] = True  # caption 1 is true of image 0; a diagonal entry is ignored
+    loss, logits = itc_loss(img, txt, torch.tensor(0.0), mask)  # scale 1: logits = cosine similarities
+    s = img @ txt.t()
+    torch.testing.assert_close(logits, s)  # returned unmasked (hard-negative mining masks on its own)
+
+    def ce(row: list[float], target: int) -> float:
+        return -row[target] + math.log(sum(math.exp(v) for v in row))
+
+    r = s.tolist()
+    i2t = (ce([r[0][0], r[0][2]], 0) + ce(r[1], 1) + ce(r[2], 2)) / 3  # image 0 without caption 1
+    col = s.t().tolist()
+    t2i = (ce(col[0], 0) + ce([col[1][1], col[1][2]], 0) + ce(col[2], 2)) / 3  # caption 1 without image 0
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    plain, _ = itc_loss(img, txt, torch.tensor(0.0))
+    assert plain.item() != pytest.approx(loss.item(), abs=1e-4)
+
+
+def test_hard_negatives_skip_captions_the_corpus_knows_are_true(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With loss.false_negatives=exclude, the candidates an ITM negative is drawn from leave out every caption
+    true of the image (negative texts) and every image the caption is true of (negative images), besides the
+    positive and identical captions; without it, only the latter."""
+    from vlmerge.pretrain import losses
+    from vlmerge.pretrain.losses import ObjectiveSettings, PretrainObjective
+
+    seen: list[torch.Tensor] = []
+    real = losses.sample_hard_negatives
+
+    def spy(logits: torch.Tensor, excluded: torch.Tensor, generator: torch.Generator):  # type: ignore[no-untyped-def]
+        seen.append(excluded.clone())
+        return real(logits, excluded, generator)
+
+    monkeypatch.setattr(losses, "sample_hard_negatives", spy)
+    torch.manual_seed(0)
+    model = VLMo(preset_config("micro", "msa", vocab_size=40, num_vl_layers=2, heads=("itc", "itm", "mlm")))
+    b = 6
+    rel = torch.zeros(10, 20, dtype=torch.bool)  # 10 images x 20 pairs of a made-up corpus
+    image_id, pair_id = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 3, 6, 9, 12, 15])
+    rel[image_id, pair_id] = True  # each caption is true of its own image
+    rel[0, 9] = rel[4, 0] = rel[2, 3] = True  # ... and a few of other images (asymmetric on purpose)
+    ids = torch.full((b, 5), 0, dtype=torch.long)
+    ids[:, 0], ids[:, 1], ids[:, 2] = 1, torch.arange(4, 4 + b), 2
+    ids[5, 1] = ids[4, 1]  # pairs 4 and 5 have identical captions
+    batch = {"image": torch.rand(b, 3, 16, 16, generator=gen(1)), "input_ids": ids,
+             "attention_mask": (ids != 0).long(), "image_id": image_id, "pair_id": pair_id}
+    same = torch.eye(b, dtype=torch.bool)
+    same[4, 5] = same[5, 4] = True
+    for mode in ("keep", "exclude"):
+        seen.clear()
+        settings = ObjectiveSettings(exclude_false_negatives=mode == "exclude")
+        obj = PretrainObjective(model, "vl", settings, SpecialTokens(0, 1, 2, 3, 40), (0.5,) * 3, (0.5,) * 3, rel)
+        obj(batch, gen(2))
+        txt_excluded, img_excluded = seen
+        want_txt, want_img = same.clone(), same.clone()
+        if mode == "exclude":
+            want_txt[0, 3] = want_txt[4, 0] = want_txt[2, 1] = True  # image i: caption j true of it
+            want_img[3, 0] = want_img[0, 4] = want_img[1, 2] = True  # caption i: image j it is true of
+        assert torch.equal(txt_excluded, want_txt), mode
+        assert torch.equal(img_excluded, want_img), mode
+    with pytest.raises(ValueError, match="false_negatives=exclude needs a corpus"):
+        PretrainObjective(model, "vl", ObjectiveSettings(exclude_false_negatives=True), SpecialTokens(0, 1, 2, 3, 40),
+                          (0.5,) * 3, (0.5,) * 3)
+
+
+def test_the_engine_excludes_false_negatives_on_the_world_and_refuses_a_corpus_without_truth(tmp_path) -> None:
+    """loss.false_negatives=exclude trains on the embedded world (its train split knows every caption's meaning)
+    and changes the weights; a corpus without ``relevance()`` is refused before the run folder exists."""
+    from pretrain_toy import toy_data
+
+    from vlmerge.models import load_model
+    from vlmerge.pretrain import load_config, pretrain
+
+    sets = ["train.steps=3", "data.train_images=24", "data.eval_images=4", "train.batch_size=8",
+            "train.log_every=1", "optim.warmup_steps=1", "train.device=cpu", "recipe={name: scratch}"]
+    keep = pretrain(load_config("micro", sets), tmp_path / "keep", progress=False)
+    excl = pretrain(load_config("micro", [*sets, "loss.false_negatives=exclude"]), tmp_path / "excl", progress=False)
+    a, b = load_model(keep).state_dict(), load_model(excl).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same init, data and draws: only the negatives differ
+    with pytest.raises(ValueError, match="false_negatives=exclude needs a train set that knows"):
+        pretrain(load_config("micro", [*sets, "loss.false_negatives=exclude"]), tmp_path / "toy", data=toy_data(),
+                 progress=False)
+    assert not (tmp_path / "toy").exists()

@@ -128,7 +128,7 @@ class ImageTextDataset(_WorldDataset):
         if self._last is None or self._last[0] != image_id:  # consecutive items share a scene: decode it once
             self._last = (image_id, self.source[image_id])
         scene = self._last[1]
-        return {"image": to_tensor(scene.image), "text": scene.captions[caption], "image_id": image_id}
+        return {"image": to_tensor(scene.image), "text": scene.captions[caption], "image_id": image_id, "pair_id": i}
 
 
 class VQADataset(_WorldDataset):

@@ -49,10 +49,11 @@ def infer_preset(init: str | os.PathLike[str] | VLMo) -> str:
     preset = extras.get("preset")
     if isinstance(preset, str) and preset in MODEL_PRESET_TO_FT:
         return MODEL_PRESET_TO_FT[preset]
+    by_depth = "paper" if config.depth >= 12 else "tiny"
     for name, fields in PRESETS.items():  # the model's size (width, depth, heads), whatever its resolution
         if all(getattr(config, k) == fields[k] for k in ("embed_dim", "depth", "num_heads")):
-            return MODEL_PRESET_TO_FT[name]
-    return "paper" if config.depth >= 12 else "tiny"
+            return MODEL_PRESET_TO_FT.get(name, by_depth)  # a new model preset needs no entry here
+    return by_depth
 
 
 def _user_config(config: ConfigLike) -> Mapping[str, Any] | FinetuneConfig | None:

@@ -111,6 +111,9 @@ class LossSection(_Section):
     mlm_prob: float = Field(0.15, gt=0, lt=1)
     mim_mask_ratio: float = Field(0.4, gt=0, lt=1, description="fraction of patches masked in the image stage")
     hard_negatives: Literal["global", "local"] = "global"
+    false_negatives: Literal["keep", "exclude"] = Field(
+        "keep", description="exclude: a caption the corpus knows to be true of another image of the batch (the "
+        "world's truthful relevance, e.g. 'two shapes') is neither ITC's negative for it nor its ITM negative")
     itm_fraction: float = Field(1.0, gt=0, le=1, description="share of each batch's pairs that ITM scores (each "
                                 "with a hard-negative text and image): its 3·n fusion passes are most of a step")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -102,6 +103,11 @@ def pretrain(
     r = config.recipe
     stages = plan_stages(r.name, config.model.arch, t.steps, r.seed_steps, r.image_steps, r.text_steps)
     _check_out(out, config)
+    knows_truth = data is None or callable(getattr(data.train, "relevance", None))
+    if config.loss.false_negatives == "exclude" and not knows_truth:
+        raise ValueError("loss.false_negatives=exclude needs a train set that knows which captions are true of "
+                         "which images (a relevance() method, as the embedded world's); this corpus has none")
+    dist.barrier()  # every rank has checked ``out`` before the main process writes there (a temp file would fail it)
     with ExitStack() as held:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +131,7 @@ def _pretrain(config: PretrainConfig, out: Path, data: PretrainData | None, info
     if ckpt is not None:
         meta = read_meta(ckpt)
         stage_idx, stage_step = meta["stage_index"], meta["stage_step"]
+        # by index, not name: the study resumes a seed recipe from the MAA run's own "vl" stage (the same steps)
         if stage_idx >= len(stages) or stage_step > stages[stage_idx].steps:
             raise CheckpointError(f"{ckpt / STATE_JSON}: stage_index={stage_idx}, stage_step={stage_step} is not a "
                                   f"step of this run's stages {[(s.name, s.steps) for s in stages]}")
@@ -208,8 +215,12 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
             block.compile()
     settings = ObjectiveSettings(lc.itc, lc.itm, lc.mlm, lc.mlm_prob, lc.mim_mask_ratio,
                                  lc.hard_negatives == "global", cfg.augment.num_ops, cfg.augment.magnitude,
-                                 cfg.augment.ops, lc.itm_fraction)
-    objective = PretrainObjective(model, stage.kind, settings, run.data.special, run.data.mean, run.data.std)
+                                 cfg.augment.ops, lc.itm_fraction, lc.false_negatives == "exclude")
+    relevance = None
+    if settings.exclude_false_negatives and stage.kind == "vl":
+        relevance = _train_relevance(run.data)
+    objective = PretrainObjective(model, stage.kind, settings, run.data.special, run.data.mean, run.data.std,
+                                  relevance)
     objective = objective.to(info.device).train()
     net: torch.nn.Module = objective
     if info.world > 1:
@@ -267,6 +278,19 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
         if stop:
             return False
     return True
+
+
+def _train_relevance(data: PretrainData) -> torch.Tensor | None:
+    """The train split's truthful relevance [I, T] bool (caption of pair t true of image i), where the corpus
+    knows it (``train.relevance()``, the embedded world: I × 5I booleans, 45 MB for 3,000 images), else None."""
+    own = getattr(data.train, "relevance", None)
+    rel = own() if callable(own) else None
+    if rel is None:
+        return None
+    rel = torch.as_tensor(np.asarray(rel), dtype=torch.bool)
+    if rel.dim() != 2 or rel.shape[1] != len(data.train):
+        raise ValueError(f"train.relevance() is {tuple(rel.shape)}; expected [images, {len(data.train)} pairs]")
+    return rel
 
 
 def _extra(run: _Run, meta: dict[str, Any]) -> dict[str, Any]:

@@ -59,9 +59,10 @@ def build_data(config: PretrainConfig) -> PretrainData:
 
 
 def pretrain_collate(tokenizer: Any, max_len: int, pad_to_longest: bool = False) -> Collate:
-    """Items -> ``{"image": [B, 3, S, S], "input_ids": [B, L], "attention_mask": [B, L], "image_id": [B]}`` with
-    image_id −1 where the items have none. L = ``max_len``, the same on every rank and step (ranks gather
+    """Items -> ``{"image": [B, 3, S, S], "input_ids": [B, L], "attention_mask": [B, L], "image_id": [B],
+    "pair_id": [B]}`` with image_id / pair_id (the item's index in its dataset) −1 where the items have none.
+    L = ``max_len``, the same on every rank and step (ranks gather
     each other's texts for hard negatives), or with ``pad_to_longest`` the batch's longest text (a single
     process). The one :class:`~vlmerge.data.Collate`, configured."""
-    return Collate(tokenizer, max_len, pad_to_longest=pad_to_longest, defaults={"image_id": -1},
-                   keys=("image", "input_ids", "attention_mask", "image_id"))
+    return Collate(tokenizer, max_len, pad_to_longest=pad_to_longest, defaults={"image_id": -1, "pair_id": -1},
+                   keys=("image", "input_ids", "attention_mask", "image_id", "pair_id"))

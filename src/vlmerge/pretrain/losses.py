@@ -32,13 +32,16 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- ITC
-def itc_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def itc_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+             not_negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric image-text contrastive loss over the batch gathered from all ranks (VLMo eqs. 3-4, CLIP).
 
     img, txt: local L2-normalised embeddings [B, E]; logit_scale: log(1/σ), a scalar parameter.
     Returns (loss, logits): ``logits[i, j] = min(exp(logit_scale), 100) · img_i · txt_j`` over the gathered
     batch [G, G] (image rows, text columns; positives on the diagonal), and the loss
-    ``(CE(logits, diag) + CE(logitsᵀ, diag)) / 2`` averaged over all G pairs.
+    ``(CE(logits, diag) + CE(logitsᵀ, diag)) / 2`` averaged over all G pairs. ``not_negative`` [G, G] bool
+    (optional; image rows, text columns, the diagonal ignored): pairs left out of both softmaxes, because
+    the caption is known to be true of that image too (a false negative); the returned logits are unmasked.
 
     The gathered features carry gradients only for the local slice (:func:`gather_with_local_grad`). The
     returned loss has the *value* of the global-batch loss and a gradient arranged so that DDP's average
@@ -52,7 +55,11 @@ def itc_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) ->
         scale = scale / w + (scale * (1 - 1 / w)).detach()  # value unchanged, gradient /W
     logits = scale * all_img.float() @ all_txt.float().t()
     labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    scored = logits
+    if not_negative is not None:
+        off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=logits.device)
+        scored = logits.masked_fill(not_negative & off_diagonal, float("-inf"))
+    loss = (F.cross_entropy(scored, labels) + F.cross_entropy(scored.t(), labels)) / 2
     if w > 1:
         loss = loss * w - (loss * (w - 1)).detach()  # value unchanged, gradient ×W
     return loss, logits
@@ -186,6 +193,7 @@ class ObjectiveSettings:
     augment_magnitude: float = 9.0
     augment_names: tuple[str, ...] = tuple(OPS)  # the operations to draw from
     itm_fraction: float = 1.0  # share of each rank's pairs that get ITM's positive + 2 hard negatives
+    exclude_false_negatives: bool = False  # needs the corpus's relevance (PretrainObjective's ``relevance``)
 
 
 class PretrainObjective(nn.Module):
@@ -195,7 +203,10 @@ class PretrainObjective(nn.Module):
 
     * ``vl``: ITC on the retrieval route, ITM (fusion [T_CLS], 1 positive + 2 hard negatives per pair) and
       MLM (fusion text tokens); total = w_itc·ITC + w_itm·ITM + w_mlm·MLM. ``batch["image_id"]`` [B] (−1 =
-      unknown) keeps an image's other captions out of its negatives.
+      unknown) keeps an image's other captions out of its negatives; with ``relevance`` [I, T] bool (the
+      train split's truthful relevance: caption of pair t true of image i) and ``batch["pair_id"]`` [B] (the
+      pair's index, −1 = unknown), every caption true of an image is kept out of that image's ITC and ITM
+      negatives too (``loss.false_negatives: exclude``).
     * ``image``: MIM on the vision route (image-only stage).
     * ``text``: MLM on the language route (text-only stage).
 
@@ -211,11 +222,16 @@ class PretrainObjective(nn.Module):
         special: SpecialTokens,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        relevance: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("vl", "image", "text"):
             raise ValueError(f"objective kind must be 'vl', 'image' or 'text', got {kind!r}")
+        if settings.exclude_false_negatives and relevance is None and kind == "vl":
+            raise ValueError("loss.false_negatives=exclude needs a corpus that knows which captions are true of "
+                             "which images (the embedded world's train split; relevance() returned None)")
         self.model, self.kind, self.s, self.special = model, kind, settings, special
+        self.relevance = relevance if settings.exclude_false_negatives else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -233,7 +249,7 @@ class PretrainObjective(nn.Module):
         image = self.prepare_image(batch["image"], generator)
         if self.kind == "image":
             return self._image(image, generator)
-        return self._vl(image, ids, att, batch["image_id"], generator)
+        return self._vl(image, ids, att, batch["image_id"], generator, batch.get("pair_id"))
 
     def _image(self, image: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         patch = self.model.config.patch_size
@@ -255,9 +271,16 @@ class PretrainObjective(nn.Module):
         loss, acc = self._mlm_head(self.model.forward_text(masked, att), labels)
         return {"loss": loss, "mlm": loss.detach(), "mlm_acc": acc}
 
+    def _true_of(self, image_id: torch.Tensor, pair_id: torch.Tensor) -> torch.Tensor:
+        """[len(image_id), len(pair_id)] bool: pair j's caption is true of image i (False where either is −1)."""
+        assert self.relevance is not None
+        rel = self.relevance.to(image_id.device)
+        true = rel[image_id.clamp(min=0)[:, None], pair_id.clamp(min=0)[None, :]]
+        return true & (image_id >= 0)[:, None] & (pair_id >= 0)[None, :]
+
     def _vl(
         self, image: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, image_id: torch.Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator, pair_id: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         m, s = self.model, self.s
         b = image.shape[0]
@@ -267,7 +290,12 @@ class PretrainObjective(nn.Module):
         itc_head = m.heads["itc"]
         img_emb = F.normalize(itc_head.image_proj(st["image"][:, 0]), dim=-1)
         txt_emb = F.normalize(itc_head.text_proj(st["text"][:, 0]), dim=-1)
-        itc, logits = itc_loss(img_emb, txt_emb, itc_head.logit_scale)
+        truthful = self.relevance is not None
+        if truthful and pair_id is None:
+            raise ValueError("loss.false_negatives=exclude: the batch has no 'pair_id' (the pair's dataset index)")
+        all_iid, all_pid = (gather_nograd(image_id), gather_nograd(pair_id)) if truthful else (None, None)
+        not_negative = self._true_of(all_iid, all_pid) if truthful else None  # [G, G]
+        itc, logits = itc_loss(img_emb, txt_emb, itc_head.logit_scale, not_negative)
         # ITM: hard negatives drawn from the ITC similarities, over all ranks' pairs (global mining).
         rows = slice(rank() * b, (rank() + 1) * b)
         if s.global_negatives:
@@ -282,8 +310,13 @@ class PretrainObjective(nn.Module):
         n = max(1, round(s.itm_fraction * b))
         own = image_id[:n, None]
         excluded = same_text(ids[:n], cand_ids) | ((own == cand_iid[None, :]) & (own >= 0))
-        neg_txt, ok_txt = sample_hard_negatives(i2t[:n], excluded, generator)  # a negative text per image
-        neg_img, ok_img = sample_hard_negatives(t2i[:n], excluded, generator)  # a negative image per text
+        excluded_txt = excluded_img = excluded
+        if not_negative is not None:  # and every caption known to be true of the image (for texts, both ways)
+            cand_pid = all_pid if s.global_negatives else pair_id
+            excluded_txt = excluded | self._true_of(image_id[:n], cand_pid)
+            excluded_img = excluded | self._true_of(cand_iid, pair_id[:n]).t()
+        neg_txt, ok_txt = sample_hard_negatives(i2t[:n], excluded_txt, generator)  # a negative text per image
+        neg_img, ok_img = sample_hard_negatives(t2i[:n], excluded_img, generator)  # a negative image per text
         pair_att = torch.cat([att[:n], att[:n], cand_att[neg_txt]])
         if world_size() == 1:  # candidates are this batch's pairs: take their bottom states
             x_img, x_txt = st["image_bottom"], st["text_bottom"]
