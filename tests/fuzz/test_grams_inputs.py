@@ -174,3 +174,16 @@ def test_merge_tensors_refuses_a_non_gram() -> None:
     bad[0, 2] = 1.0
     with pytest.raises(ValueError, match=r"grams\[1\] is not symmetric"):
         merge_tensors("regmean", w, grams=[good, bad])
+
+
+def test_singular_grams_give_one_warning_line_not_one_per_weight(ckpt: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    grams = good_grams(ckpt)
+    for g in grams.values():  # rank one: a valid Gram (one token seen), singular for every weight
+        g.zero_()
+        g[0, 0] = 1.0
+    path = save_grams(Grams(grams, {k: 1 for k in grams}), tmp_path / "g.safetensors")
+    assert main(["merge", "--method", "regmean", "--param", "gamma=1.0", "--grams", str(path), str(ckpt),
+                 str(tmp_path / "out")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is singular" in err[0] and "more weights like it" in err[0], err

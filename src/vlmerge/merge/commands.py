@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,22 @@ def _merge(args: argparse.Namespace) -> int:
         get_method(args.method)
         cfg = _config_from_args(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    out = run_merge_config(cfg, progress=progress)
+    with warnings.catch_warnings(record=True) as caught:  # one line per kind of warning, not one per tensor
+        warnings.simplefilter("always")
+        out = run_merge_config(cfg, progress=progress)
+    _summarise_warnings(caught)
     print(f"merged ({cfg.method}) -> {out}")
     return 0
+
+
+def _summarise_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print each distinct warning once; RegMean's per-tensor "singular" notes become one line with a count."""
+    singular = [str(w.message) for w in caught if "is singular" in str(w.message)]
+    if singular:
+        print(f"warning: {singular[0]}" + (f" (and {len(singular) - 1} more weights like it)" if len(singular) > 1
+                                           else ""), file=sys.stderr)
+    for text in dict.fromkeys(str(w.message) for w in caught if "is singular" not in str(w.message)):
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

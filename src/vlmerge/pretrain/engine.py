@@ -219,6 +219,8 @@ def _train_stage(run: _Run, index: int, model: VLMo, start: int, ckpt: Path | No
     relevance = None
     if settings.exclude_false_negatives and stage.kind == "vl":
         relevance = _train_relevance(run.data)
+        # a plain tensor on the device, not a buffer: DDP would broadcast a buffer every step
+        relevance = relevance.to(info.device) if relevance is not None else None
     objective = PretrainObjective(model, stage.kind, settings, run.data.special, run.data.mean, run.data.std,
                                   relevance)
     objective = objective.to(info.device).train()

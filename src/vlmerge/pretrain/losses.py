@@ -274,7 +274,7 @@ class PretrainObjective(nn.Module):
     def _true_of(self, image_id: torch.Tensor, pair_id: torch.Tensor) -> torch.Tensor:
         """[len(image_id), len(pair_id)] bool: pair j's caption is true of image i (False where either is −1)."""
         assert self.relevance is not None
-        rel = self.relevance.to(image_id.device)
+        rel = self.relevance.to(image_id.device)  # a no-op where the engine put it on the training device
         true = rel[image_id.clamp(min=0)[:, None], pair_id.clamp(min=0)[None, :]]
         return true & (image_id >= 0)[:, None] & (pair_id >= 0)[None, :]
 
