@@ -16,6 +16,7 @@ from typing import NoReturn
 import yaml
 
 from . import __version__
+from .files import final_name
 
 # Modules exposing ``register(subparsers)``, in the order they appear in ``vlmerge --help``.
 COMMAND_MODULES = (
@@ -95,14 +96,14 @@ def error_message(e: BaseException) -> tuple[str, int]:
         elif isinstance(e, RecursionError):
             msg = "input nested too deeply to read"
         elif isinstance(e, OSError) and e.filename is not None and e.strerror:
-            msg = f"{e.filename}: {e.strerror}"
+            msg = f"{final_name(e.filename)}: {e.strerror}"
         else:
             msg = str(e)
         return msg, 2
     if isinstance(e, ArithmeticError):  # a run that diverged (NaN loss): not a bug, not bad input as such
         return str(e), 1
     if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename is not None else ""
+        where = f"{final_name(e.filename)}: " if e.filename is not None else ""
         what = e.strerror or str(e)
         if e.errno == errno.ENOSPC:
             what = "no space left on device"

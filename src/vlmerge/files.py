@@ -102,6 +102,11 @@ def check_output_path(out: PathLike, flag: str) -> None:
     real, cwd = _real(out), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise ValueError(f"{flag} {out} is the working directory or holds it; write to a new path")
+    for above in Path(out).absolute().parents:  # "File exists" / "Not a directory" would not say which
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{flag} {out}: {above} is a file, not a folder; give a path inside a folder")
+            break
 
 
 def _overlap(out: Path, reads: Iterable[PathLike | None], flag: str) -> None:
@@ -286,3 +291,10 @@ def clean_stale_temps(target: PathLike, quiet: bool = False) -> list[Path]:
         if not quiet:
             print(f"vlmerge: {action} {entry} (left by an earlier, killed run)", file=sys.stderr)
     return done
+
+
+def final_name(path: PathLike) -> str:
+    """``path`` with every vlmerge temp component (``.NAME.tmp-PID-XXXXXXXX``) replaced by the ``NAME`` it is
+    written for: what an error should name (the user never asked for the temp file)."""
+    parts = [m["name"] if (m := _TEMP_NAME.match(part)) else part for part in Path(path).parts]
+    return str(Path(*parts)) if parts else str(path)

@@ -136,3 +136,25 @@ def test_malformed_lists_and_parameters_are_named(tmp_path: Path, cli, micro_ckp
     res = cli(*[a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(micro_ckpts / "msa")) for a in argv])
     refused(res, 2, *names)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "--method", "interpolation", "--alpha", "0.5", "{ckpt}", "{tmp}/afile/out"],
+        ["merge", "--method", "regmean", "--data", "world", "--batches", "1", "--save-grams", "{tmp}/afile/g",
+         "{ckpt}", "{tmp}/out"],
+        ["pretrain", "--config", "micro", "--out", "{tmp}/afile/run"],
+        ["finetune", "vqa", "--init", "{ckpt}", "--out", "{tmp}/afile/deeper/ft"],
+        ["eval", "vqa", "{ckpt}", "--out", "{tmp}/afile/r.json"],
+        ["study", "--preset", "micro", "--out", "{tmp}/afile/st"],
+        ["data", "cache", "--split", "train", "--n", "2", "--out", "{tmp}/afile/c"],
+        ["data", "preview", "--out", "{tmp}/afile/p.png"],
+    ],
+)
+def test_an_output_below_a_file_names_that_file(tmp_path: Path, cli, micro_ckpts: Path, argv: list[str]) -> None:
+    (tmp_path / "afile").write_bytes(b"precious")
+    before = snapshot(tmp_path)
+    res = cli(*[a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(micro_ckpts / "msa")) for a in argv])
+    refused(res, 2, f"{tmp_path / 'afile'} is a file, not a folder")
+    assert snapshot(tmp_path) == before

@@ -224,13 +224,15 @@ def test_disk_full_or_read_only_is_exit_1_and_leaves_nothing(work: Path, cli, mo
                                                              code: int) -> None:
     from vlmerge.models import checkpoint
 
-    def fail(self: object, name: str, tensor: torch.Tensor) -> None:
-        raise OSError(code, os.strerror(code), str(work / "out"))
+    def fail(self: checkpoint.SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> None:
+        assert ".out.tmp-" in str(self.path)  # the writer writes into the temp folder ...
+        raise OSError(code, os.strerror(code), str(self.path))
 
     monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", fail)
     before = snapshot(work)
     res = cli(*INTERP, work / "msa", work / "out")
-    refused(res, 1, str(work / "out"))
+    refused(res, 1, str(work / "out" / "model.safetensors"))  # ... and the error names the file it was for
+    assert ".tmp-" not in res.err
     assert snapshot(work) == before
     assert leftovers(work, ["msa", "base"]) == []
 

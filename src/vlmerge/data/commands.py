@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..cli import count
 from .world import SPLITS
@@ -26,7 +27,8 @@ def _cache(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out")
 
     world = World(WorldConfig(image_size=args.image_size), args.split, args.seed)
-    out = write_cache(world, args.n, args.out, kind=args.kind, shard_size=args.shard_size)
+    out = write_cache(world, args.n, args.out, kind=args.kind, shard_size=args.shard_size,
+                      progress=sys.stderr.isatty())  # a bar for people, not for logs
     print(f"cached {args.n} {args.split} {args.kind} examples ({args.image_size} px) in {out}")
     return 0
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import read_yaml
-from ..files import RunLock, clean_stale_temps
+from ..files import RunLock, check_output_path, clean_stale_temps
 from ..models.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_model, save_model
 from ..models.vlmo import VLMo, maa_to_msa
 from . import dist
@@ -314,6 +314,7 @@ def _save_main(run: _Run, model: VLMo, where: Path, w0: bool = False) -> None:
 def _check_out(out: Path, config: PretrainConfig) -> None:
     """Refuse ``out`` before anything is written: a file, a folder that holds something other than a
     pre-training run, or a run with a different config (up to :data:`RESUMABLE_KEYS`)."""
+    check_output_path(out, "--out")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
