@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         msg, code = error_message(e)
         one_line = " ".join(str(msg).split())
-        print(f"vlmerge {args.command}: error: {one_line}", file=sys.stderr)
+        sub = getattr(args, f"{args.command}_command", None)  # "model info", "data cache": as usage errors say
+        print(f"vlmerge {args.command}{f' {sub}' if sub else ''}: error: {one_line}", file=sys.stderr)
         return code
 
 

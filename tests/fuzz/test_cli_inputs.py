@@ -125,7 +125,7 @@ def test_finetune_output_filled_during_the_run_is_not_replaced(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
-        (["model", "info", "--heads", ","], ["--heads", "comma-separated head names"]),
+        (["model", "info", "--heads", ","], ["vlmerge model info: error:", "--heads", "comma-separated head names"]),
         (["model", "info", "--heads", "vqa,,itc"], ["--heads"]),
         (["merge", "--method", "ties", "--param", "=1", "{ckpt}", "{tmp}/out"], ["--param", "'=1'", "before '='"]),
         (["merge", "--method", "ties", "--param", "density", "{ckpt}", "{tmp}/out"], ["--param", "KEY=VALUE"]),

@@ -94,6 +94,18 @@ def test_bad_flags_are_refused_before_the_run_folder_exists(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_the_run_folder_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    (tmp_path / "afile").write_bytes(b"x")
+    cache = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "cache"
+    assert main(pretrain_argv(tmp_path / "run", sets=[f"data.cache_dir={cache}"])) == 2
+    line = one_line_error(capsys)
+    assert f"data.cache_dir {cache}" in line and "file" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_an_out_that_is_a_file_or_holds_something_else_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -315,6 +315,11 @@ def _check_out(out: Path, config: PretrainConfig) -> None:
     """Refuse ``out`` before anything is written: a file, a folder that holds something other than a
     pre-training run, or a run with a different config (up to :data:`RESUMABLE_KEYS`)."""
     check_output_path(out, "--out")
+    cache = config.data.cache_dir
+    if cache is not None:  # found now, not after config.yaml is written
+        check_output_path(cache, "data.cache_dir")
+        if Path(cache).exists() and not Path(cache).is_dir():
+            raise ValueError(f"data.cache_dir {cache} is a file; expected a folder for the scene cache")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
