@@ -5,6 +5,7 @@ vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/m
 vlmerge merge --method regmean --gamma 1.0 --grams grams.safetensors runs/msa runs/merged
 vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup
 vlmerge merge merge.yaml
+vlmerge merge mergekit.yaml OUT_DIR       (a mergekit-style config: see vlmerge.merge.mergekit)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..config import parse_value, validate
+from ..config import parse_value, read_yaml, validate
 from .base import METHODS, get_method
 from .config import MergeConfig, load_merge_config, run_merge_config
 
@@ -96,6 +97,11 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if args.paths and args.paths[0].endswith((".yaml", ".yml")) and args.method is None and not args.inputs:
+        from .mergekit import is_mergekit_config, run_mergekit_cli
+
+        if is_mergekit_config(read_yaml(args.paths[0])):
+            return run_mergekit_cli(args)
     if (
         len(args.paths) == 1
         and args.paths[0].endswith((".yaml", ".yml"))
@@ -147,10 +153,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/msa runs/out\n"
         "  vlmerge merge --method regmean --grams grams.safetensors runs/msa runs/out\n"
         "  vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup\n"
-        "  vlmerge merge merge.yaml",
+        "  vlmerge merge merge.yaml\n"
+        "  vlmerge merge mergekit.yaml OUT_DIR   (mergekit-style: merge_method linear / task_arithmetic / "
+        "ties / slerp)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="*", metavar="PATH", help="IN_DIR OUT_DIR, or CONFIG.yaml")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="IN_DIR OUT_DIR, or CONFIG.yaml (a mergekit config: CONFIG.yaml OUT_DIR)")
     p.add_argument("-o", "--output", metavar="OUT_DIR", help="output directory (instead of the last PATH)")
     p.add_argument("--method", choices=sorted(METHODS), help="merge method")
     p.add_argument("--inputs", nargs="+", metavar="DIR", help="merge these whole models (same keys) instead")

@@ -105,7 +105,13 @@ class MergeConfig(BaseModel):
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
     """Read and validate a merge YAML; ``ValueError`` naming the file, the key and what is allowed otherwise."""
-    return validate(MergeConfig, read_yaml(path), source=path)
+    data = read_yaml(path)
+    from .mergekit import is_mergekit_config
+
+    if is_mergekit_config(data):
+        raise ValueError(f"{path}: a mergekit config (merge_method / models / slices); run it with vlmerge merge "
+                         f"{path} OUT_DIR (vlmerge.merge.mergekit.run_mergekit)")
+    return validate(MergeConfig, data, source=path)
 
 
 def run_merge_config(cfg: MergeConfig, progress: bool = False) -> Path:
