@@ -458,3 +458,35 @@ def test_dataset_indexes_may_only_name_files_under_their_root(tmp_path: Path, na
     (real / "COCO_val2014_000000000042.jpg").write_bytes(b"x")
     ok = load_karpathy(_coco_karpathy(tmp_path / "dataset_coco.json"), tmp_path / "coco", "test", check_files=True)
     assert ok[0].image_path == tmp_path / "coco/val2014/COCO_val2014_000000000042.jpg"
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels (no image data): a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_unreadable_index_files_and_images_are_named(tmp_path: Path) -> None:
+    """JSON that is not UTF-8 or holds a number too long to convert, and an image whose header claims 10^10
+    pixels, are refused as bad input naming the file (never an internal error)."""
+    js = tmp_path / "dataset_coco.json"
+    js.write_bytes(b'{"images": [\xff]}')
+    with pytest.raises(ValueError, match=r"dataset_coco\.json: not UTF-8"):
+        load_karpathy(js, tmp_path, "test")
+    js.write_text('{"images": [{"imgid": ' + "9" * 5000 + "}]}")
+    with pytest.raises(ValueError, match=r"dataset_coco\.json: not readable JSON"):
+        load_karpathy(js, tmp_path, "test")
+    nl = tmp_path / "dev.json"
+    nl.write_bytes(_nlvr2_line("dev-850-0-0").encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"dev\.json line 2: not UTF-8"):
+        load_nlvr2(nl, tmp_path)
+    bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(ValueError, match=r"bomb\.png: cannot decode the image"):
+        load_image(bomb, 8)

@@ -131,12 +131,11 @@ def _get(obj: Mapping[str, Any], key: str, kind: type, where: str, optional: boo
 
 
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    """The one JSON reader (:func:`vlmerge.models.checkpoint.read_json`): errors name the file (bad UTF-8,
+    bad JSON, nesting too deep, numbers too long)."""
+    from ..models.checkpoint import read_json
+
+    return read_json(path)
 
 
 def _json_list(data: Any, key: str, path: Path) -> list[Any]:
@@ -423,15 +422,25 @@ def load_nlvr2(jsonl_path: str | Path, image_root: str | Path, *, check_files: b
     path, root = Path(jsonl_path), Path(image_root)
     _require_file(path)
     records: list[NLVR2Record] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 obj = _entry(json.loads(line), where)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply to read") from None
+            except ValueError as e:
+                if str(e).startswith(where):
+                    raise
+                raise ValueError(f"{where}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
             identifier = _get(obj, "identifier", str, where)
             m = _NLVR2_ID.fullmatch(identifier)
             if m is None:
@@ -526,7 +535,7 @@ def _open(path: Path) -> Image.Image:
             img.load()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: no such file") from e
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot decode the image ({e})") from e
     return img
 

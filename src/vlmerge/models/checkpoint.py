@@ -72,6 +72,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     except RecursionError:
         raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise CheckpointError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
 
 
 # ---------------------------------------------------------------------------------------- streaming writer
