@@ -30,7 +30,6 @@ docstring) and returns images in [0, 1] (mean 0, std 1), because the fine-tuning
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -45,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..files import relative_name
+from ..models.checkpoint import parse_json, read_json
 from .datasets import MEAN, STD
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # matched case-insensitively (.JPEG too)
@@ -133,8 +133,6 @@ def _get(obj: Mapping[str, Any], key: str, kind: type, where: str, optional: boo
 def _read_json(path: Path) -> Any:
     """The one JSON reader (:func:`vlmerge.models.checkpoint.read_json`): errors name the file (bad UTF-8,
     bad JSON, nesting too deep, numbers too long)."""
-    from ..models.checkpoint import read_json
-
     return read_json(path)
 
 
@@ -425,22 +423,9 @@ def load_nlvr2(jsonl_path: str | Path, image_root: str | Path, *, check_files: b
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path} line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            try:
-                obj = _entry(json.loads(line), where)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            except RecursionError:
-                raise ValueError(f"{where}: JSON nested too deeply to read") from None
-            except ValueError as e:
-                if str(e).startswith(where):
-                    raise
-                raise ValueError(f"{where}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+            obj = _entry(parse_json(raw, where), where)
             identifier = _get(obj, "identifier", str, where)
             m = _NLVR2_ID.fullmatch(identifier)
             if m is None:

@@ -57,7 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..config import read_yaml, validate
 from ..files import guard_output_dir, make_temp_dir
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, SafetensorsStreamWriter
+from .base import is_finite
 from .io import StreamingReader
+from .streaming import _listing, _publish  # the same listing and rename-into-place as vlmerge's merges
 
 PathLike = str | os.PathLike[str]
 
@@ -377,10 +379,6 @@ class _Input:
     params: dict[str, Any]
 
 
-def _listing(items: Sequence[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
-
-
 def _n_layers(names: Sequence[str]) -> int:
     idx = [i for i in (layer_index(k) for k in names) if i is not None]
     return max(idx) + 1 if idx else 0
@@ -468,8 +466,6 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     checked before the output is opened; NaN / Inf inputs are refused naming the file and key, and a
     non-finite result (overflow, also in the cast to the output dtype) naming the tensor.
     """
-    from .streaming import _publish  # the same rename-into-place as vlmerge's own merges
-
     entries = cfg.entries()
     list_key = "models" if cfg.models is not None else "slices[0].sources"
     named = [(f"{list_key}[{i}]", e.model) for i, e in enumerate(entries)]
@@ -543,7 +539,7 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
     tensors: dict[int, torch.Tensor] = {}
     for inp in checked:
         t = inp.reader.get(k)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not is_finite(t):
             raise ValueError(f"{inp.path}: tensor {k!r} contains NaN or Inf")
         tensors[id(inp)] = t
     ref = tensors[id(checked[0])]
@@ -556,7 +552,7 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
     b = tensors[id(base)].float() if base is not None else None
     xs = [tensors[id(i)].float() for i in merged]
     res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs).to(out_dtype)
-    if not bool(torch.isfinite(res).all()):
+    if not is_finite(res):
         raise ValueError(f"merged tensor {k!r} is not finite (overflow{' in the cast to ' + str(out_dtype)}?); "
                          "check the weights / lambda")
     return res.contiguous()

@@ -60,20 +60,27 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def parse_json(raw: bytes, where: str) -> Any:
+    """``raw`` (UTF-8 JSON) parsed; a :class:`CheckpointError` (a ``ValueError``) starting with ``where`` for
+    bytes that are not UTF-8, invalid JSON, nesting too deep or a number too long to convert."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: not UTF-8 text (byte {e.start}); expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise CheckpointError(f"{where}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file, parsed by :func:`parse_json` (errors name the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON file") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    except RecursionError:
-        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise CheckpointError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+    return parse_json(path.read_bytes(), str(path))
 
 
 # ---------------------------------------------------------------------------------------- streaming writer

@@ -298,12 +298,12 @@ class PretrainObjective(nn.Module):
         itc, logits = itc_loss(img_emb, txt_emb, itc_head.logit_scale, not_negative)
         # ITM: hard negatives drawn from the ITC similarities, over all ranks' pairs (global mining).
         rows = slice(rank() * b, (rank() + 1) * b)
+        cols = slice(None) if s.global_negatives else rows  # the candidates: every rank's pairs, or this rank's
+        i2t, t2i = logits[rows, cols], logits.t()[rows, cols]
         if s.global_negatives:
-            i2t, t2i = logits[rows], logits.t()[rows]
             cand_img, cand_ids, cand_att = gather_nograd(image), gather_nograd(ids), gather_nograd(att)
-            cand_iid = gather_nograd(image_id)
+            cand_iid = all_iid if all_iid is not None else gather_nograd(image_id)
         else:
-            i2t, t2i = logits[rows, rows], logits.t()[rows, rows]
             cand_img, cand_ids, cand_att, cand_iid = image, ids, att, image_id
         # ITM on the first n pairs (all by default; the batch is shuffled, so any n are a random subset).
         # Not negatives: the positive, every identical caption, every pair of the same image (its other captions).
@@ -311,10 +311,9 @@ class PretrainObjective(nn.Module):
         own = image_id[:n, None]
         excluded = same_text(ids[:n], cand_ids) | ((own == cand_iid[None, :]) & (own >= 0))
         excluded_txt = excluded_img = excluded
-        if not_negative is not None:  # and every caption known to be true of the image (for texts, both ways)
-            cand_pid = all_pid if s.global_negatives else pair_id
-            excluded_txt = excluded | self._true_of(image_id[:n], cand_pid)
-            excluded_img = excluded | self._true_of(cand_iid, pair_id[:n]).t()
+        if not_negative is not None:  # and every caption known to be true of the image, sliced as the logits are
+            excluded_txt = excluded | not_negative[rows, cols][:n]
+            excluded_img = excluded | not_negative.t()[rows, cols][:n]
         neg_txt, ok_txt = sample_hard_negatives(i2t[:n], excluded_txt, generator)  # a negative text per image
         neg_img, ok_img = sample_hard_negatives(t2i[:n], excluded_img, generator)  # a negative image per text
         pair_att = torch.cat([att[:n], att[:n], cand_att[neg_txt]])
