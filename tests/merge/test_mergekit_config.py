@@ -230,8 +230,9 @@ def test_cli_outputs_dtype_and_tokenizer(tmp_path: Path, three, capsys: pytest.C
     assert main(["merge", str(cfg), str(tmp_path / "o1")]) == 0
     assert "mergekit config" in capsys.readouterr().out
     out = tmp_path / "o1"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mergekit_config.yml", "model.safetensors",
-                                                     "tokenizer.json", "vocab.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "mergekit_config.yml",
+                                                     "model.safetensors", "tokenizer.json", "vlmerge_merge.json",
+                                                     "vocab.txt"]
     got = load_file(str(out / "model.safetensors"))
     assert got[POOL].dtype == torch.bfloat16 and got[POS].dtype == torch.int64
     assert torch.equal(got[POOL], ((A[POOL] + B[POOL]) / 2).to(torch.bfloat16))
@@ -282,7 +283,8 @@ def test_errors_name_the_key(tmp_path: Path, three, capsys: pytest.CaptureFixtur
         return refused(capsys, ["merge", str(write_cfg(tmp_path / "bad.yaml", cfg)), output], *names)
 
     run({**ok, "foo": 1}, "bad.yaml", "foo", "unknown key", "merge_method")
-    run({**ok, "merge_method": "dare_ties"}, "merge_method", "dare_ties", "linear, task_arithmetic, ties, slerp")
+    run({**ok, "merge_method": "nearswap"}, "merge_method", "nearswap", "linear, task_arithmetic, ties, slerp",
+        "dare_ties", "passthrough")
     run({**ok, "dtype": "float8"}, "dtype", "float32")
     run({**ok, "parameters": {"lamda": 1}}, "parameters.lamda", "unknown parameter", "normalize")
     run({**ok, "models": [{"model": str(a)}, {"model": str(b), "parameters": {"weight": 1}}]},

@@ -6,6 +6,7 @@ vlmerge merge --method regmean --gamma 1.0 --grams grams.safetensors runs/msa ru
 vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup
 vlmerge merge merge.yaml
 vlmerge merge mergekit.yaml OUT_DIR       (a mergekit-style config: see vlmerge.merge.mergekit)
+vlmerge merge mergekit.yaml OUT_DIR --out-shard-size 5GB --missing-keys base --device auto
 """
 
 from __future__ import annotations
@@ -96,12 +97,20 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     return validate(MergeConfig, {k: v for k, v in raw.items() if v is not None}, "merge options")
 
 
+# Flags that only a mergekit config takes (vlmerge's own merges write one model.safetensors on the CPU).
+_MERGEKIT_FLAGS = ("missing_keys", "out_shard_size", "device")
+
+
 def _merge(args: argparse.Namespace) -> int:
     if args.paths and args.paths[0].endswith((".yaml", ".yml")) and args.method is None and not args.inputs:
         from .mergekit import is_mergekit_config, run_mergekit_cli
 
         if is_mergekit_config(read_yaml(args.paths[0])):
             return run_mergekit_cli(args)
+    given = [f"--{f.replace('_', '-')}" for f in _MERGEKIT_FLAGS if getattr(args, f, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for a mergekit config (vlmerge merge CONFIG.yaml OUT_DIR), "
+                         "not for vlmerge's own merges")
     if (
         len(args.paths) == 1
         and args.paths[0].endswith((".yaml", ".yml"))
@@ -196,6 +205,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-grams", help="regmean: also save the Grams collected with --data to this file")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--hash-inputs", action="store_true", help="record full SHA-256 of the inputs (slower)")
+    p.add_argument("--missing-keys", choices=("error", "base"), default=None,
+                   help="mergekit config: a tensor some models lack is an error (default) or taken from the "
+                   "base_model (base)")
+    p.add_argument("--out-shard-size", metavar="SIZE",
+                   help="mergekit config: split the output into model-0000i-of-0000N.safetensors of at most SIZE "
+                   "bytes each (5GB, 500MB, 2GiB, 1000000; mergekit's 5B = 5e9) with model.safetensors.index.json; "
+                   "a larger tensor gets a shard of its own (default: one model.safetensors)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="mergekit config: where each tensor is merged (default cpu; auto: cuda if available)")
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

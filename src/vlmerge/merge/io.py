@@ -5,6 +5,15 @@ stays mapped (and counted in the process's RSS) until the file is closed, so a m
 0.9 GB models peaks at ~2.7 GB even though it holds one slot at a time. :class:`StreamingReader` is a
 :class:`~vlmerge.models.checkpoint.CheckpointReader` (same validation, keys, shapes, dtypes, config) whose
 :meth:`get` copies the tensor's bytes with ``pread`` into fresh memory that is freed with the tensor.
+
+PyTorch pickles (``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, a ``.pt`` / ``.pth``) are
+read by :class:`TorchReader` through ``torch.load(weights_only=True, map_location="cpu")`` only, memory-mapped
+(``mmap=True``) when the file is in torch's zip format: a file that would need full unpickling (anything but
+tensors and plain containers, e.g. a custom class or an ``os.system`` reduce) is refused naming the file and
+nothing of it is executed. :func:`open_weights` picks the reader by what a path holds (safetensors first, as
+``transformers`` does). :class:`ShardedWeightsWriter` writes one ``model.safetensors`` or, with a shard size,
+``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``; :func:`parse_size` reads
+``--out-shard-size``.
 """
 
 from __future__ import annotations
@@ -12,13 +21,29 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import struct
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models.checkpoint import CheckpointError, CheckpointReader
+from ..files import resolve_inside
+from ..models.checkpoint import (
+    _DTYPES,
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointReader,
+    SafetensorsStreamWriter,
+    atomic_write_json,
+    read_json,
+)
 
 _MAX_READ = 1 << 30  # bytes per preadv call (Linux caps one read at ~2 GiB)
 
@@ -72,3 +97,298 @@ class StreamingReader(CheckpointReader):
             os.close(fd)
         self._fds.clear()
         super().close()
+
+
+# ------------------------------------------------------------------------------------------ PyTorch pickles
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+#: Files a training run keeps beside its weights (Hugging Face Trainer and others): never taken for weights.
+NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+#: Wrapper keys unwrapped (repeatedly) when a loaded dict holds exactly one of them, with a dict value.
+WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _load_torch(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle's state dict: ``torch.load(weights_only=True)`` (memory-mapped for the zip format),
+    wrappers unwrapped, every key a string and every value a plain dense tensor of a supported dtype.
+    ``pickle.UnpicklingError`` naming the file when it needs more than ``weights_only``; ``CheckpointError``
+    for anything else wrong, naming the file (and key)."""
+    mmap = zipfile.is_zipfile(file)  # the legacy (pre-1.6) format cannot be memory-mapped
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        raise pickle.UnpicklingError(
+            f"{file}: refused: not loadable with torch.load(weights_only=True) "
+            f"({'; '.join(reason)[:200] or 'unsupported content'}); it holds objects other than tensors, which "
+            "would need full unpickling (running code from the file), and vlmerge never does that (or it is not "
+            "a PyTorch checkpoint); convert it to safetensors with a tool you trust") from None
+    except Exception as e:  # corrupt zip, truncated file, ...
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+    path = []
+    while isinstance(obj, Mapping) and sum(k in obj for k in WRAPPER_KEYS) == 1:
+        k = next(k for k in WRAPPER_KEYS if k in obj)
+        if not isinstance(obj[k], Mapping):
+            break
+        path.append(k)
+        obj = obj[k]
+    where = f"{file}{''.join(f'[{k!r}]' for k in path)}"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got "
+                              f"{type(obj).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{where}: key {k!r} is not a string; expected a state dict of named tensors")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{where}: {k!r} is of type {type(v).__name__}, not a tensor; expected a state dict "
+                                  "of tensors only")
+        if v.layout != torch.strided or v.is_quantized or v.dtype not in _DTYPES:
+            raise CheckpointError(f"{where}: tensor {k!r} is {v.dtype} {str(v.layout).removeprefix('torch.')}"
+                                  f"{' quantized' if v.is_quantized else ''}; expected a dense tensor of "
+                                  f"{', '.join(str(d).removeprefix('torch.') for d in _DTYPES)}")
+        out[k] = v.detach()
+    return out
+
+
+class TorchReader:
+    """The :class:`~vlmerge.models.checkpoint.CheckpointReader` interface (``keys``, ``shape``, ``dtype``,
+    ``get``, ``config``, ``files``, ``close``, a context manager) over PyTorch pickles: a ``.bin`` / ``.pt`` /
+    ``.pth`` file, or a folder with ``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, or one
+    other ``.bin`` / ``.pt`` / ``.pth`` file (training files such as ``optimizer.pt`` are not counted).
+
+    Every file is loaded once, when the reader is opened, by :func:`_load_torch` (``weights_only``; zip-format
+    files memory-mapped, so tensors are read from disk when :meth:`get` copies them; a legacy-format file is
+    held in memory). :meth:`get` returns a fresh copy, never a view of the mapped file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.config: dict[str, Any] = {}
+        if self.path.is_dir() and (self.path / CONFIG_NAME).is_file():
+            self.config = read_json(self.path / CONFIG_NAME)
+        self.files, weight_map = _torch_layout(self.path)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._where: dict[str, Path] = {}
+        for f in self.files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {TORCH_INDEX_NAME} is missing")
+            for k, t in _load_torch(f).items():
+                if k in self._where:
+                    raise CheckpointError(f"{f}: tensor {k!r} also stored in {self._where[k]}")
+                self._tensors[k], self._where[k] = t, f
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if self._where.get(k) != self.path / f:
+                    raise CheckpointError(f"{self.path / TORCH_INDEX_NAME}: {k!r} mapped to {f} but not found there")
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if key not in self._tensors:
+            raise KeyError(f"{self.path}: no tensor named {key!r}")
+        return self._tensors[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensor(key).clone(memory_format=torch.contiguous_format)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.items())
+
+    def close(self) -> None:
+        self._tensors.clear()  # drops the memory maps
+
+    def __enter__(self) -> TorchReader:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _torch_layout(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """(the weight files, in shard order; the index's weight map or None) of a PyTorch checkpoint at
+    ``path``, from the names alone; errors name the file."""
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if (path / TORCH_WEIGHTS_NAME).is_file():
+        return [path / TORCH_WEIGHTS_NAME], None
+    if (path / TORCH_INDEX_NAME).is_file():
+        index = read_json(path / TORCH_INDEX_NAME)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path / TORCH_INDEX_NAME}: expected a 'weight_map' object")
+        weight_map = index["weight_map"]
+        where = f"{path / TORCH_INDEX_NAME} weight_map"
+        for f in weight_map.values():
+            resolve_inside(path, f, where)
+            if not f.endswith(TORCH_SUFFIXES):
+                raise CheckpointError(f"{where}: {f!r} is not a .bin / .pt / .pth file name")
+        return [path / f for f in sorted(set(weight_map.values()))], weight_map
+    found = torch_weight_files(path)
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"{path}: no {WEIGHTS_NAME}, {INDEX_NAME}, {TORCH_WEIGHTS_NAME} or {TORCH_INDEX_NAME}"
+            + (f", and {len(found)} other weight files ({', '.join(f.name for f in found[:4])}): which one?"
+               if found else ", and no .bin / .pt / .pth file"))
+    return found, None
+
+
+def torch_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files :class:`TorchReader` reads for ``path`` (none when it cannot tell)."""
+    try:
+        return _torch_layout(Path(path))[0]
+    except (ValueError, OSError):
+        return []
+
+
+def torch_weight_files(folder: Path) -> list[Path]:
+    """The ``.bin`` / ``.pt`` / ``.pth`` files of a folder that may hold weights (not :data:`NOT_WEIGHTS`)."""
+    return sorted(f for f in folder.iterdir()
+                  if f.suffix in TORCH_SUFFIXES and f.is_file() and not NOT_WEIGHTS.match(f.name))
+
+
+def is_torch_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`open_weights` reads ``path`` with :class:`TorchReader` (no safetensors weights there)."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix in TORCH_SUFFIXES
+    if not p.is_dir() or (p / WEIGHTS_NAME).is_file() or (p / INDEX_NAME).is_file():
+        return False
+    return (p / TORCH_WEIGHTS_NAME).is_file() or (p / TORCH_INDEX_NAME).is_file() or bool(torch_weight_files(p))
+
+
+def open_weights(path: str | os.PathLike[str]) -> StreamingReader | TorchReader:
+    """A reader for a checkpoint folder or file: :class:`StreamingReader` for safetensors (preferred when a
+    folder has both, as ``transformers`` does), else :class:`TorchReader` for PyTorch pickles."""
+    p = Path(path)
+    if is_torch_checkpoint(p):
+        return TorchReader(p)
+    if p.is_dir() and not (p / WEIGHTS_NAME).is_file() and not (p / INDEX_NAME).is_file():
+        raise FileNotFoundError(f"{p}: no weights: no {WEIGHTS_NAME}, {INDEX_NAME}, {TORCH_WEIGHTS_NAME}, "
+                                f"{TORCH_INDEX_NAME} or .pt / .pth file in this directory")
+    return StreamingReader(p)
+
+
+# ------------------------------------------------------------------------------------------ sharded output
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|[kmgtb])?\s*$", re.IGNORECASE)
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str, flag: str = "--out-shard-size") -> int:
+    """Bytes from ``1000000``, ``500MB``, ``5GB``, ``2GiB`` or mergekit's ``5B`` / ``500M`` / ``10K`` (``B``: a
+    billion); ``ValueError`` naming ``flag`` for anything else or a size below 1 byte."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"{flag}: expected a size such as 5GB, 500MB, 2GiB or 1000000 (bytes), got {text!r}")
+    unit = (m.group(2) or "").lower()
+    unit = unit[:-1] if len(unit) > 1 and unit.endswith("b") else unit
+    size = int(float(m.group(1)) * _UNITS.get(unit, 1))
+    if size < 1:
+        raise ValueError(f"{flag}: {text!r} is less than one byte")
+    return size
+
+
+def shard_plan(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int | None) -> list[list[str]]:
+    """Keys (sorted) split greedily into shards of at most ``max_bytes`` bytes, as mergekit does: a tensor
+    starts a new shard when it would take a non-empty shard past the limit, so a tensor larger than the limit
+    is alone in its shard. One shard with every key when ``max_bytes`` is None."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in sorted(specs):
+        dtype, shape = specs[k]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if max_bytes is not None and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+class ShardedWeightsWriter:
+    """Write the weights of ``folder`` tensor by tensor, in one ``model.safetensors`` or, when
+    :func:`shard_plan` with ``max_shard_bytes`` gives several shards, ``model-00001-of-0000N.safetensors`` ...
+    plus ``model.safetensors.index.json`` (``metadata.total_size``: the tensors' bytes; ``weight_map``).
+
+    Same interface as :class:`~vlmerge.models.checkpoint.SafetensorsStreamWriter` (``write(name, tensor)``
+    in any order, a context manager that discards everything on an exception); each shard is renamed into
+    place when closed and the index written last, atomically.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        plan = shard_plan(specs, max_shard_bytes)
+        n = len(plan)
+        self.names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.weight_map = {k: name for name, keys in zip(self.names, plan, strict=True) for k in keys}
+        self.total_size = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in specs.values())
+        self._writers: dict[str, SafetensorsStreamWriter] = {}
+        self._closed: list[str] = []
+        try:
+            for name, keys in zip(self.names, plan, strict=True):
+                w = SafetensorsStreamWriter(self.folder / name, {k: specs[k] for k in keys}, metadata)
+                self._writers[name] = w
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} was not declared")
+        self._writers[self.weight_map[name]].write(name, tensor)
+
+    def close(self) -> None:
+        try:
+            for name, w in self._writers.items():
+                w.close()
+                self._closed.append(name)
+        except BaseException:
+            self.abort()
+            raise
+        if len(self.names) > 1:
+            atomic_write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": self.total_size},
+                                                         "weight_map": dict(sorted(self.weight_map.items()))})
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            w.abort()
+        for name in self._closed:  # shards already renamed into place go too
+            (self.folder / name).unlink(missing_ok=True)
+        self._closed.clear()
+
+    def __enter__(self) -> ShardedWeightsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

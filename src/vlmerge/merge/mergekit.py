@@ -2,7 +2,7 @@
 
 A first slice of mergekit compatibility (our own code, written from mergekit's documented semantics)::
 
-    merge_method: ties                 # linear | task_arithmetic | ties | slerp
+    merge_method: ties                 # any of the methods below (MERGE_METHODS)
     base_model: ./bert-base
     models:
       - model: ./bert-squad
@@ -13,11 +13,35 @@ A first slice of mergekit compatibility (our own code, written from mergekit's d
     dtype: bfloat16                                       # output dtype (compute is always float32)
     tokenizer_source: base                                # or a model path
 
-Inputs are folders with ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
-The output folder gets ``model.safetensors``, ``config.json`` (copied from the base model, else the first
-model), ``mergekit_config.yml`` (the resolved config: absolute paths, output dtype) and the tokenizer files
-(:data:`TOKENIZER_FILES`, whichever exist) of ``tokenizer_source`` (default: the base model, else the first
-model). It is built in a temp folder beside ``OUT_DIR`` and renamed into place.
+Inputs are folders with ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
+or PyTorch pickles (``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, or one ``.bin`` / ``.pt``
+/ ``.pth`` file; safetensors win when a folder has both). Pickles are read only through
+``torch.load(weights_only=True, map_location="cpu")`` (memory-mapped when in torch's zip format) by
+:class:`~.io.TorchReader`: a file that needs full unpickling (any object but tensors and plain containers) is
+refused naming it, and none of it runs; a top-level ``state_dict`` / ``model`` / ``module`` entry is unwrapped
+(repeatedly, while a dict holds exactly one of them); a value that is not a dense tensor is refused naming its
+key. Floating-point inputs of different dtypes are cast to float32 for the arithmetic; the output dtype is
+``out_dtype``, else ``dtype``, else the base (else first) model's. A key some models lack is an error listing
+every difference, unless ``--missing-keys base`` (then it is the base model's tensor, cast; a key the base lacks
+is still an error).
+
+The output folder gets the weights -- one ``model.safetensors``, or with ``--out-shard-size SIZE`` (bytes:
+``5GB``, ``500MB``, ``2GiB``, ``1000000``, mergekit's ``5B``) shards ``model-00001-of-0000N.safetensors`` filled
+in key order (a tensor that would take a shard past SIZE starts the next; one larger than SIZE is alone) with an
+HF ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``); when everything fits in one shard,
+one ``model.safetensors`` -- plus ``config.json`` and ``generation_config.json`` (:data:`MODEL_FILES`, copied
+from the base model, else the first model), the tokenizer, chat-template and processor files
+(:data:`TOKENIZER_FILES`, :data:`PROCESSOR_FILES`, whichever exist) of ``tokenizer_source`` (default: the base
+model, else the first model), ``mergekit_config.yml`` (the resolved config: absolute paths, output dtype),
+``vlmerge_merge.json`` (provenance: method, parameters, every input fingerprinted as vlmerge's own merges do --
+per file its size and safetensors-header SHA-256, or size and mtime for a pickle, the full SHA-256 with
+``--hash-inputs`` -- the options, the vlmerge version and the time) and a ``README.md`` model card (merged with
+vlmerge; method, parameters, inputs, the config). It is built in a temp folder beside ``OUT_DIR`` and renamed
+into place: an error leaves neither ``OUT_DIR`` nor a temp folder.
+
+``--device cpu|cuda|auto`` (default cpu; auto: cuda when available) is where each tensor's arithmetic runs:
+tensors are read on the CPU, moved there, merged and moved back before writing, one at a time as on the CPU;
+``cuda`` without a GPU is an error. On a GPU, sums may round differently from the CPU's in the last bit.
 
 ``slices`` is accepted only as one slice of whole models (every ``layer_range`` is ``[0, L]``), which is the
 same as ``models``; anything else is refused as not supported yet.
@@ -34,11 +58,52 @@ Parameter values (per tensor named ``name`` of layer ``i`` of ``L`` layers, :fun
 
 The layer index of a tensor comes from :data:`LAYER_PATTERN` (``layers.N.``, ``layer.N.``, ``h.N.``,
 ``blocks.N.``); ``L`` is the largest index found in the base (else first) model's names, plus one.
+
+Methods (mergekit 0.1.5's names, parameters, defaults and semantics; "per model" parameters may also be given
+globally as every model's default, "global" ones only under the top-level ``parameters``; unknown names are
+errors; numbers must be finite, ranges are checked naming the key; ``int8_mask`` is accepted and changes
+nothing):
+
+* ``linear``: per model ``weight`` (required); global ``normalize`` (true). ``Σ w_i x_i`` (``/ Σ w_i``) over
+  the models, a ``base_model`` included (as mergekit does, also when it is not listed: then its ``weight`` is
+  the global one).
+* Task vectors (:mod:`vlmerge.merge.taskvector` has the equations): ``task_arithmetic``, ``ties``,
+  ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``; base
+  required. Per model ``weight`` (required), ``density`` (1.0, in [0, 1]), ``gamma`` (breadcrumbs*: 0.01, in
+  [0, 1]), ``epsilon`` (della*: 0.15, ≥ 0, with ``0 < density ± epsilon < 1``); global ``lambda`` (1.0),
+  ``normalize`` / ``rescale`` (per method, :data:`TASK_VECTOR_METHODS`: ties true / false, dare_* false / true,
+  breadcrumbs* false / false, della true / true, della_linear false / true, task_arithmetic false / false),
+  ``int8_mask``. Sparsification: none (task_arithmetic), exact-k magnitude (ties), random keep with
+  probability ``density`` (dare_*), magnitude with outliers dropped (breadcrumbs*), rank-based keep
+  probabilities per row (della*); sign consensus (+ on a zero sum) for ties / dare_ties / breadcrumbs_ties /
+  della; ``rescale`` keeps each sparsified task vector's L1 norm.
+  Random methods: mergekit draws from torch's global RNG (``--random-seed``), whose bits cannot be matched;
+  here input ``i`` (0-based among the merged models) of tensor ``NAME`` draws ``torch.rand`` from
+  ``torch.Generator().manual_seed(tensor_seed(random_seed, "NAME#i"))`` (:func:`~.taskvector.input_generator`),
+  with the global ``random_seed`` (a vlmerge addition, an integer ≥ 0, default 0; mergekit ignores it): the
+  same config gives the same bits, whatever the order tensors are visited.
+* ``slerp``: global ``t`` (required); two models, the base one of them (:func:`merge_slerp`).
+* ``nuslerp``: per model ``weight`` (required); global ``nuslerp_flatten`` (true), ``nuslerp_row_wise``
+  (false); exactly two models besides an optional base (:func:`merge_nuslerp`).
+* ``multislerp``: per model ``weight`` (required); global ``normalize_weights`` (true), ``eps`` (1e-8, ≥ 0);
+  one or more models, optional base (:func:`merge_multislerp`).
+* ``karcher``: global ``max_iter`` (10, an integer ≥ 0), ``tol`` (1e-5, ≥ 0); every model with equal weights,
+  the base model included as one more input (:func:`merge_karcher`).
+* ``model_stock``: global ``filter_wise`` (false); base and at least two models (:func:`merge_model_stock`).
+* ``sce``: global ``select_topk`` (1.0, in [0, 1]), ``int8_mask``; base and one or more models
+  (:func:`merge_sce`).
+* ``passthrough``: per model ``scale`` (none: no scaling); exactly one model, the base model counting as one:
+  its tensors, times ``scale``.
+
+Inputs are cast to float32 for every method (mergekit computes in the inputs' promoted dtype), so results
+agree with mergekit's to float32 rounding. Equal magnitudes (ties' and breadcrumbs' cuts, DELLA's ranks) and
+equal variances (sce's top-k) are ordered by flat index; mergekit leaves that order to torch's unstable sort.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import re
@@ -46,6 +111,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,16 +120,32 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .. import __version__
 from ..config import read_yaml, validate
 from ..files import guard_output_dir, make_temp_dir
-from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, SafetensorsStreamWriter
+from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .base import is_finite
-from .io import StreamingReader
-from .streaming import _listing, _publish  # the same listing and rename-into-place as vlmerge's merges
+from .io import ShardedWeightsWriter, StreamingReader, TorchReader, open_weights, parse_size
+from .streaming import _listing, _publish, fingerprint  # as vlmerge's merges list, publish and fingerprint
+from .taskvector import Consensus, Sparsification, TaskVectorSettings, input_generator, merge_task_vectors
 
 PathLike = str | os.PathLike[str]
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "slerp")
+#: Task-vector methods (:mod:`vlmerge.merge.taskvector`): name -> (sparsification, consensus, default
+#: ``normalize``, default ``rescale``), mergekit's table.
+TASK_VECTOR_METHODS: dict[str, tuple[Sparsification, Consensus, bool, bool]] = {
+    "task_arithmetic": ("none", "none", False, False),
+    "ties": ("magnitude", "sign", True, False),
+    "dare_linear": ("random", "none", False, True),
+    "dare_ties": ("random", "sign", False, True),
+    "breadcrumbs": ("magnitude_outliers", "none", False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", "sign", False, False),
+    "della": ("della", "sign", True, True),
+    "della_linear": ("della", "none", False, True),
+}
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "slerp", "dare_linear", "dare_ties", "breadcrumbs",
+                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp", "karcher",
+                 "sce", "passthrough")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
@@ -78,18 +160,51 @@ SLERP_EPS = 1e-8
 
 # method -> (per-model parameters, global-only parameters); a per-model parameter may also be given globally
 # as the default for every model.
+_TV_MODEL = ("weight", "density")
+_TV_GLOBAL = ("normalize", "lambda", "rescale", "int8_mask")
 _PARAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("weight",), ("normalize",)),
-    "task_arithmetic": (("weight",), ("normalize", "lambda")),
-    "ties": (("weight", "density"), ("normalize", "lambda", "int8_mask")),
+    **{m: (_TV_MODEL + {"magnitude_outliers": ("gamma",), "della": ("epsilon",)}.get(sp, ()),
+           _TV_GLOBAL + (("random_seed",) if sp in ("random", "della") else ()))
+       for m, (sp, _, _, _) in TASK_VECTOR_METHODS.items()},
     "slerp": ((), ("t",)),
+    "model_stock": ((), ("filter_wise",)),
+    "nuslerp": (("weight",), ("nuslerp_row_wise", "nuslerp_flatten")),
+    "multislerp": (("weight",), ("normalize_weights", "eps")),
+    "karcher": ((), ("max_iter", "tol")),
+    "sce": ((), ("int8_mask", "select_topk")),
+    "passthrough": (("scale",), ()),
 }
-_BOOL_PARAMS = ("normalize", "int8_mask")  # int8_mask: mergekit's memory saving; accepted, no effect here
+# int8_mask: mergekit's memory saving; accepted, no effect here (the masks are exact either way)
+_BOOL_PARAMS = ("normalize", "int8_mask", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
+                "normalize_weights")
+_INT_PARAMS = ("max_iter", "random_seed")
+_PLAIN_PARAMS = ("random_seed",)  # a plain number: no gradient or filter list
+#: Allowed ranges (inclusive; None: unbounded), checked on every number a config gives.
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "density": (0.0, 1.0), "gamma": (0.0, 1.0), "select_topk": (0.0, 1.0), "epsilon": (0.0, None),
+    "eps": (0.0, None), "tol": (0.0, None), "max_iter": (0, None), "random_seed": (0, 2**63 - 1),
+}
+_OPTIONAL_PARAMS = ("scale",)  # no value: not applied
+#: (min, max) merged inputs (:meth:`MergekitConfig.model_paths`); None: no maximum.
+_COUNTS: dict[str, tuple[int, int | None]] = {
+    "linear": (2, None), **{m: (1, None) for m in TASK_VECTOR_METHODS}, "model_stock": (2, None),
+    "nuslerp": (2, 2), "multislerp": (1, None), "karcher": (1, None), "sce": (1, None), "passthrough": (1, 1),
+}
+#: The base model is one more input (appended when it is not listed), as in mergekit's planner.
+_BASE_AS_INPUT = ("linear", "karcher", "passthrough")
+_BASE_REQUIRED = (*TASK_VECTOR_METHODS, "slerp", "model_stock", "sce")
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "lambda": 1.0},
-    "ties": {"normalize": True, "lambda": 1.0, "density": 1.0, "int8_mask": False},
+    **{m: {"normalize": norm, "rescale": resc, "lambda": 1.0, "density": 1.0, "int8_mask": False, "gamma": 0.01,
+           "epsilon": 0.15, "random_seed": 0} for m, (_, _, norm, resc) in TASK_VECTOR_METHODS.items()},
     "slerp": {},
+    "model_stock": {"filter_wise": False},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "sce": {"int8_mask": False, "select_topk": 1.0},
+    "passthrough": {},
 }
 
 
@@ -145,8 +260,33 @@ def _check_params(params: Mapping[str, Any], method: str, where: str, per_model:
         if k in _BOOL_PARAMS:
             if not isinstance(v, bool):
                 raise ValueError(f"{where}.{k}: expected true or false, got {v!r}")
+        elif k in _PLAIN_PARAMS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}.{k}: expected a number (not a gradient or filter list), got {v!r}")
         else:
             _check_value(v, f"{where}.{k}")
+            for at, x in _leaves(v, f"{where}.{k}"):
+                _check_range(k, x, at)
+
+
+def _leaves(v: Any, where: str) -> list[tuple[str, float]]:
+    """Every number of a checked parameter value, with its key (``parameters.density[1]``, ``...[0].value``)."""
+    if isinstance(v, (int, float)):
+        return [(where, v)]
+    if v and isinstance(v[0], Mapping):
+        return [leaf for i, e in enumerate(v) for leaf in _leaves(e["value"], f"{where}[{i}].value")]
+    return [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+
+
+def _check_range(name: str, x: float, where: str) -> None:
+    """``ValueError`` naming ``where`` when ``x`` lies outside :data:`_RANGES` or an integer parameter's ``x`` is
+    not a whole number."""
+    if name in _INT_PARAMS and x != int(x):
+        raise ValueError(f"{where}: {name}={x!r} is not a whole number; expected an integer")
+    if name in _RANGES:
+        lo, hi = _RANGES[name]
+        if x < lo or (hi is not None and x > hi):
+            want = f"a value in [{lo:g}, {hi:g}]" if hi is not None else f"a value ≥ {lo:g}"
+            raise ValueError(f"{where}: {name}={x!r} is out of range; expected {want}")
 
 
 class ModelEntry(BaseModel):
@@ -217,16 +357,24 @@ class MergekitConfig(BaseModel):
         for i, e in enumerate(self.entries()):
             where = f"{'models' if self.models is not None else 'slices[0].sources'}[{i}].parameters"
             _check_params(e.parameters, m, where, per_model=True)
-        if m in ("task_arithmetic", "ties") and self.base_model is None:
-            raise ValueError(f"base_model: required for merge_method {m} (the task vectors are x_i - base)")
+        if m in _BASE_REQUIRED and m != "slerp" and self.base_model is None:
+            why = "the task vectors are x_i - base" if m != "model_stock" else "the offsets are x_i - base"
+            raise ValueError(f"base_model: required for merge_method {m} ({why})")
         if m == "slerp":
             paths = {_key(e.model) for e in self.entries()} | ({_key(self.base_model)} if self.base_model else set())
             if len(paths) != 2 or self.base_model is None:
                 raise ValueError("slerp: merges exactly two models, and base_model must be one of them (t=0 gives "
                                  f"the base); got {len(paths)} distinct models"
                                  f"{'' if self.base_model else ' and no base_model'}")
-        elif len(self.model_paths()) < (1 if m in ("task_arithmetic", "ties") else 2):
-            raise ValueError(f"models: {m} needs at least {1 if m != 'linear' else 2} models besides the base")
+        else:
+            lo, hi = _COUNTS[m]
+            got = len(self.model_paths())
+            if got < lo or (hi is not None and got > hi):
+                want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+                noun = "model" if hi == 1 else "models"
+                what = (f"{noun} (the base_model counts as one)" if m in _BASE_AS_INPUT else
+                        noun if self.base_model is None else f"{noun} besides the base")
+                raise ValueError(f"models: {m} needs {want} {what}; got {got}")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: 'union' is not supported yet; give 'base' or a model path")
         if self.tokenizer_source == "base" and self.base_model is None:
@@ -241,11 +389,15 @@ class MergekitConfig(BaseModel):
         return list(self.slices[0].sources)
 
     def model_paths(self) -> list[Path]:
-        """The merged models: the listed ones, less the base model for task_arithmetic / ties (its task
-        vector is zero; mergekit leaves it out too) and for slerp (the base is the t=0 end)."""
+        """The merged models: for linear / karcher / passthrough the listed ones and the base model, appended
+        when it is not listed (mergekit's planner adds it as one more input); else the listed ones less the
+        base model (task vectors: its task vector is zero, mergekit leaves it out too; slerp: the base is the
+        t=0 end; nuslerp / multislerp: the origin)."""
         base = _key(self.base_model) if self.base_model is not None else None
-        if self.merge_method == "linear":
-            return [e.model for e in self.entries()]
+        if self.merge_method in _BASE_AS_INPUT:
+            listed = [e.model for e in self.entries()]
+            return listed + ([self.base_model] if self.base_model is not None and
+                             base not in {_key(p) for p in listed} else [])
         return [e.model for e in self.entries() if _key(e.model) != base]
 
     def output_dtype(self) -> torch.dtype | None:
@@ -304,51 +456,166 @@ def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool
     return out
 
 
-def merge_task_arithmetic(
-    base: torch.Tensor, xs: Sequence[torch.Tensor], w: Sequence[float], lam: float, normalize: bool
-) -> torch.Tensor:
-    """``τ_i = x_i − b``; ``out = b + λ Σ_i w_i τ_i`` (divided by ``Σ_i w_i`` when ``normalize``)."""
-    s = sum((wi * (x - base) for wi, x in zip(w, xs, strict=True)), torch.zeros_like(base))
-    if normalize:
-        total = sum(w)
-        if total == 0:
-            raise ValueError("task_arithmetic: the weights sum to 0; with normalize: true they must not")
-        s = s / total
-    return base + lam * s
+def merge_model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024), mergekit's ``model_stock``; ``base`` and ``k ≥ 2`` inputs of one shape.
+
+    Vectors ``v``: the whole flattened tensor, or with ``filter_wise`` each row along the last axis (a 1-D
+    tensor is one row). Per vector: offsets ``δ_i = x_i − b``; ``c`` = the mean over pairs ``i < j`` of
+    ``clamp(δ_i·δ_j / max(‖δ_i‖ ‖δ_j‖, 1e-6), −1, 1)``; ``t = k c / (1 + (k − 1) c)`` (``t = 0``, the base,
+    where ``|1 + (k − 1) c| < 1e-6``); ``out = t · mean_i x_i + (1 − t) · b``.
+    """
+    k = len(xs)
+    rows = base if filter_wise and base.dim() > 1 else base.reshape(1, -1)  # vectors along the last axis
+    v = torch.stack([x.reshape(rows.shape) for x in xs])  # [k, ..., D]
+    off = v - rows
+    norms = off.norm(dim=-1)  # [k, ...]
+    i, j = torch.triu_indices(k, k, offset=1, device=base.device)
+    cos = ((off[i] * off[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+    c = cos.mean(0).unsqueeze(-1)  # [..., 1]
+    den = 1 + (k - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, 0.0, k * c / torch.where(singular, 1.0, den))
+    return (t * (v.sum(0) / k) + (1 - t) * rows).reshape(base.shape)
 
 
-def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """``τ`` with all but its ``k = int(density · numel)`` largest-|τ| entries zeroed: exactly ``k`` kept, equal
-    magnitudes taken in flat-index order (a stable descending sort of ``|τ|``)."""
-    flat = tau.reshape(-1)
-    k = int(density * flat.numel())
-    if k >= flat.numel():
-        return tau
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(flat.abs(), descending=True, stable=True).indices
-        keep[order[:k]] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(tau.shape)
+def _slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Slerp of each vector along the last axis of ``a`` / ``b`` (``[..., D]``): directions ``a / max(‖a‖,
+    1e-7)``; ``cos θ`` clamped to [−1, 1]; ``(1 − t) a + t b`` where ``1 − cos² θ ≤ 1e-16`` (colinear), else
+    ``(sin((1 − t) θ) a + sin(t θ) b) / sin θ``."""
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    lin = 1 - cos * cos <= 1e-16
+    theta = torch.acos(torch.where(lin, 0.0, cos))
+    sph = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return torch.where(lin, (1 - t) * a + t * b, sph)
 
 
-def merge_ties(
-    base: torch.Tensor, xs: Sequence[torch.Tensor], w: Sequence[float], density: Sequence[float], lam: float,
-    normalize: bool,
-) -> torch.Tensor:
-    """TIES: ``τ̂_i = trim_top_k(x_i − b, density_i)``; ``d_i = w_i τ̂_i``; elected sign ``s = sign(Σ_i d_i)`` (+1
-    where the sum is exactly 0); ``mask_i = sign(d_i) == s`` (a trimmed entry, d_i = 0, never agrees);
-    ``merged = Σ_i d_i mask_i / Σ_i w_i mask_i`` (``normalize``; 0 where the divisor is 0) or ``Σ_i d_i mask_i``;
-    ``out = b + λ · merged``. Tensors ``[...]`` float32, all of one shape."""
-    d = torch.stack([wi * trim_top_k(x - base, di) for wi, x, di in zip(w, xs, density, strict=True)])  # [N, ...]
-    elected = torch.where(d.sum(0) >= 0, 1.0, -1.0)
-    mask = torch.sign(d) == elected
-    merged = (d * mask).sum(0)
-    if normalize:
-        wt = torch.tensor(list(w), dtype=d.dtype).reshape(-1, *([1] * base.dim()))
-        div = (wt * mask).sum(0)
-        merged = torch.where(div != 0, merged / torch.where(div != 0, div, torch.ones_like(div)),
-                             torch.zeros_like(merged))
-    return base + lam * merged
+def merge_nuslerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: Sequence[float], row_wise: bool,
+                  flatten: bool) -> torch.Tensor:
+    """mergekit's ``nuslerp``: two inputs ``x_0``, ``x_1`` (and an optional base ``b``) of one shape.
+
+    ``t = w_1 / (w_0 + w_1)`` (``0.5`` when ``|w_0 + w_1| < 1e-6``); ``v_i = x_i − b`` with a base, else ``x_i``;
+    :func:`_slerp_vectors` of ``t`` over vectors: the whole flattened tensor (``nuslerp_flatten``, the
+    default), else the slices along the first axis (``nuslerp_row_wise``: ``x[:, j, ...]``) or, by default,
+    along the last axis (the rows ``x[i, :]`` of a matrix); ``out = b + slerp`` (or the slerp).
+    """
+    total = w[0] + w[1]
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    v0, v1 = (xs[0] - base, xs[1] - base) if base is not None else (xs[0], xs[1])
+    if flatten:
+        out = _slerp_vectors(t, v0.reshape(-1), v1.reshape(-1)).reshape(v0.shape)
+    elif row_wise and v0.dim() > 1:
+        out = _slerp_vectors(t, v0.movedim(0, -1), v1.movedim(0, -1)).movedim(-1, 0)
+    else:
+        out = _slerp_vectors(t, v0, v1)
+    return out if base is None else base + out
+
+
+def merge_multislerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: Sequence[float],
+                     normalize_weights: bool, eps: float) -> torch.Tensor:
+    """mergekit's ``multislerp`` (barycentric interpolation on the hypersphere), ``N ≥ 1`` inputs.
+
+    One input: itself. Else, on the flattened ``v_i = x_i − b`` (or ``x_i`` without a base): weights ``ŵ =
+    w / Σ w`` (``normalize_weights``) or ``w``; ``u_i = v_i / (‖v_i‖ + eps)``; ``μ = Σ ŵ_i u_i``; when ``‖μ‖
+    < eps``: two inputs fall back to ``ŵ_0 v_0 + ŵ_1 v_1``, more are an error. Else ``μ ← μ / ‖μ‖``, tangents
+    ``g_i = u_i − (u_i·μ) μ``, ``g = Σ ŵ_i g_i``, ``θ = ‖g‖ + eps``, ``r = cos θ · μ + sin θ / θ · g``;
+    ``out = b + (Σ ŵ_i ‖v_i‖) r``.
+    """
+    if len(xs) == 1:
+        return xs[0]
+    v = torch.stack([(x - base if base is not None else x).reshape(-1) for x in xs])  # [N, D]
+    ww = torch.tensor(list(w), dtype=v.dtype, device=v.device)
+    if normalize_weights:
+        if float(ww.sum()) == 0:
+            raise ValueError("multislerp: the weights sum to 0; with normalize_weights: true they must not")
+        ww = ww / ww.sum()
+    norms = v.norm(dim=1)
+    u = v / (norms[:, None] + eps)
+    mu = (ww[:, None] * u).sum(0)
+    mu_norm = mu.norm()
+    if mu_norm < eps:
+        if len(xs) != 2:
+            raise ValueError("multislerp: the weighted mean of the directions is zero (antipodal inputs whose "
+                             "weights balance out); change the weights")
+        out = ww[0] * v[0] + ww[1] * v[1]
+    else:
+        mu = mu / mu_norm
+        g = (ww[:, None] * (u - (u @ mu)[:, None] * mu)).sum(0)
+        theta = g.norm() + eps
+        out = (torch.cos(theta) * mu + torch.sin(theta) / theta * g) * (ww * norms).sum()
+    out = out.reshape(xs[0].shape)
+    return out if base is None else base + out
+
+
+def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's ``karcher``: the Karcher (Riemannian) mean of the directions, scaled by the mean norm.
+
+    ``N`` inputs, weights ``α = 1/N``; ``n_i = ‖x_i‖``, ``u_i = x_i / n_i`` (flattened). The inputs with
+    ``n_i > tol`` are used, their weights renormalised (``α'``); none: 0. Start: ``μ = Σ α'_i u_i / ‖·‖``
+    (``u`` of the first used input when that norm is below ``tol``). Up to ``max_iter`` times: ``θ_i =
+    arccos(clamp(μ·u_i, −1, 1))``; ``g = Σ_{θ_i ≥ tol} α'_i θ_i / sin θ_i (u_i − (μ·u_i) μ)``; stop when ``‖g‖ <
+    tol``, else ``μ ← cos‖g‖ μ + sin‖g‖ g / ‖g‖``, renormalised when its norm exceeds ``tol``.
+    ``out = (Σ_i α_i n_i) μ``. One input: itself.
+    """
+    if len(xs) == 1:
+        return xs[0]
+    n = len(xs)
+    flat = [x.reshape(-1) for x in xs]
+    norms = [float(f.norm()) for f in flat]
+    used = [(f / nrm, 1.0 / n) for f, nrm in zip(flat, norms, strict=True) if nrm > tol]
+    if not used:
+        return torch.zeros_like(xs[0])
+    a_sum = sum(a for _, a in used)
+    units = [u for u, _ in used]
+    alphas = [a / a_sum for _, a in used]
+    mu = sum((a * u for a, u in zip(alphas, units, strict=True)), torch.zeros_like(flat[0]))
+    mu_norm = float(mu.norm())
+    mu = units[0].clone() if mu_norm < tol else mu / mu_norm
+    for _ in range(max_iter):
+        g = torch.zeros_like(mu)
+        for a, u in zip(alphas, units, strict=True):
+            dot = float(torch.dot(mu, u).clamp(-1.0, 1.0))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            g += a * (theta / math.sin(theta)) * (u - dot * mu)
+        g_norm = float(g.norm())
+        if g_norm < tol:
+            break
+        mu = math.cos(g_norm) * mu + math.sin(g_norm) * (g / g_norm)
+        m_norm = float(mu.norm())
+        if m_norm > tol:
+            mu = mu / m_norm
+    return (sum(norms) / n * mu).reshape(xs[0].shape)
+
+
+def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE (Select, Calculate, Erase; FuseChat 2), mergekit's ``sce``: ``base`` and ``N ≥ 1`` inputs.
+
+    ``τ_i = x_i − b``. **Select** (``select_topk = s < 1``): ``σ²`` = the population variance of the ``τ_i``
+    over the inputs, entrywise; ``k = ⌊nnz(σ²) · s⌋`` (computed in float32); only the ``k`` entries of largest
+    ``σ²`` (equal variances in flat index order) are kept in every ``τ_i`` (``s ≤ 0`` or ``k = 0``: none).
+    **Calculate**: ``ω_i = mean(τ_i²) / Σ_j mean(τ_j²)`` (``1/N`` when that sum is below 1e-6). **Erase**: ``m_i
+    = [sign(τ_i) = s]`` with ``s = +1`` where ``Σ_i τ_i ≥ 0`` else ``−1``. ``out = b + Σ_i ω_i m_i τ_i /
+    max(Σ_i ω_i m_i, 1e-6)``.
+    """
+    taus = torch.stack([x - base for x in xs])  # [N, ...]
+    if select_topk < 1:
+        keep = torch.zeros(base.numel(), dtype=torch.bool, device=base.device)
+        if select_topk > 0:
+            var = taus.var(dim=0, unbiased=False).reshape(-1)
+            k = int(torch.count_nonzero(var) * select_topk)  # as mergekit: an int64 tensor times a float
+            if k > 0:
+                keep[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+        taus = taus * keep.reshape(base.shape)
+    ms = taus.square().reshape(len(xs), -1).mean(1)  # [N]
+    total = float(ms.sum())
+    omega = torch.full_like(ms, 1.0 / len(xs)) if abs(total) < 1e-6 else ms / total
+    omega = omega.reshape(-1, *([1] * base.dim()))
+    elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    wm = omega * (torch.sign(taus) == elected)
+    return base + (taus * wm).sum(0) / wm.sum(0).clamp(min=1e-6)
 
 
 def merge_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -375,7 +642,7 @@ def merge_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 class _Input:
     where: str  # the config key that names it, for errors
     path: Path
-    reader: StreamingReader
+    reader: StreamingReader | TorchReader
     params: dict[str, Any]
 
 
@@ -384,14 +651,21 @@ def _n_layers(names: Sequence[str]) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _check_keys(inputs: Sequence[_Input]) -> list[str]:
-    """Keys of the first input; ``ValueError`` listing every key, shape or dtype that differs."""
+def _check_keys(inputs: Sequence[_Input], missing_keys: str = "error") -> tuple[list[str], set[str]]:
+    """(keys of the first input, keys to take from it alone); ``ValueError`` listing every key, shape or
+    dtype that differs. With ``missing_keys="base"`` (the first input is the base model) a base key that some
+    other model lacks is taken from the base rather than an error; a key the base lacks is still one."""
     ref = inputs[0]
     keys = ref.reader.keys()
     diffs: list[str] = []
+    from_base: set[str] = set()
     for inp in inputs[1:]:
         rk = set(inp.reader.keys())
-        diffs += [f"{k} (missing in {inp.path})" for k in keys if k not in rk]
+        absent = [k for k in keys if k not in rk]
+        if missing_keys == "base":
+            from_base.update(absent)
+        else:
+            diffs += [f"{k} (missing in {inp.path})" for k in absent]
         diffs += [f"{k} (only in {inp.path})" for k in sorted(rk - set(keys))]
         for k in (k for k in keys if k in rk):
             a, b = inp.reader.dtype(k), ref.reader.dtype(k)
@@ -400,13 +674,17 @@ def _check_keys(inputs: Sequence[_Input]) -> list[str]:
                 diffs.append(f"{k} ({inp.path}: {inp.reader.dtype(k)} {list(inp.reader.shape(k))} vs "
                              f"{ref.path}: {ref.reader.dtype(k)} {list(ref.reader.shape(k))})")
     if diffs:
-        raise ValueError(f"the models differ in {len(diffs)} keys: {_listing(diffs)}")
-    return keys
+        hint = " (--missing-keys base takes the keys a model lacks from the base model)" if any(
+            "(missing in " in d for d in diffs) else ""
+        raise ValueError(f"the models differ in {len(diffs)} keys: {_listing(diffs)}{hint}")
+    return keys, from_base
 
 
 def _param(cfg: MergekitConfig, inp: _Input | None, name: str, key: str, layer: int | None, n: int) -> Any:
     """Per-model value (overrides the global one), else global, else the method default; ``ValueError`` when a
-    required parameter (``weight``, slerp's ``t``) has no value for ``key``."""
+    required parameter (``weight``, slerp's ``t``) has no value for ``key``, or a value resolved for ``key``
+    (a gradient's interpolation) is out of range or not a whole number. None for an optional parameter
+    (passthrough's ``scale``) without a value."""
     value = None
     if inp is not None and name in inp.params:
         value = resolve_param(inp.params[name], key, layer, n)
@@ -414,32 +692,72 @@ def _param(cfg: MergekitConfig, inp: _Input | None, name: str, key: str, layer: 
         value = resolve_param(cfg.parameters[name], key, layer, n)
     if value is None:
         value = _DEFAULTS[cfg.merge_method].get(name)
+    owner = f"{inp.where}.parameters" if inp is not None else "parameters"
     if value is None:
-        owner = f"{inp.where}.parameters" if inp is not None else "parameters"
+        if name in _OPTIONAL_PARAMS:
+            return None
         raise ValueError(f"{owner}: {cfg.merge_method} needs {name!r} (no value for tensor {key!r}); give it per "
                          "model or under the top-level 'parameters'")
-    if name == "density" and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{inp.where if inp else 'parameters'}: density={value} for tensor {key!r}; expected a "
-                         "value in [0, 1]")
+    if name not in _BOOL_PARAMS:
+        _check_range(name, value, f"{owner}.{name} (tensor {key!r})")
+        if name in _INT_PARAMS:
+            value = int(value)
     return value
 
 
 def _merge_tensor(cfg: MergekitConfig, key: str, layer: int | None, n: int, base: torch.Tensor | None,
                   inputs: Sequence[_Input], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Merge tensor ``key`` (layer ``layer`` of ``n``): ``xs`` are the merged inputs' tensors (float32, in the
+    order of ``inputs``: :meth:`MergekitConfig.model_paths`), ``base`` the base model's (None without one)."""
     m = cfg.merge_method
+
+    def par(name: str, inp: _Input | None = None) -> Any:
+        return _param(cfg, inp, name, key, layer, n)
+
     if m == "slerp":
         assert base is not None
-        return merge_slerp(base, xs[0], float(_param(cfg, None, "t", key, layer, n)))
-    w = [float(_param(cfg, inp, "weight", key, layer, n)) for inp in inputs]
-    normalize = bool(_param(cfg, None, "normalize", key, layer, n))
+        return merge_slerp(base, xs[0], float(par("t")))
+    if m == "passthrough":
+        scale = par("scale", inputs[0])
+        return xs[0] if scale is None else xs[0] * float(scale)
+    if m == "karcher":
+        return merge_karcher(xs, par("max_iter"), float(par("tol")))
+    if m == "model_stock":
+        assert base is not None
+        return merge_model_stock(base, xs, bool(par("filter_wise")))
+    if m == "sce":
+        assert base is not None
+        return merge_sce(base, xs, float(par("select_topk")))
+    w = [float(par("weight", inp)) for inp in inputs]
     if m == "linear":
-        return merge_linear(xs, w, normalize)
+        return merge_linear(xs, w, bool(par("normalize")))
+    if m == "nuslerp":
+        return merge_nuslerp(base, xs, w, bool(par("nuslerp_row_wise")), bool(par("nuslerp_flatten")))
+    if m == "multislerp":
+        try:
+            return merge_multislerp(base, xs, w, bool(par("normalize_weights")), float(par("eps")))
+        except ValueError as e:
+            raise ValueError(f"tensor {key!r}: {e}") from None
     assert base is not None
-    lam = float(_param(cfg, None, "lambda", key, layer, n))
-    if m == "task_arithmetic":
-        return merge_task_arithmetic(base, xs, w, lam, normalize)
-    dens = [float(_param(cfg, inp, "density", key, layer, n)) for inp in inputs]
-    return merge_ties(base, xs, w, dens, lam, normalize)
+    kind, consensus, _, _ = TASK_VECTOR_METHODS[m]
+    settings = TaskVectorSettings(sparsify=kind, consensus=consensus, normalize=bool(par("normalize")),
+                                  rescale=bool(par("rescale")), lam=float(par("lambda")))
+    dens = [float(par("density", inp)) for inp in inputs]
+    gamma = [float(par("gamma", inp)) for inp in inputs] if kind == "magnitude_outliers" else None
+    eps = [float(par("epsilon", inp)) for inp in inputs] if kind == "della" else None
+    gens = [input_generator(par("random_seed"), key, i) for i in range(len(inputs))] \
+        if kind in ("random", "della") else None
+    if kind == "della":
+        for inp, d, e in zip(inputs, dens, eps or [], strict=True):
+            if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+                raise ValueError(f"{inp.where}.parameters: {m} needs 0 < density - epsilon and density + epsilon "
+                                 f"< 1; got density={d:g}, epsilon={e:g} for tensor {key!r}")
+        row = base.shape[1] if base.dim() >= 2 else base.numel()
+        if row < 2 and any(0 < d < 1 for d in dens):
+            raise ValueError(f"{m}: tensor {key!r} of shape {list(base.shape)} has rows of {row} entry along dim "
+                             "1; DELLA's rank normalisation needs at least 2 (mergekit fails there too); give it "
+                             "density 1 with a filter")
+    return merge_task_vectors(base, xs, w, settings, density=dens, gamma=gamma, epsilon=eps, generators=gens)
 
 
 def _resolved_config(cfg: MergekitConfig) -> dict[str, Any]:
@@ -459,13 +777,50 @@ def _resolved_config(cfg: MergekitConfig) -> dict[str, Any]:
     return out
 
 
-def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False, source: Any = "config") -> Path:
+MISSING_KEYS = ("error", "base")
+DEVICES = ("cpu", "cuda", "auto")
+#: Copied, when they exist, from the model the output's ``config.json`` comes from (the base, else the first).
+MODEL_FILES = (CONFIG_NAME, "generation_config.json")
+#: Copied, when they exist, from ``tokenizer_source`` with :data:`TOKENIZER_FILES` (a VLM's image processor).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+RECORD_OUT = "vlmerge_merge.json"
+CARD_OUT = "README.md"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (``ValueError`` naming ``--device`` when no GPU is usable) or ``auto`` (cuda if
+    available, else cpu)."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to this process (torch.cuda.is_available() is "
+                         "False); use --device cpu or --device auto")
+    return torch.device(device)
+
+
+def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False, source: Any = "config", *,
+                 missing_keys: str = "error", out_shard_size: int | None = None, device: str = "cpu",
+                 hash_inputs: bool = False) -> Path:
     """Run a mergekit config into ``out_dir`` (see the module docstring); returns the output folder.
 
-    Everything that can be checked from the headers (paths, keys, shapes, slices, parameters' structure) is
-    checked before the output is opened; NaN / Inf inputs are refused naming the file and key, and a
-    non-finite result (overflow, also in the cast to the output dtype) naming the tensor.
+    ``missing_keys``: ``"error"``, or ``"base"`` (a tensor some model lacks is the base model's);
+    ``out_shard_size``: bytes per output shard (None: one ``model.safetensors``); ``device``: where each
+    tensor's arithmetic runs (``cpu``, ``cuda``, ``auto``); ``hash_inputs``: SHA-256 of every input file in
+    the provenance record.
+
+    Everything that can be checked from the headers (paths, keys, shapes, slices, parameters' structure,
+    the options) is checked before the output is opened; NaN / Inf inputs are refused naming the file and key,
+    and a non-finite result (overflow, also in the cast to the output dtype) naming the tensor.
     """
+    if missing_keys not in MISSING_KEYS:
+        raise ValueError(f"--missing-keys {missing_keys!r}: expected one of {', '.join(MISSING_KEYS)}")
+    if missing_keys == "base" and cfg.base_model is None:
+        raise ValueError(f"--missing-keys base: {source} has no base_model to take the missing tensors from")
+    if out_shard_size is not None and out_shard_size < 1:
+        raise ValueError(f"--out-shard-size: {out_shard_size} bytes; expected at least 1")
+    dev = resolve_device(device)
     entries = cfg.entries()
     list_key = "models" if cfg.models is not None else "slices[0].sources"
     named = [(f"{list_key}[{i}]", e.model) for i, e in enumerate(entries)]
@@ -482,26 +837,31 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     out = guard_output_dir(out_dir, [p for _, p in named], overwrite, flag="output", clean_stale=True)
     base_key = _key(cfg.base_model)
     with ExitStack() as stack:
-        readers: dict[Path, StreamingReader] = {}
+        readers: dict[Path, StreamingReader | TorchReader] = {}
 
-        def reader(p: Path) -> StreamingReader:
+        def reader(p: Path) -> StreamingReader | TorchReader:
             k = _key(p)
             assert k is not None
             if k not in readers:
-                readers[k] = stack.enter_context(StreamingReader(p))
+                readers[k] = stack.enter_context(open_weights(p))  # safetensors, or weights_only pickles
             return readers[k]
 
         all_inputs = [_Input(w, Path(p), reader(p), dict(getattr(e, "parameters", {}) or {}))
                       for (w, p), e in zip(named, [*entries, None], strict=False) if w != "tokenizer_source"]
         base = next((i for i in all_inputs if i.where == "base_model"), None)
-        merged = [i for i in all_inputs if i.where != "base_model"
-                  and (cfg.merge_method == "linear" or _key(i.path) != base_key)]
+        listed = [i for i in all_inputs if i.where != "base_model"]
+        merged: list[_Input] = []
+        for p in cfg.model_paths():  # the config's merged models, in order; a base not listed is the base input
+            match = next((i for i in listed if _key(i.path) == _key(p)), None)
+            if match is not None:
+                listed.remove(match)
+            merged.append(match if match is not None else base)  # type: ignore[arg-type]
         if base is not None:
             base.params = next((i.params for i in all_inputs if i.where != "base_model"
                                 and _key(i.path) == base_key), {})
         ref = base or merged[0]
         checked = [ref, *[i for i in merged if i is not ref]]
-        keys = _check_keys(checked)
+        keys, from_base = _check_keys(checked, missing_keys)
         n = _n_layers(keys)
         if cfg.slices is not None:
             for i, s in enumerate(cfg.slices[0].sources):
@@ -514,17 +874,28 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
                      else ref.reader.dtype(k), ref.reader.shape(k)) for k in keys}
         tmp = make_temp_dir(out)
         try:
-            with SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, metadata={"format": "pt"}) as writer:
+            with ShardedWeightsWriter(tmp, specs, out_shard_size, metadata={"format": "pt"}) as writer:
                 for k in keys:
-                    writer.write(k, _one_tensor(cfg, k, n, base, merged, checked, specs[k][0]))
-            cfg_src = (base or merged[0]).path / CONFIG_NAME
-            if cfg_src.is_file():
-                shutil.copyfile(cfg_src, tmp / CONFIG_NAME)
+                    if k in from_base:
+                        assert base is not None
+                        writer.write(k, _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev))
+                    else:
+                        writer.write(k, _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev))
+            cfg_dir = (base or merged[0]).path
+            for name in MODEL_FILES:
+                if (cfg_dir / name).is_file():
+                    shutil.copyfile(cfg_dir / name, tmp / name)
             assert tok_dir is not None
-            for name in TOKENIZER_FILES:
+            for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
                 if (Path(tok_dir) / name).is_file():
                     shutil.copyfile(Path(tok_dir) / name, tmp / name)
-            (tmp / CONFIG_OUT).write_text(yaml.safe_dump(_resolved_config(cfg), sort_keys=False), encoding="utf-8")
+            resolved = _resolved_config(cfg)
+            (tmp / CONFIG_OUT).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+            options = {"missing_keys": missing_keys, "out_shard_size": out_shard_size, "device": dev.type}
+            record = _merge_record(cfg, base, merged, writer, sorted(from_base), options, hash_inputs)
+            atomic_write_json(tmp / RECORD_OUT, record)
+            (tmp / CARD_OUT).write_text(_model_card(out.name, cfg, base, merged, resolved, record),
+                                        encoding="utf-8")
             _publish(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -532,10 +903,66 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     return out
 
 
+def _merge_record(cfg: MergekitConfig, base: _Input | None, merged: Sequence[_Input], writer: ShardedWeightsWriter,
+                  from_base: list[str], options: dict[str, Any], hash_inputs: bool) -> dict[str, Any]:
+    """The provenance of a mergekit-config merge (``vlmerge_merge.json``), the same kind of record vlmerge's own
+    merges keep in ``config.json["merge"]``: method, parameters, the inputs fingerprinted
+    (:func:`~.streaming.fingerprint`: sizes and header hashes, or SHA-256 with ``hash_inputs``), options,
+    version and time."""
+    return {
+        "kind": "mergekit",
+        "method": cfg.merge_method,
+        "parameters": dict(cfg.parameters),
+        "models": [{"key": i.where, "parameters": dict(i.params), **fingerprint(_key(i.path), hash_inputs)}
+                   for i in merged],
+        "base": ({"key": "base_model", **fingerprint(_key(base.path), hash_inputs)} if base is not None else None),
+        "dtype": cfg.dtype,
+        "out_dtype": cfg.out_dtype,
+        "tokenizer_source": cfg.tokenizer_source,
+        "options": options,
+        "taken_from_base": from_base,
+        "weights": writer.names,
+        "config": CONFIG_OUT,
+        "vlmerge_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _inline(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in params.items()) or "none"
+
+
+def _model_card(name: str, cfg: MergekitConfig, base: _Input | None, merged: Sequence[_Input],
+                resolved: dict[str, Any], record: dict[str, Any]) -> str:
+    """A short ``README.md``: merged with vlmerge, the method and its parameters, the inputs, the config."""
+    dt = cfg.out_dtype or cfg.dtype
+    lines = [
+        "---", "tags:", "- merge", "- vlmerge", "---", "", f"# {name}", "",
+        f"This model was merged with vlmerge {__version__} from a mergekit-style config "
+        f"(`vlmerge merge CONFIG.yaml OUT_DIR`), on {record['created']}.", "",
+        "## Merge method", "",
+        f"**{cfg.merge_method}**, global parameters: {_inline(cfg.parameters)}.",
+        f"Computed in float32; output dtype: {dt or 'as the inputs'}.", "",
+        "## Inputs", "",
+    ]
+    if base is not None:
+        lines.append(f"* base model: `{_key(base.path)}`")
+    lines += [f"* `{_key(i.path)}` ({i.where}), parameters: {_inline(i.params)}" for i in merged]
+    if record["taken_from_base"]:
+        lines.append(f"* {len(record['taken_from_base'])} tensors some models lack were taken from the base model "
+                     f"(`--missing-keys base`): {_listing(record['taken_from_base'], 4)}")
+    lines += ["", "## Configuration", "", f"The resolved config (`{CONFIG_OUT}`):", "", "```yaml",
+              yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", "",
+              f"Provenance (input fingerprints, options, version, time): `{RECORD_OUT}`.", ""]
+    return "\n".join(lines)
+
+
 def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged: Sequence[_Input],
-                checked: Sequence[_Input], out_dtype: torch.dtype) -> torch.Tensor:
-    """Read tensor ``k`` of every input, refuse NaN / Inf, merge in float32 (or check integer tensors equal and
-    copy), cast to ``out_dtype`` and refuse a non-finite result."""
+                checked: Sequence[_Input], out_dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Read tensor ``k`` of every input, refuse NaN / Inf, merge in float32 on ``device`` (or check integer
+    tensors equal and copy), cast to ``out_dtype``, refuse a non-finite result and return it on the CPU. With
+    no ``merged`` inputs (a key taken from the base), the base's tensor, cast."""
     tensors: dict[int, torch.Tensor] = {}
     for inp in checked:
         t = inp.reader.get(k)
@@ -549,13 +976,16 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
                 raise ValueError(f"{inp.path}: integer tensor {k!r} differs from {checked[0].path}'s; non-float "
                                  "tensors are copied and must be equal in every model")
         return ref
-    b = tensors[id(base)].float() if base is not None else None
-    xs = [tensors[id(i)].float() for i in merged]
-    res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs).to(out_dtype)
+    if not merged:
+        res = ref.to(out_dtype)
+    else:
+        b = tensors[id(base)].to(device).float() if base is not None else None
+        xs = [tensors[id(i)].to(device).float() for i in merged]
+        res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs).to(out_dtype)
     if not is_finite(res):
         raise ValueError(f"merged tensor {k!r} is not finite (overflow{' in the cast to ' + str(out_dtype)}?); "
                          "check the weights / lambda")
-    return res.contiguous()
+    return res.to("cpu").contiguous()
 
 
 # Flags of ``vlmerge merge`` that belong to vlmerge's own merges, not to a mergekit config.
@@ -573,7 +1003,12 @@ def run_mergekit_cli(args: Any) -> int:
     if len(outs) != 1:
         raise ValueError(f"{args.paths[0]} is a mergekit config: give one output, vlmerge merge CONFIG.yaml "
                          "OUT_DIR (or -o OUT_DIR)")
+    shard = getattr(args, "out_shard_size", None)
+    shard_bytes = parse_size(shard) if shard is not None else None
     cfg = load_mergekit_config(args.paths[0])
-    out = run_mergekit(cfg, outs[0], overwrite=args.overwrite, source=args.paths[0])
+    out = run_mergekit(cfg, outs[0], overwrite=args.overwrite, source=args.paths[0],
+                       missing_keys=getattr(args, "missing_keys", None) or "error", out_shard_size=shard_bytes,
+                       device=getattr(args, "device", None) or "cpu",
+                       hash_inputs=bool(getattr(args, "hash_inputs", False)))
     print(f"merged ({cfg.merge_method}, mergekit config) -> {out}")
     return 0

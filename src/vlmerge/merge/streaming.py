@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from ..models.checkpoint import (
 from ..models.roles import merge_groups, parse_param_name
 from .base import MergeContext, MergeMethod, MergeParams, check_weights, get_method, is_finite, slot_problem
 from .grams import gram_problem, open_grams
-from .io import StreamingReader
+from .io import StreamingReader, is_torch_checkpoint, open_weights, torch_files
 
 PathLike = str | os.PathLike[str]
 GramsArg = Any  # a path, a Grams, or a {name: Gram} mapping (a sequence of those for merge_models)
@@ -90,18 +91,21 @@ def _listing(items: Sequence[str], n: int = 8) -> str:
 
 def fingerprint(path: PathLike, full_hash: bool = False) -> dict[str, Any]:
     """Identify a checkpoint cheaply: per weight file, its size and the SHA-256 of its safetensors header
-    (names, dtypes, shapes, offsets); with ``full_hash`` also the SHA-256 of the whole file."""
+    (names, dtypes, shapes, offsets) -- for a PyTorch pickle (:func:`~.io.is_torch_checkpoint`), its size
+    and modification time; with ``full_hash`` also the SHA-256 of the whole file."""
     p = Path(path)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    safetensors = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    files = torch_files(p) if is_torch_checkpoint(p) else safetensors
     out: dict[str, Any] = {"path": str(p)}
     for f in files:
         with open(f, "rb") as fh:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-            entry: dict[str, Any] = {
-                "bytes": f.stat().st_size,
-                "header_sha256": hashlib.sha256(fh.read(min(n, 100_000_000))).hexdigest(),
-            }
+            entry: dict[str, Any] = {"bytes": f.stat().st_size}
+            if f.suffix == ".safetensors":
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                entry["header_sha256"] = hashlib.sha256(fh.read(min(n, 100_000_000))).hexdigest()
+            else:
+                entry["mtime"] = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc).isoformat()
             if full_hash:
                 h = hashlib.sha256()
                 fh.seek(0)
@@ -576,7 +580,9 @@ def merge_models(
     integer buffers must be equal and pass through. ``interpolation`` takes two models
     (α·W_1 + (1 − α)·W_2); ``average`` any N (uniform 1/N by default); ``modality_arithmetic`` with a base is
     task arithmetic W0 + λ Σ (W_m − W0). ``weights`` has one value per model. RegMean needs one Gram source
-    per model; block linear weights without a Gram are an error, other tensors are averaged.
+    per model; block linear weights without a Gram are an error, other tensors are averaged. Inputs and base
+    are safetensors or PyTorch pickles (``pytorch_model.bin``, ``.pt``; read by :func:`~.io.open_weights`
+    with ``weights_only`` only: a file that needs full unpickling is refused).
 
     Raises ``ValueError`` before anything is written when the key sets, shapes or dtypes differ (listing
     the differing keys), or for a bad method / parameter / base / weights.
@@ -600,8 +606,8 @@ def merge_models(
             f"{0 if grams is None else len(list(grams))}"
         )
     with ExitStack() as stack:
-        readers = [stack.enter_context(StreamingReader(d)) for d in dirs]
-        base = stack.enter_context(StreamingReader(base_dir)) if base_dir is not None else None
+        readers = [stack.enter_context(open_weights(d)) for d in dirs]  # safetensors or PyTorch pickles
+        base = stack.enter_context(open_weights(base_dir)) if base_dir is not None else None
         gsrcs = []
         for g in grams or []:
             src = open_grams(g)

@@ -10,15 +10,22 @@ For inputs W_m and base W0, with τ_m = W_m − W0 and weights w_m (default 1):
     W = W0 + λ τ
 
 In a modality merge the "tasks" are the modality copies of one slot, W0 the VL-stage start weights.
+
+Computed by :func:`~vlmerge.merge.taskvector.merge_task_vectors` (``sparsify="magnitude"``, ``keep_ties``,
+``consensus="sign_raw"``, ``normalize``). mergekit's ``ties`` (a mergekit config's ``merge_method: ties``)
+differs on purpose: exactly k entries are kept, a zero sum elects +, each model votes with ``sign(w_m τ̂_m)``,
+and an entry whose agreeing weights sum to 0 keeps the agreeing sum.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from ..base import MergeContext, MergeMethod, MergeParams, register_method
+from ..taskvector import TaskVectorSettings, kth_largest, merge_task_vectors, sparsify
+
+__all__ = ["Ties", "TiesParams", "kth_largest", "trim_to_density"]
 
 
 class TiesParams(MergeParams):
@@ -27,24 +34,9 @@ class TiesParams(MergeParams):
 
 
 def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``density`` fraction of largest-magnitude entries of ``tau`` (any shape)."""
-    if density >= 1.0:
-        return tau
-    n = tau.numel()
-    k = max(1, int(density * n))
-    mag = tau.abs().reshape(-1)
-    thr = kth_largest(mag, k)
-    return tau * (mag >= thr).reshape(tau.shape)
-
-
-def kth_largest(values: torch.Tensor, k: int, use_numpy: bool | None = None) -> float:
-    """The ``k``-th largest entry of 1-D ``values`` (1-based), on any device. On CPU numpy's introselect
-    (faster than ``torch.kthvalue`` there; benchmarks/results/merge_throughput.md); elsewhere ``kthvalue``
-    on the device, which gives the same value (the same order statistic). ``use_numpy`` forces a path."""
-    n = values.numel()
-    if values.device.type == "cpu" if use_numpy is None else use_numpy:
-        return float(np.partition(values.numpy(), n - k)[n - k])
-    return float(values.kthvalue(n - k + 1).values)
+    """Zero all but the ``density`` fraction of largest-magnitude entries of ``tau`` (any shape), entries tied
+    with the ``k``-th largest magnitude kept (:func:`~vlmerge.merge.taskvector.sparsify`, ``keep_ties``)."""
+    return sparsify(tau, "magnitude", density, keep_ties=True)
 
 
 @register_method
@@ -60,16 +52,6 @@ class Ties(MergeMethod):
         p: TiesParams = params  # type: ignore[assignment]
         assert ctx.base is not None
         w = ctx.weights or (1.0,) * len(tensors)
-        trimmed = [trim_to_density(t - ctx.base, p.density) for t in tensors]
-        total = torch.zeros_like(ctx.base)
-        for tau, wi in zip(trimmed, w, strict=True):
-            total.add_(tau, alpha=wi)
-        sign = torch.sign(total)
-        num = torch.zeros_like(ctx.base)
-        den = torch.zeros_like(ctx.base)
-        for tau, wi in zip(trimmed, w, strict=True):
-            agree = (torch.sign(tau) == sign) & (tau != 0)
-            num.add_(torch.where(agree, tau, 0.0), alpha=wi)
-            den.add_(agree.to(den.dtype), alpha=wi)
-        merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
-        return ctx.base + p.lam * merged
+        settings = TaskVectorSettings(sparsify="magnitude", keep_ties=True, consensus="sign_raw", normalize=True,
+                                      lam=p.lam)
+        return merge_task_vectors(ctx.base, tensors, w, settings, density=[p.density] * len(tensors))
