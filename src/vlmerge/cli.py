@@ -52,19 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def count(minimum: int = 1) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ≥ ``minimum`` (``--n -1`` is refused by argparse, in one line)."""
+MAX_COUNT = 2**31 - 1  # counts, sizes and seeds above this overflow index types (torch, numpy) downstream
+
+
+def count(minimum: int = 1, maximum: int = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[minimum, maximum]`` (``--n -1`` and ``--batches 1e20`` are refused
+    by argparse, in one line)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer from {minimum} to {maximum}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer ≥ {minimum}"
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
     return parse
 
 
@@ -88,9 +92,13 @@ BAD_INPUT = (
 )
 
 
+# OSError numbers that mean the path the user gave is bad, not that the environment failed.
+BAD_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
 def error_message(e: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) for an exception raised by a command."""
-    if isinstance(e, BAD_INPUT):
+    if isinstance(e, BAD_INPUT) or (isinstance(e, OSError) and e.errno in BAD_PATH_ERRNOS):
         if isinstance(e, KeyError) and e.args:
             msg = str(e.args[0])
         elif isinstance(e, RecursionError):

@@ -24,7 +24,8 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,10 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 # ------------------------------------------------------------------------------------------ output guards
 def _real(p: PathLike) -> Path:
-    return Path(p).expanduser().absolute().resolve()
+    try:
+        return Path(p).expanduser().absolute().resolve()
+    except RuntimeError:  # Python < 3.13 raises RuntimeError("Symlink loop from ...") instead of OSError(ELOOP)
+        raise ValueError(f"{p}: a loop of symbolic links; give a path that resolves") from None
 
 
 def check_output_path(out: PathLike, flag: str) -> None:
@@ -165,6 +169,9 @@ def guard_output_file(
             raise ValueError(f"{flag} {path} would overwrite or lie inside the input {r}; write to a new path")
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; expected a file path")
+    if path.exists() and not path.is_file():  # a FIFO, socket or device: replacing it is never what was meant
+        raise ValueError(f"{flag} {path} exists and is not a regular file (a FIFO, socket or device); write to a "
+                         "new path")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ValueError(f"{flag} {path} exists; pass --overwrite to replace it")
     return path
@@ -239,6 +246,22 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def locked_run_folder(out: PathLike, what: str) -> Iterator[Path]:
+    """Create ``out`` (with its parents) if needed and hold a :class:`RunLock` on it for the ``with`` body; a
+    folder this call created is removed again when the body leaves it empty (a run refused or failed before it
+    wrote anything leaves no trace)."""
+    path = Path(out)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(path, what):
+            yield path
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 # -------------------------------------------------------------------------------------------- stale temps

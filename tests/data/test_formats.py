@@ -490,3 +490,42 @@ def test_unreadable_index_files_and_images_are_named(tmp_path: Path) -> None:
     bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
     with pytest.raises(ValueError, match=r"bomb\.png: cannot decode the image"):
         load_image(bomb, 8)
+
+
+# ------------------------------------------------------------------------------------------- hostile inputs
+@pytest.mark.parametrize("identifier", ["../../etc-1-0-0", "/abs-1-0-0", "dev-../x-0-0", "dev-1/../2-0-0",
+                                        "dev-1-0-0\x00"])
+def test_nlvr2_identifiers_cannot_name_paths_outside_the_image_root(tmp_path: Path, identifier: str) -> None:
+    dev = tmp_path / "dev.json"
+    dev.write_text(_nlvr2_line(identifier))
+    with pytest.raises(ValueError, match=r"dev\.json line 1: identifier must look like 'dev-850-0-0'"):
+        load_nlvr2(dev, tmp_path / "images")
+
+
+def test_seg_masks_with_class_ids_beyond_the_class_list_are_refused_naming_the_mask(tmp_path: Path) -> None:
+    ade = tmp_path / "ade"
+    _image(ade / "images/training/ADE_train_00000001.jpg")
+    _mask(ade / "annotations/training/ADE_train_00000001.png", np.full((9, 12), 4))  # id 4 -> class 3 after reduce
+    (ade / "objectInfo150.txt").write_text("Idx\tName\n" + "1\tx\n" * 3)  # 3 classes: 0, 1, 2
+    seg = load_task_dataset("seg", "segfolder", ade, "train", image_size=4)
+    with pytest.raises(ValueError, match=r"ADE_train_00000001\.png: class id 3 .* has 3 classes"):
+        seg[0]
+    (ade / "objectInfo150.txt").write_text("Idx\tName\n" + "1\tx\n" * 4)
+    assert load_task_dataset("seg", "segfolder", ade, "train", image_size=4)[0]["mask"].unique().tolist() == [3]
+    for text in ("", "Idx\tName\n", "\n\n"):
+        (ade / "objectInfo150.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"objectInfo150\.txt: lists no classes"):
+            load_task_dataset("seg", "segfolder", ade, "train", image_size=4)
+    (ade / "objectInfo150.txt").write_bytes(b"Idx\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"objectInfo150\.txt: not UTF-8"):
+        load_task_dataset("seg", "segfolder", ade, "train", image_size=4)
+
+
+def test_a_lone_surrogate_in_a_caption_is_refused_naming_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_coco.json"
+    _coco_karpathy(path)
+    data = json.loads(path.read_text())
+    data["images"][0]["sentences"][0]["raw"] = "a red \ud800 dog"
+    path.write_text(json.dumps(data))  # json writes the surrogate as the escape \ud800, valid JSON
+    with pytest.raises(ValueError, match=r"images\[0\]\.sentences\[0\]: 'raw' holds an invalid character"):
+        load_karpathy(path, tmp_path, "test")

@@ -128,3 +128,12 @@ def test_miou_best_constant() -> None:
     cm = confusion_matrix(torch.zeros_like(target), target, 4)
     assert miou_from_confusion(cm)["miou"] == pytest.approx(miou_best_constant(cm))
     assert miou_best_constant(cm) == pytest.approx(100 * 0.5 / 3)
+
+
+def test_seg_masks_with_ids_beyond_the_head_are_refused_not_dropped() -> None:
+    from vlmerge.finetune.tasks.vision import IGNORE_INDEX, check_mask_ids
+
+    check_mask_ids(torch.tensor([[0, 2], [IGNORE_INDEX, 1]]), 3)  # ignore is fine
+    for bad in (3, 254, -1):
+        with pytest.raises(ValueError, match=f"class id {bad} but the model's 'seg' head has 3 classes"):
+            check_mask_ids(torch.tensor([[0, bad]]), 3)

@@ -15,10 +15,13 @@ from vlmerge.cli import error_message
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
-        (["data", "preview", "--n", "-1", "--out", "{tmp}/p.png"], ["--n", "≥ 1"]),
-        (["data", "cache", "--split", "train", "--n", "0", "--out", "{tmp}/c"], ["--n", "≥ 1"]),
+        (["data", "preview", "--n", "-1", "--out", "{tmp}/p.png"], ["--n", "from 1 to"]),
+        (["data", "cache", "--split", "train", "--n", "0", "--out", "{tmp}/c"], ["--n", "from 1 to"]),
         (["data", "cache", "--split", "train", "--n", "2", "--shard-size", "-5", "--out", "{tmp}/c"],
          ["--shard-size"]),
+        (["data", "cache", "--split", "train", "--n", str(2**40), "--out", "{tmp}/c"], ["--n", "2147483647"]),
+        (["pretrain", "--config", "micro", "--out", "{tmp}/r", "--stop-after", "-3"], ["--stop-after"]),
+        (["eval", "retrieval", "{tmp}", "--rerank-k", str(10**30)], ["--rerank-k"]),
         (["model", "info", "--vocab-size", "x"], ["--vocab-size", "'x'"]),
         (["distance", "{tmp}", "--k", "nan"], ["--k", "finite"]),
         (["merge", "--method", "nope"], ["--method", "nope"]),
@@ -59,6 +62,8 @@ def test_preview_never_replaces_a_file_without_overwrite(tmp_path: Path, cli) ->
         (RecursionError("maximum recursion depth exceeded"), 2, "nested too deeply"),
         (OSError(errno.ENOSPC, "No space left on device", "/out/x"), 1, "/out/x: no space left on device"),
         (PermissionError(errno.EACCES, "Permission denied", "/ro"), 1, "/ro: Permission denied"),
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/x" * 200), 2, "File name too long"),
+        (OSError(errno.ELOOP, "Too many levels of symbolic links", "/l"), 2, "/l: Too many levels"),
         (RuntimeError("boom"), 1, "internal error RuntimeError: boom (run with --debug"),
     ],
 )
@@ -74,6 +79,16 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
         rc = main([*argv, "distance", str(tmp_path / "missing")])
         err = capsys.readouterr().err
         assert rc == 2 and ("Traceback" in err) == traceback
+
+
+def test_preview_never_replaces_a_fifo_even_with_overwrite(tmp_path: Path, cli) -> None:
+    import os
+    import stat
+
+    os.mkfifo(tmp_path / "pipe.png")
+    res = cli("data", "preview", "--n", "2", "--image-size", "16", "--out", tmp_path / "pipe.png", "--overwrite")
+    refused(res, 2, "pipe.png", "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.png").st_mode) and len(list(tmp_path.iterdir())) == 1
 
 
 def test_preview_never_replaces_a_dangling_symlink(tmp_path: Path, cli) -> None:

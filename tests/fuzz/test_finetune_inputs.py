@@ -88,6 +88,35 @@ def test_eval_replaces_an_existing_out_only_with_overwrite(
     assert snapshot(init) == {k[len("init/"):]: v for k, v in before.items() if k.startswith("init/")}
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop", "empty", "name too long"])
+def test_eval_out_that_is_no_file_path_is_refused_even_with_overwrite(
+    init: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    if kind == "fifo":  # --overwrite once replaced a FIFO (or a device) with a regular file
+        out, want = tmp_path / "pipe", ["pipe", "not a regular file"]
+        os.mkfifo(out)
+    elif kind == "symlink loop":
+        out, want = tmp_path / "a", ["a", "loop of symbolic links"]
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+    elif kind == "empty":  # "" once fell back to the default output inside the checkpoint
+        out, want = "", ["--out", "empty path"]
+    else:
+        out, want = tmp_path / ("x" * 300), ["File name too long"]
+    listing, before = sorted(p.name for p in tmp_path.iterdir()), snapshot(init)  # (reading a FIFO would block)
+    assert main(["eval", "retrieval", str(init), "--out", str(out), "--overwrite", *EV]) == 2
+    line = one_line_error(capsys, "eval")
+    assert all(w in line for w in want), line
+    assert snapshot(init) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+    if kind == "fifo":
+        import stat
+
+        assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+
+
 def test_eval_default_output_appears_only_with_the_result(
     init: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

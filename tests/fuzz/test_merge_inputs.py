@@ -83,6 +83,54 @@ def test_save_grams_never_overwrites(work: Path, cli) -> None:
     assert leftovers(work, ["msa", "base", "grams.safetensors"]) == []
 
 
+def test_save_grams_is_never_a_fifo_and_needs_collected_grams(work: Path, cli) -> None:
+    import stat
+
+    os.mkfifo(work / "pipe")  # --overwrite once replaced it with a regular file
+    res = cli("merge", "--method", "regmean", "--data", "world", "--batches", "1", "--save-grams", work / "pipe",
+              work / "msa", work / "out", "--overwrite")
+    refused(res, 2, "save_grams", "pipe", "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(work / "pipe").st_mode)
+    (work / "pipe").unlink()
+    (work / "g.st").write_bytes(b"Grams")  # refused from the options alone: the file is never read
+    before = snapshot(work)  # --grams with --save-grams once exited 0 and wrote no second file
+    res = cli("merge", "--method", "regmean", "--grams", work / "g.st", "--save-grams", work / "g2.st",
+              work / "msa", work / "out2")
+    refused(res, 2, "save_grams", "'data'")
+    soup = work / "soup.yaml"  # one Gram path for a soup of two once raised a TypeError
+    soup.write_text(f"method: regmean\ninputs: [{work / 'msa'}, {work / 'base'}]\ngrams: {work / 'g.st'}\n"
+                    f"output: {work / 'out3'}\n")
+    res = cli("merge", soup)
+    refused(res, 2, "soup.yaml", "'grams'", "one Gram file per model")
+    assert snapshot(work) == {**before, "soup.yaml": soup.read_bytes()}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batches", str(10**20)], ["--batches", "0"], ["--batches", "-1"], ["--seed", "-1"], ["--seed", str(2**64)],
+])
+def test_counts_beyond_range_are_usage_errors(work: Path, cli, capsys: pytest.CaptureFixture[str],
+                                              argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:  # an argparse usage error: exit 2, one line
+        cli("merge", "--method", "regmean", "--data", "world", *argv, work / "msa", work / "out")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and argv[0] in err[0] and "expected an integer from" in err[0], err
+    assert not (work / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink loop", "name too long"])
+def test_an_output_path_that_cannot_exist_is_bad_input(work: Path, cli, kind: str) -> None:
+    if kind == "symlink loop":
+        (work / "a").symlink_to(work / "b")
+        (work / "b").symlink_to(work / "a")
+        out, want = work / "a" / "merged", "loop of symbolic links"
+    else:
+        out, want = work / ("m" * 300), "File name too long"
+    before = snapshot(work)
+    refused(cli(*INTERP, work / "msa", out), 2, want)
+    assert snapshot(work) == before
+
+
 def test_a_soup_names_each_model_once_and_its_base_is_no_input(work: Path, cli) -> None:
     """`--inputs A A` (a hidden 2:1 weight) and a base that is one of the inputs (a zero task vector) are
     refused, however the path is spelled."""
@@ -145,7 +193,6 @@ def test_broken_input_is_refused_before_writing(work: Path, cli, case: str) -> N
         (["--method", "interpolation", "--param", "alpha=true"], ["alpha", "true"]),
         (["--method", "interpolation", "--param", "alpha=["], ["--param alpha", "YAML"]),  # bad YAML in --param
         (["--method", "ties", "--density", "nan", "--base", "{base}"], ["density"]),
-        (["--method", "regmean", "--data", "world", "--batches", "-1"], ["batches"]),
     ],
 )
 def test_bad_parameters_refused(work: Path, cli, argv: list[str], names: list[str]) -> None:

@@ -94,6 +94,36 @@ def test_bad_flags_are_refused_before_the_run_folder_exists(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["a checkpoint", "the run's own out"])
+def test_a_cache_dir_that_is_someone_elses_folder_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"my weights")
+    out = tmp_path / "run"
+    cache = ckpt if where == "a checkpoint" else out
+    before = snapshot(tmp_path)
+    assert main(pretrain_argv(out, sets=[f"data.cache_dir={cache}"])) == 2
+    line = one_line_error(capsys)
+    assert f"data.cache_dir {cache}" in line and ("model.safetensors" in line or "output folder" in line), line
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unwritable_cache_dir_is_refused_before_the_run_folder_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    (tmp_path / "cache").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "cache" else real_access(p, mode))
+    assert main(pretrain_argv(tmp_path / "run", sets=[f"data.cache_dir={tmp_path / 'cache'}"])) == 1
+    line = one_line_error(capsys)
+    assert str(tmp_path / "cache") in line and "data.cache_dir" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
 @pytest.mark.parametrize("where", ["file", "below a file"])
 def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_the_run_folder_exists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
@@ -141,6 +171,18 @@ def test_latest_json_must_name_a_checkpoint_inside_the_run(
     assert snapshot(tmp_path) == before
 
 
+def test_a_latest_json_that_is_a_folder_is_refused(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                   ) -> None:
+    pointer = run / "checkpoints" / LATEST
+    pointer.unlink()
+    pointer.mkdir()
+    before = snapshot(tmp_path)
+    assert main(pretrain_argv(run)) == 2
+    line = one_line_error(capsys)
+    assert str(pointer) in line and "not a file" in line, line
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("damage", ["pickle", "random", "missing key", "not an object"])
 def test_a_damaged_training_state_is_refused_naming_the_file(
     run: Path, capsys: pytest.CaptureFixture[str], damage: str
@@ -163,7 +205,8 @@ def test_a_damaged_training_state_is_refused_naming_the_file(
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("damage", ["nan optimiser state", "string lr", "negative eps", "betas", "stage not a name"])
+@pytest.mark.parametrize("damage", ["nan optimiser state", "string lr", "negative eps", "betas", "stage not a name",
+                                    "maximize", "unknown group key"])
 def test_a_resume_refuses_training_state_it_cannot_continue_from(
     run: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
@@ -187,6 +230,10 @@ def test_a_resume_refuses_training_state_it_cannot_continue_from(
             group["eps"], want = -1.0, ["optimizer_groups[0].eps"]
         elif damage == "betas":
             group["betas"], want = [0.9], ["optimizer_groups[0].betas"]
+        elif damage == "maximize":  # would train uphill from the resumed step on
+            group["maximize"], want = True, ["optimizer_groups[0].maximize=True"]
+        elif damage == "unknown group key":
+            group["momentum"], want = 0.9, ["optimizer_groups[0]", "'momentum'"]
         else:
             meta["stage"], want = 3, ["'stage'"]
         victim.write_text(json.dumps(meta))

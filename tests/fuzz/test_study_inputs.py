@@ -41,6 +41,13 @@ def test_run_study_refuses_an_empty_part_list(tmp_path: Path) -> None:
     ["study", "--preset", "micro", "--set", "steps=0"],
     ["study", "--preset", "nosuch"],
     ["study", "--preset", "micro", "--seeds", "0,0"],
+    ["study", "--preset", "micro", "--seeds", str(2**70)],  # once overflowed inside torch.manual_seed
+    ["study", "--preset", "micro", "--seeds", "-1"],
+    # once refused only after every pre-training cell had run, or left an empty --out behind
+    ["study", "--preset", "micro", "--set", "finetune_set={vqa: [lr=abc]}"],
+    ["study", "--preset", "micro", "--set", "finetune_set={nosuchtask: [lr=0.1]}"],
+    ["study", "--preset", "micro", "--set", "pretrain_set=[optim.lr=abc]"],
+    ["study", "--preset", "micro", "--set", "pretrain=nosuch.yaml"],
 ])
 def test_bad_flags_are_refused_before_out_exists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]

@@ -20,11 +20,14 @@ are stored uncompressed in the zip), so random access costs one copy of one exam
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -175,6 +178,42 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta["complete"], bool) or not isinstance(meta["config"], dict):
         raise ValueError(f"{path}: 'complete' must be true/false and 'config' an object")
     return meta
+
+
+def cache_complete(folder: Path, n: int) -> bool:
+    """Whether ``folder`` holds a complete cache of at least ``n`` examples (its record says so)."""
+    try:
+        meta = read_meta(folder / "meta.json")
+    except (ValueError, OSError):
+        return False
+    return bool(meta["complete"]) and meta["n"] >= n
+
+
+def check_cache_root(root: str | Path, flag: str, outputs: Sequence[str | Path] = (),
+                     needed: Sequence[tuple[Path, int]] = ()) -> None:
+    """Refuse a cache root (``data.cache_dir``) before a run writes anything: a file, the working directory,
+    one of the run's ``outputs``, a folder that holds anything but caches (a checkpoint, a run, a user's
+    files), or a folder the run cannot write while a cache it ``needs`` ((folder, n) pairs) is not complete
+    there. ``ValueError`` naming ``flag`` (``PermissionError`` for the unwritable folder: the environment)."""
+    from ..files import check_output_path
+
+    check_output_path(root, flag)
+    path = Path(root).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {root} is a file; expected a folder for the scene cache")
+    for o in outputs:
+        if path.resolve() == Path(o).expanduser().absolute().resolve():
+            raise ValueError(f"{flag} {root} is also the run's output folder; give the cache a folder of its own")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir()
+                         if not p.name.startswith(".") and not (p.is_dir() and (p / "meta.json").is_file()))
+        if foreign:
+            raise ValueError(f"{flag} {root} holds {len(foreign)} entries that are not scene caches (e.g. "
+                             f"{foreign[0]!r}); give a new folder, or one used only as a cache")
+    above = next((p for p in (path, *path.parents) if p.exists()), None)
+    missing = [f for f, n in needed if not cache_complete(f, n)]
+    if missing and above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write the cache {missing[0].name} there ({flag})", str(above))
 
 
 def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",

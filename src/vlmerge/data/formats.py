@@ -127,6 +127,12 @@ def _get(obj: Mapping[str, Any], key: str, kind: type, where: str, optional: boo
     v = obj[key]
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
         raise ValueError(f"{where}: {key!r} must be {_KINDS[kind]}, got {_short(v)}")
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON "\ud800": a lone surrogate, which no tokenizer or path takes
+            raise ValueError(f"{where}: {key!r} holds an invalid character (a lone surrogate, \\u{ord(v[e.start]):04x} "
+                             f"at {e.start}); expected text") from None
     return v
 
 
@@ -166,6 +172,14 @@ def _require_dir(path: Path, what: str) -> Path:
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file; ``ValueError`` naming it when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 # ----------------------------------------------------------------------------------- COCO / Flickr30k
@@ -396,7 +410,8 @@ def _scores_vector(scores: Mapping[str, float], index: Mapping[str, int]) -> tor
 
 
 # -------------------------------------------------------------------------------------------------- NLVR2
-_NLVR2_ID = re.compile(r"(?P<stem>(?P<split>[^-]+)-.+)-\d+")
+# Letters, digits and _ only (no "/", "." or ".."): the identifier names files inside the image root.
+_NLVR2_ID = re.compile(r"(?P<stem>(?P<split>\w+)-[\w-]+)-\d+", re.ASCII)
 
 
 def _nlvr2_label(v: Any, where: str) -> bool:
@@ -622,8 +637,14 @@ class FileImageDataset(Dataset):
                     "label": int(r.label)}
         if isinstance(r, ClassRecord):
             return {"image": self._image(r.path), "label": r.label}
-        return {"image": self._image(r.image_path),
-                "mask": load_mask(r.mask_path, self.image_size, self.reduce_zero_label)}
+        mask = load_mask(r.mask_path, self.image_size, self.reduce_zero_label)
+        n = getattr(self, "num_classes", None)
+        if n is not None:
+            bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= n))
+            if bool(bad.any()):
+                raise ValueError(f"{r.mask_path}: class id {int(mask[bad][0])} (after reducing 0 to ignore) but the "
+                                 f"dataset has {n} classes (ids 0..{n - 1}, {IGNORE_INDEX} = ignore)")
+        return {"image": self._image(r.image_path), "mask": mask}
 
 
 # ---------------------------------------------------------------------------------------- task entry point
@@ -716,7 +737,9 @@ def _read_segfolder(base: Path, split: str, kw: dict[str, Any]) -> FileImageData
     info = [p for p in (base / "objectInfo150.txt", base / "objectInfo150.csv") if p.is_file()]
     n_cls = None
     if info:
-        n_cls = sum(1 for line in info[0].read_text(encoding="utf-8").splitlines() if line.strip()) - 1
+        n_cls = sum(1 for line in _read_text(info[0]).splitlines() if line.strip()) - 1
+        if n_cls < 1:
+            raise ValueError(f"{info[0]}: lists no classes (expected a header line and one line per class)")
     records = load_segmentation_folder(base, name)
     return FileImageDataset(records, num_classes=n_cls, reduce_zero_label=True, **kw)
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from ..data.cache import check_cache_root
 from ..data.datasets import MEAN, STD
-from ..files import RunLock, clean_stale_temps, guard_output_dir, make_temp_dir
+from ..files import clean_stale_temps, guard_output_dir, locked_run_folder, make_temp_dir
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .config import MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
@@ -164,18 +165,14 @@ def finetune(
     cfg = make_config(task, init_dir, config, sets, preset)
     reads = [init_dir, config if isinstance(config, (str, os.PathLike)) else None, cfg.data.root]
     out = guard_output_dir(out_dir, reads, overwrite, flag="--out")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with RunLock(out, "fine-tuning output folder"):
-            guard_output_dir(out, reads, overwrite, flag="--out")  # again, now that no one else writes it
-            clean_stale_temps(out, quiet=True)
-            _finetune(task, init_dir, out, cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
-                      overwrite=overwrite)
-            return Path(out_dir)
-    finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # made for the lock; the run failed before its output was placed
+    if cfg.data.cache_dir is not None:
+        check_cache_root(cfg.data.cache_dir, "data.cache_dir", outputs=[out])
+    with locked_run_folder(out, "fine-tuning output folder"):
+        guard_output_dir(out, reads, overwrite, flag="--out")  # again, now that no one else writes it
+        clean_stale_temps(out, quiet=True)
+        _finetune(task, init_dir, out, cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
+                  overwrite=overwrite)
+        return Path(out_dir)
 
 
 def _finetune(

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..cli import count
 from ..files import guard_output_file
 from ..models.checkpoint import atomic_write_json
 from .config import DATA_FORMATS
@@ -74,7 +75,7 @@ def _eval_output(args: argparse.Namespace) -> Path:
     is the command's own result, replaced by a re-run; an explicit ``--out`` may not be (or lie inside) the
     checkpoint, the config or the data, and replaces an existing file only with ``--overwrite``."""
     ckpt = Path(args.ckpt)
-    if not args.out:
+    if args.out is None:
         out = ckpt / "eval" / f"{args.task}-{args.split}.json"
         if out.is_dir():
             raise ValueError(f"{out} is a directory; expected the file of the result (or give --out FILE)")
@@ -119,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("task", choices=task_names(), help="task (itm: zero-shot image-text matching accuracy)")
     ev.add_argument("ckpt", help="checkpoint directory")
     ev.add_argument("--split", default="test", help="split to score: test | ood | val | train (default: test)")
-    ev.add_argument("--rerank-k", type=int, help="retrieval: rerank the top-k by ITM (needs an itm head)")
+    ev.add_argument("--rerank-k", type=count(0), help="retrieval: rerank the top-k by ITM (needs an itm head)")
     ev.add_argument("--out", help="JSON output file (default: CKPT/eval/TASK-SPLIT.json, replaced by a re-run)")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(ev)

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..cli import count
 from ..config import parse_value, read_yaml, validate
 from .base import METHODS, get_method
 from .config import MergeConfig, load_merge_config, run_merge_config
@@ -186,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gamma", type=float, help="regmean: off-diagonal scale γ in [0, 1] (default 1)")
     p.add_argument("--density", type=float, help="ties: kept fraction in (0, 1] (default 0.5)")
     p.add_argument("--drop", type=float, help="dare: drop rate p in [0, 1) (default 0.5)")
-    p.add_argument("--seed", type=int, help="dare: mask seed (default 0)")
+    p.add_argument("--seed", type=count(0), help="dare: mask seed (default 0)")
     p.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
@@ -201,7 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--grams", help="regmean: Gram file (comma-separated, one per model, with --inputs)")
     p.add_argument("--data", help="regmean: collect Grams from this registered data source")
-    p.add_argument("--batches", type=int, help="regmean: number of batches for --data")
+    p.add_argument("--batches", type=count(1), help="regmean: number of batches for --data")
     p.add_argument("--save-grams", help="regmean: also save the Grams collected with --data to this file")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--hash-inputs", action="store_true", help="record full SHA-256 of the inputs (slower)")

@@ -47,7 +47,7 @@ class MergeConfig(BaseModel):
     weights: dict[str, float] | list[float] | None = None
     grams: Path | list[Path] | None = None
     data: str | None = None
-    batches: int | None = Field(None, ge=1)
+    batches: int | None = Field(None, ge=1, le=2**31 - 1)
     save_grams: Path | None = None
     overwrite: bool = False
     hash_inputs: bool = False
@@ -98,6 +98,12 @@ class MergeConfig(BaseModel):
                 raise ValueError("'data' needs 'batches' (how many batches to collect Grams over)")
             if self.input is not None and isinstance(self.grams, list):
                 raise ValueError("'grams' for a modality merge ('input') is one file")
+            if self.inputs is not None and self.grams is not None and not isinstance(self.grams, list):
+                raise ValueError(f"'grams' for 'inputs' is a list with one Gram file per model ({len(self.inputs)}), "
+                                 f"got one path {str(self.grams)!r}")
+            if self.save_grams is not None and self.data is None:
+                raise ValueError("'save_grams' saves the Grams collected with 'data'; with 'grams' they are "
+                                 "already in a file (drop --save-grams)")
         if self.batches is not None and self.data is None:
             raise ValueError("'batches' goes with 'data'")
         return self

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..cli import count
 from .config import load_config
 from .dist import rank
 from .engine import pretrain
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (re-use it to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 --set recipe.name=seed (repeatable)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+    p.add_argument("--stop-after", type=count(0), default=None, metavar="STEP",
                    help="checkpoint and exit once this global step is reached (resume later with the same --out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import read_yaml
+from ..data.cache import check_cache_root
 from ..files import RunLock, check_output_path, clean_stale_temps
 from ..models.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_model, save_model
 from ..models.vlmo import VLMo, maa_to_msa
@@ -41,7 +42,7 @@ from . import dist
 from .config import PretrainConfig, dump_config, validate_config
 from .evaluate import evaluate_retrieval
 from .flops import peak_flops, train_flops
-from .inputs import PretrainData, build_data, pretrain_collate
+from .inputs import PretrainData, build_data, cache_needs, pretrain_collate
 from .losses import ObjectiveSettings, PretrainObjective
 from .optim import build_optimizer, lr_at, set_lr
 from .recipes import Stage, apply_freezing, heads_for, plan_stages
@@ -315,11 +316,8 @@ def _check_out(out: Path, config: PretrainConfig) -> None:
     """Refuse ``out`` before anything is written: a file, a folder that holds something other than a
     pre-training run, or a run with a different config (up to :data:`RESUMABLE_KEYS`)."""
     check_output_path(out, "--out")
-    cache = config.data.cache_dir
-    if cache is not None:  # found now, not after config.yaml is written
-        check_output_path(cache, "data.cache_dir")
-        if Path(cache).exists() and not Path(cache).is_dir():
-            raise ValueError(f"data.cache_dir {cache} is a file; expected a folder for the scene cache")
+    if config.data.cache_dir is not None:  # found now, not after config.yaml is written
+        check_cache_root(config.data.cache_dir, "data.cache_dir", outputs=[out], needed=cache_needs(config))
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")

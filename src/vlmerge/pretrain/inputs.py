@@ -39,14 +39,28 @@ class PretrainData:
         return SpecialTokens(t.pad_id, t.cls_id, t.sep_id, t.mask_id, t.vocab_size)
 
 
+def data_worlds(config: PretrainConfig) -> tuple[World, World]:
+    """The train and ``data.eval_split`` worlds of a run, at the model's image size."""
+    d = config.data
+    image_size = config.build_model_config(vocab_size=1, heads=()).image_size
+    world = WorldConfig.from_dict({**d.world, "image_size": image_size})
+    return World(world, "train", d.seed), World(world, d.eval_split, d.seed)
+
+
+def cache_needs(config: PretrainConfig) -> list[tuple[Path, int]]:
+    """(cache folder, examples) of every cache the run reads under ``data.cache_dir`` (none without one)."""
+    d = config.data
+    if not d.cache_dir:
+        return []
+    train, evals = data_worlds(config)
+    return [(cache_folder(d.cache_dir, train), d.train_images), (cache_folder(d.cache_dir, evals), d.eval_images)]
+
+
 def build_data(config: PretrainConfig) -> PretrainData:
     """The world's train split (all 5 captions of ``data.train_images`` images) and ``data.eval_split``, rendered
     at the model's image size, with the world WordPiece tokenizer or bert-base-uncased (``data.tokenizer``)."""
     d = config.data
-    image_size = config.build_model_config(vocab_size=1, heads=()).image_size
-    world = WorldConfig.from_dict({**d.world, "image_size": image_size})
-
-    train, evals = World(world, "train", d.seed), World(world, d.eval_split, d.seed)
+    train, evals = data_worlds(config)
 
     def cache(w: World) -> Path | None:
         return cache_folder(d.cache_dir, w) if d.cache_dir else None

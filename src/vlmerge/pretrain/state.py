@@ -44,7 +44,7 @@ META_INTS = ("global_step", "stage_index", "stage_step", "world")
 _STEP_TEMP = re.compile(r"^\.(step-\d{8})\.(?:tmp|old)-")
 _STEP = re.compile(r"^step-\d{8}$")
 # optimiser hyper-parameters in ``train_state.json`` ``optimizer_groups``: numbers (``betas`` a pair of them)
-_GROUP_NUMBERS = ("lr", "eps", "weight_decay")
+_GROUP_NUMBERS = ("lr", "initial_lr", "eps", "weight_decay")
 
 
 def save_training_checkpoint(
@@ -129,6 +129,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     its own checkpoints.
     """
     pointer = out_dir / "checkpoints" / LATEST
+    if pointer.exists() and not pointer.is_file():
+        raise CheckpointError(f"{pointer} is not a file; expected the JSON pointer to the latest checkpoint")
     if not pointer.is_file():
         steps = sorted(p for p in pointer.parent.glob("step-*") if _STEP.match(p.name) and (p / STATE_JSON).is_file())
         if steps:
@@ -191,6 +193,28 @@ def check_training_state(ckpt: Path) -> None:
         raise CheckpointError(f"{path}: no 'rng.cpu' tensor; not a training state")
 
 
+# Optimiser group settings: where the run's state lives (taken from the checkpoint), how the optimiser computes
+# (must agree with this run's: a saved ``maximize: true`` would train uphill) and how it is implemented (this
+# run's own: resuming a CPU run on a GPU may switch foreach / fused).
+_GROUP_STATE = ("lr", "initial_lr", "betas", "eps", "weight_decay", "param_names")
+_GROUP_MATH = ("amsgrad", "maximize", "decoupled_weight_decay")
+_GROUP_IMPL = ("foreach", "capturable", "differentiable", "fused")
+
+
+def _resumed_group(path: Path, i: int, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser group to load: ``current`` with the run state of ``saved``; ``CheckpointError`` naming the
+    key when ``saved`` holds an unknown key or a computation setting that differs from this run's."""
+    unknown = sorted(set(saved) - set(_GROUP_STATE + _GROUP_MATH + _GROUP_IMPL))
+    if unknown:
+        raise CheckpointError(f"{path}: optimizer_groups[{i}] has unknown keys {unknown}; expected only "
+                              f"{', '.join(_GROUP_STATE + _GROUP_MATH + _GROUP_IMPL)}")
+    for key in _GROUP_MATH:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise CheckpointError(f"{path}: optimizer_groups[{i}].{key}={saved[key]!r} but this run's optimiser has "
+                                  f"{current[key]!r}; the checkpoint was not written by this kind of run")
+    return {**current, **{k: saved[k] for k in _GROUP_STATE if k in saved}}
+
+
 def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimiser and the global RNG states from ``ckpt``; return its ``meta``.
 
@@ -219,7 +243,8 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[st
             by_name.setdefault(name, {})[key] = v
     state = {idx: by_name[name] for g in current["param_groups"]
              for idx, name in zip(g["params"], g["param_names"], strict=True) if name in by_name}
-    groups = [{**saved, "params": g["params"]} for saved, g in zip(saved_groups, current["param_groups"], strict=True)]
+    groups = [_resumed_group(ckpt / STATE_JSON, i, saved, g) for i, (saved, g) in
+              enumerate(zip(saved_groups, current["param_groups"], strict=True))]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.cpu"])

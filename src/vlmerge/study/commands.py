@@ -15,6 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..cli import MAX_COUNT
+
 EXPERIMENTS = ("merging", "unival")
 
 
@@ -25,6 +27,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds expects comma-separated integers like 0,1,2, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds expects distinct comma-separated integers like 0,1,2, got {text!r}")
+    if not all(0 <= s <= MAX_COUNT for s in seeds):
+        raise ValueError(f"--seeds expects integers from 0 to {MAX_COUNT}, got {text!r}")
     return seeds
 
 
@@ -47,15 +51,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.experiment == "unival":
         if args.only is not None:
             raise ValueError("--only applies to the merging study; the unival study always runs its three scenarios")
-        from ..files import RunLock, check_run_folder
+        from ..files import check_run_folder, locked_run_folder
         from .unival import load_unival_config, run_unival
 
         load_unival_config(args.preset, args.set)  # a bad preset or --set is refused before --out is created
-        if any(s < 0 for s in seeds):
-            raise ValueError(f"--seeds expects integers >= 0, got {args.seeds!r}")
         out = check_run_folder(args.out, "cells", "study")
-        out.mkdir(parents=True, exist_ok=True)
-        with RunLock(out, "study folder"):
+        with locked_run_folder(out, "study folder"):
             report = run_unival(args.preset, out, seeds=seeds, overrides=args.set, progress=not args.no_progress)
     else:
         from .runner import run_study

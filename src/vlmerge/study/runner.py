@@ -101,6 +101,20 @@ def load_study_config(preset: str, overrides: Sequence[str] = ()) -> StudyConfig
     return load_preset(preset, StudyConfig, "study", overrides)
 
 
+def check_finetune_configs(config: StudyConfig) -> None:
+    """Resolve every fine-tuning config the study will run (its tasks, ``finetune``, ``finetune_set``), so a bad
+    override is refused before any cell runs, not after the pre-training cells (``ValueError`` naming it)."""
+    from ..finetune.config import resolve_config
+
+    tasks = [*config.table1_tasks, *config.table3_tasks]
+    unused = sorted(set(config.finetune_set) - set(tasks))
+    if unused:
+        raise ValueError(f"finetune_set: tasks {unused} are not fine-tuned by this study; expected some of {tasks}")
+    for task in dict.fromkeys(tasks):
+        resolve_config(task, config.finetune, None, [f"data.world={json.dumps(config.world)}",
+                                                     *config.finetune_set.get(task, [])])
+
+
 def base_pretrain_config(config: StudyConfig, seed: int = 0) -> Any:
     """The :class:`~vlmerge.pretrain.PretrainConfig` every pre-training cell starts from: the preset's
     pre-training config with ``pretrain_set``, the study's world, K steps and ``seed``; each cell then sets
@@ -479,7 +493,7 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
     ``only``: the parts to run (None: all; an empty list is refused). The arguments are checked before
     ``out_dir`` is created; it is then locked (:class:`~vlmerge.files.RunLock`) for the run.
     """
-    from ..files import RunLock, check_run_folder
+    from ..files import check_run_folder, locked_run_folder
 
     t0 = time.time()
     cfg = load_study_config(preset, overrides)
@@ -490,9 +504,10 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
                          f"{', '.join(PARTS)}")
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    check_finetune_configs(cfg)
+    base_pretrain_config(cfg)  # a bad pretrain / pretrain_set is refused before the folder exists
     out = check_run_folder(out_dir, "cells", "study")
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out, "study folder"):
+    with locked_run_folder(out, "study folder"):
         return _run_study(cfg, preset, out_dir, parts, only, seeds, overrides, progress, on_seed, t0)
 
 

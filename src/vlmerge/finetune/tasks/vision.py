@@ -51,6 +51,19 @@ def num_classes_of(dataset: Any) -> int:
     return top + 1
 
 
+MAX_SEG_CLASSES = 1024  # confusion matrices are kept per image ([N, C, C]); more classes would not fit in memory
+
+
+def check_mask_ids(mask: torch.Tensor, num_classes: int) -> None:
+    """``ValueError`` when a mask holds a class id outside ``[0, num_classes)`` other than :data:`IGNORE_INDEX`
+    (it would be dropped from the scores without a word, or fail the loss with an index error)."""
+    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"a segmentation mask holds class id {int(mask[bad][0])} but the model's 'seg' head has "
+                         f"{num_classes} classes (ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore); fine-tune on "
+                         "data with the same classes")
+
+
 @register
 class Classification(Task):
     """Metrics: ``top1`` (= ``score``, percent), ``n``; baseline: majority-class accuracy."""
@@ -111,7 +124,11 @@ class Segmentation(Task):
         return Labeled(SegmentationDataset(source, size, cache), num_classes=NUM_SEG_CLASSES)
 
     def head_sizes(self, dataset: Any) -> dict[str, int]:
-        return {"num_seg_classes": max(2, num_classes_of(dataset))}
+        n = max(2, num_classes_of(dataset))
+        if n > MAX_SEG_CLASSES:
+            raise ValueError(f"the segmentation masks hold class ids up to {n - 1}; at most {MAX_SEG_CLASSES} classes "
+                             "are supported (are the masks class-id PNGs?)")
+        return {"num_seg_classes": n}
 
     def collate(self, items: list[Mapping[str, Any]], prep: Prep, train: bool) -> dict[str, Any]:
         s = prep.image_size
@@ -134,6 +151,7 @@ class Segmentation(Task):
 
     def loss(self, model: VLMo, batch: Mapping[str, Any], config: FinetuneConfig) -> dict[str, torch.Tensor]:
         logits = self.logits(model, batch)
+        check_mask_ids(batch["mask"], logits.shape[1])
         loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
         valid = batch["mask"] != IGNORE_INDEX
         acc = ((logits.argmax(1) == batch["mask"]) & valid).sum() / valid.sum().clamp(min=1) * 100
@@ -146,6 +164,7 @@ class Segmentation(Task):
         loader = self.loader(dataset, prep, config.eval_batch_size, train=False)
 
         def cm(m: VLMo, b: Mapping[str, Any]) -> dict[str, torch.Tensor]:  # one confusion matrix per image
+            check_mask_ids(b["mask"], c)
             pred = self.logits(m, b).argmax(1)
             return {"cm": torch.stack([confusion_matrix(p, t, c, IGNORE_INDEX) for p, t in zip(pred, b["mask"],
                                                                                               strict=True)])}
