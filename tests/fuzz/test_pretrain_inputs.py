@@ -16,7 +16,7 @@ from vlmerge.cli import main
 from vlmerge.files import RunLock
 from vlmerge.models import load_model
 from vlmerge.pretrain import state
-from vlmerge.pretrain.state import LATEST, STATE_JSON, STATE_TENSORS, read_meta
+from vlmerge.pretrain.state import LATEST, STATE_JSON, STATE_TENSORS, read_state_meta
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # micro with a 2-step seed stage and a 2-step VL stage on 20 images: a step takes milliseconds
@@ -287,7 +287,7 @@ def test_a_save_that_runs_out_of_disk_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-00000001"]  # no step-2, no .step-2 temp
     assert json.loads((root / LATEST).read_text())["dir"] == "step-00000001"
     ckpt = root / "step-00000001"
-    assert read_meta(ckpt)["global_step"] == 1 and load_model(ckpt).config.arch == "maa"
+    assert read_state_meta(ckpt)["global_step"] == 1 and load_model(ckpt).config.arch == "maa"
     assert (ckpt / STATE_TENSORS).is_file()
 
     monkeypatch.undo()  # space again: the resume goes on from step 1

@@ -162,7 +162,7 @@ def _shard_length(path: Path) -> int | None:
         return None
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_cache_meta(path: Path) -> dict[str, Any]:
     """A cache's ``meta.json``, checked: an object with every layout key, ``n`` and ``shard_size`` positive
     integers, ``complete`` a boolean, ``config`` an object; ``ValueError`` naming the file otherwise."""
     meta = read_json(path)
@@ -183,7 +183,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 def cache_complete(folder: Path, n: int) -> bool:
     """Whether ``folder`` holds a complete cache of at least ``n`` examples (its record says so)."""
     try:
-        meta = read_meta(folder / "meta.json")
+        meta = read_cache_meta(folder / "meta.json")
     except (ValueError, OSError):
         return False
     return bool(meta["complete"]) and meta["n"] >= n
@@ -228,7 +228,7 @@ def write_cache(world: World, n: int, out_dir: str | Path, kind: str = "scenes",
         raise ValueError(f"cache size n={n} is invalid; allowed values: an integer ≥ 1")
     out = Path(out_dir)
     meta_path = out / "meta.json"
-    old = read_meta(meta_path) if meta_path.is_file() else None
+    old = read_cache_meta(meta_path) if meta_path.is_file() else None
     size = shard_size or (old["shard_size"] if old else default_shard_size(world, kind))
     layout = {"format": FORMAT, "kind": kind, "config": _config_record(world.config), "split": world.split,
               "seed": world.seed, "shard_size": size}
@@ -275,7 +275,7 @@ class CachedWorld:
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.dir = Path(cache_dir)
-        meta = read_meta(self.dir / "meta.json")
+        meta = read_cache_meta(self.dir / "meta.json")
         if meta.get("format") != FORMAT or not meta.get("complete"):
             raise ValueError(f"{self.dir}: not a complete cache of format {FORMAT} (re-run write_cache)")
         self.config = WorldConfig.from_dict(meta["config"])

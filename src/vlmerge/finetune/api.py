@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from ..data import default_tokenizer
 from ..data.cache import check_cache_root
 from ..data.datasets import MEAN, STD
 from ..files import clean_stale_temps, guard_output_dir, locked_run_folder, make_temp_dir
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .config import MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
-from .data import default_tokenizer, load_split, tokenizer_from_config
+from .data import load_split, tokenizer_from_config
 from .engine import steps_for, train
 from .model import build_task_model, checkpoint_extras, resolve_scope, trainable_names
 from .tasks import Prep, get_task, task_names

@@ -21,13 +21,6 @@ from .tasks.base import Labeled
 EMBEDDED_SPLITS = ("train", "val", "test", "ood")
 
 
-def default_tokenizer() -> Any:
-    """The embedded world's WordPiece tokenizer (what the pre-training engine uses by default)."""
-    from ..data import default_tokenizer as world_tokenizer
-
-    return world_tokenizer()
-
-
 def tokenizer_from_config(cfg: Any, root: str | Path | None = None, where: str = "tokenizer config") -> Any:
     """Rebuild the tokenizer a checkpoint recorded (``config.json`` ``"tokenizer"``) from the record alone.
 

@@ -301,7 +301,7 @@ def evaluate_unified(model: VLMo, task: str, dataset: Any, tokenizer: Any = None
     """Score a model in memory on a unified task's ``dataset`` (any items the task reads); see
     :meth:`UnifiedTask.evaluate` (``score`` = the mean of ``per_example``, each item's outcome in percent, what a
     bootstrap over test items resamples). ``tokenizer`` defaults to the world's."""
-    from .data import default_tokenizer
+    from ..data import default_tokenizer
 
     t = task_for(task, "unified")
     tok = tokenizer if tokenizer is not None else default_tokenizer()

@@ -53,7 +53,7 @@ from .state import (
     clean_step_temps,
     latest_checkpoint,
     load_training_state,
-    read_meta,
+    read_state_meta,
     save_training_checkpoint,
 )
 
@@ -130,7 +130,7 @@ def _pretrain(config: PretrainConfig, out: Path, data: PretrainData | None, info
     meta: dict[str, Any] = {}
     model, stage_idx, stage_step = None, 0, 0
     if ckpt is not None:
-        meta = read_meta(ckpt)
+        meta = read_state_meta(ckpt)
         stage_idx, stage_step = meta["stage_index"], meta["stage_step"]
         # by index, not name: the study resumes a seed recipe from the MAA run's own "vl" stage (the same steps)
         if stage_idx >= len(stages) or stage_step > stages[stage_idx].steps:

@@ -149,7 +149,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpt
 
 
-def read_meta(ckpt: Path) -> dict[str, Any]:
+def read_state_meta(ckpt: Path) -> dict[str, Any]:
     """``train_state.json``, checked to hold what resuming needs (:data:`META_INTS`, ``optimizer_groups``)."""
     path = ckpt / STATE_JSON
     meta = read_json(path)
@@ -220,7 +220,7 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[st
 
     The optimiser must have been built over the same trainable parameters (checked by name).
     """
-    meta = read_meta(ckpt)
+    meta = read_state_meta(ckpt)
     check_training_state(ckpt)
     path = ckpt / STATE_TENSORS
     try:

@@ -415,13 +415,13 @@ class Study:
 def _checkpoint_at(run_dir: Path, step: int) -> Path | None:
     """``run_dir``'s training checkpoint at ``step`` if it still has one (a run killed after stopping there);
     a run that went past ``step`` without keeping it is removed, so that it is redone up to ``step``."""
-    from ..pretrain.state import latest_checkpoint, read_meta
+    from ..pretrain.state import latest_checkpoint, read_state_meta
 
     ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
     if (ckpt / "config.json").is_file():
         return ckpt
     last = latest_checkpoint(run_dir)
-    if (last is not None and read_meta(last)["global_step"] > step) or (run_dir / "final").exists():
+    if (last is not None and read_state_meta(last)["global_step"] > step) or (run_dir / "final").exists():
         shutil.rmtree(run_dir)
     return None
 
@@ -430,7 +430,7 @@ def start_from_checkpoint(checkpoint: Path, run_dir: Path) -> None:
     """Make ``checkpoint`` (a training checkpoint of another run) the latest checkpoint of ``run_dir``, so that
     :func:`~vlmerge.pretrain.pretrain` resumes from it; a run that has checkpoints of its own is left alone."""
     from ..models.checkpoint import atomic_write_json
-    from ..pretrain.state import LATEST, latest_checkpoint, read_meta
+    from ..pretrain.state import LATEST, latest_checkpoint, read_state_meta
 
     if latest_checkpoint(run_dir) is not None:
         return
@@ -440,7 +440,8 @@ def start_from_checkpoint(checkpoint: Path, run_dir: Path) -> None:
     log_rows = checkpoint.parent.parent / "metrics.jsonl"  # the seed stage's log, truncated at the checkpoint
     if log_rows.is_file() and not (run_dir / "metrics.jsonl").exists():
         shutil.copy(log_rows, run_dir / "metrics.jsonl")
-    atomic_write_json(root / LATEST, {"dir": checkpoint.name, "global_step": read_meta(checkpoint)["global_step"]})
+    step = read_state_meta(checkpoint)["global_step"]
+    atomic_write_json(root / LATEST, {"dir": checkpoint.name, "global_step": step})
 
 
 def _finite(x: float) -> float | None:
