@@ -15,12 +15,48 @@ Every measurement runs in a fresh subprocess; its time is measured inside the pr
 reading every input tensor once through ``CheckpointReader`` and writing the output once through
 ``SafetensorsStreamWriter`` (same shapes, same names). The files sit in the page cache (just written, and
 24 GiB RAM), so these are warm-cache numbers: the floor is memory-bandwidth bound, not disk bound.
+
+Suites (``--suite``, default ``all``):
+
+* ``native``: vlmerge's own merges (``--methods``) on the pair and on the MSA checkpoint, with mergekit's
+  nearest method beside them; writes the whole ``--out`` file (the table; notes are added by hand).
+* ``yaml``: the mergekit-YAML methods of ``vlmerge merge CONFIG.yaml OUT_DIR`` (``--yaml-methods``, default
+  every one of :data:`vlmerge.merge.mergekit.MERGE_METHODS`), each config (:func:`yaml_configs`: A, B, base
+  C; written to ``WORK/yaml/METHOD.yml``) run through :func:`vlmerge.merge.mergekit.load_mergekit_config` +
+  :func:`~vlmerge.merge.mergekit.run_mergekit` (in-process time, config loading included) against the IO floor
+  of the same inputs (1, 2 or 3 models), and the very same YAML file through mergekit when
+  ``--mergekit-python`` exists (``mergekit.merge.run_merge`` in-process, CPU, ``lazy_unpickle``, random seed 0,
+  no tokenizer copy / model card: what ``mergekit-yaml CFG OUT --lazy-unpickle --random-seed 0`` runs; the
+  inputs are safetensors, so the unpickler is unused). mergekit runs ``--mergekit-repeat`` rounds (default 1:
+  it is the slow side; vlmerge and the floors run ``--repeat``). Agreement, from the first round's outputs:
+  for deterministic methods the largest ``|vlmerge − mergekit|`` over every entry of every tensor, that
+  relative to the tensor's largest ``|mergekit|``, and the count of entries off by more than 1e-5 of it
+  (tie-order picks); for the random ones (``dare_*``, ``della*``: the generators differ, bits cannot match)
+  statistics of ``Δ = out − base`` per tensor: the kept fraction (``Δ ≠ 0``) of both tools and the largest
+  per-tensor difference of it, and the largest ``|‖Δ_vl‖₁ / ‖Δ_mk‖₁ − 1|``. The section is spliced into
+  ``--out`` between ``<!-- yaml suite -->`` markers (inserted before ``## Design measurements`` the first
+  time), keeping the rest of the file.
+
+Children run a copy of this script made at the start (``WORK/merge_throughput_child.py``), so a checkout or
+stash of the working tree mid-run cannot change the rows; vlmerge itself is imported from ``src/`` by every
+child, so a change there during the run (HEAD plus a hash of ``git diff HEAD -- src`` and untracked files,
+before vs after) is printed and flagged in the yaml section.
+
+The mergekit venv (``--mergekit-python``; torch first, so pip does not pull a CUDA build)::
+
+    python3 -m venv V && V/bin/pip install torch==2.13.0 && V/bin/pip install mergekit==0.1.5
+
+The run behind the committed yaml section (2-core VM; see the section for the machine)::
+
+    .venv/bin/python benchmarks/merge_throughput.py --suite yaml --layers 4 --mergekit-python /tmp/mkvenv/bin/python \
+        --workdir /tmp/mtwork --keep
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,6 +69,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+#: The script the children run: main() copies this file into the work dir, so edits of the working tree
+#: during a run (a checkout, a stash) cannot change what later rows run.
+CHILD_SCRIPT = HERE
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -155,12 +194,19 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
         from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
 
-        cfg = MergeConfiguration.model_validate(yaml.safe_load(task["yaml"]))
+        text = Path(task["yaml_path"]).read_text() if "yaml_path" in task else task["yaml"]
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(text))
         opts = MergeOptions(
             copy_tokenizer=False, lazy_unpickle=True, write_model_card=False, quiet=True, random_seed=0
         )
         t0 = time.perf_counter()
         run_merge(cfg, task["out"], options=opts)
+        return {"seconds": time.perf_counter() - t0}
+    if kind == "ours_yaml":  # vlmerge merge CONFIG.yaml OUT_DIR, minus the CLI's argument parsing
+        from vlmerge.merge.mergekit import load_mergekit_config, run_mergekit
+
+        t0 = time.perf_counter()
+        run_mergekit(load_mergekit_config(task["yaml_path"]), task["out"])
         return {"seconds": time.perf_counter() - t0}
 
     from vlmerge.merge import merge_checkpoint, merge_models
@@ -215,7 +261,7 @@ def run_child_measured(python: str, task: dict[str, Any]) -> dict[str, Any]:
         os.dup2(wfd, 1)
         errfile = os.open(task["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(errfile, 2)
-        os.execve(python, [python, str(HERE), "--child", json.dumps(task)], env)
+        os.execve(python, [python, str(CHILD_SCRIPT), "--child", json.dumps(task)], env)
     os.close(wfd)
     with os.fdopen(rfd) as f:
         out = f.read()
@@ -247,6 +293,49 @@ def max_abs_diff(a: Path, b: Path) -> float:
             worst = max(worst, float((ra.get(k) - rb.get(k)).abs().max()))
     del torch
     return worst
+
+
+def agreement(ours: Path, theirs: Path) -> dict[str, Any]:
+    """Deterministic methods: the largest ``|ours − theirs|`` over every entry, that relative to the tensor's
+    largest ``|theirs|``, and the entries off by more than 1e-5 of it (float64 differences)."""
+    from vlmerge.models.checkpoint import CheckpointReader
+
+    worst = worst_rel = 0.0
+    off = total = 0
+    with CheckpointReader(ours) as ra, CheckpointReader(theirs) as rb:
+        if set(ra.keys()) != set(rb.keys()):
+            return {"keys": sorted(set(ra.keys()) ^ set(rb.keys()))[:4]}
+        for k in ra:
+            a, b = ra.get(k).double(), rb.get(k).double()
+            d = (a - b).abs()
+            scale = max(float(b.abs().max()), 1e-30)
+            dmax = float(d.max())
+            worst, worst_rel = max(worst, dmax), max(worst_rel, dmax / scale)
+            off += int((d > 1e-5 * scale).sum())
+            total += d.numel()
+    return {"max_abs": worst, "max_rel": worst_rel, "off": off, "entries": total}
+
+
+def random_stats(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
+    """Random methods: per tensor ``Δ = out − base``; the kept fraction ``mean(Δ ≠ 0)`` over all entries for
+    both, the largest per-tensor difference of it, and the largest per-tensor ``|‖Δ_ours‖₁ / ‖Δ_theirs‖₁ − 1|``."""
+    from vlmerge.models.checkpoint import CheckpointReader
+
+    kept_a = kept_b = total = 0
+    dkept = dl1 = 0.0
+    with CheckpointReader(ours) as ra, CheckpointReader(theirs) as rb, CheckpointReader(base) as rc:
+        if set(ra.keys()) != set(rb.keys()):
+            return {"keys": sorted(set(ra.keys()) ^ set(rb.keys()))[:4]}
+        for k in ra:
+            c = rc.get(k).double()
+            da, db = ra.get(k).double() - c, rb.get(k).double() - c
+            ka, kb = int((da != 0).sum()), int((db != 0).sum())
+            kept_a, kept_b, total = kept_a + ka, kept_b + kb, total + da.numel()
+            dkept = max(dkept, abs(ka - kb) / da.numel())
+            la, lb = float(da.abs().sum()), float(db.abs().sum())
+            if lb > 0:
+                dl1 = max(dl1, abs(la / lb - 1))
+    return {"kept_ours": kept_a / total, "kept_theirs": kept_b / total, "max_dkept": dkept, "max_dl1": dl1}
 
 
 def dir_bytes(d: Path) -> int:
@@ -281,6 +370,60 @@ OURS_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Method classes of the issue's targets: elementwise ≤ 1.2× the IO floor; selection-based ≤ 2× the floor and
+#: ≤ 0.2× mergekit's time. karcher (an iterated spherical mean) is counted with the SLERP family.
+ELEMENTWISE = ("linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "dare_linear",
+               "dare_ties", "passthrough")
+SELECTION = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
+YAML_FLOORS = {1: "floor: read A + write", 2: "floor: read A,B + write", 3: "floor: read A,B,C + write"}
+YAML_BEGIN, YAML_END = "<!-- yaml suite: begin (benchmarks/merge_throughput.py --suite yaml) -->", \
+    "<!-- yaml suite: end -->"
+
+
+def yaml_configs(a: Path, b: Path, c: Path) -> dict[str, tuple[dict[str, Any], list[Path]]]:
+    """method -> (mergekit config, the inputs it reads: its floor). Task-vector methods, model_stock and sce
+    merge A and B onto the base C; the interpolations (linear, the SLERP family, karcher) take A and B alone
+    (slerp: base A); passthrough copies A."""
+
+    def models(*ps: tuple[Path, dict[str, Any] | None]) -> list[dict[str, Any]]:
+        return [{"model": str(p), **({"parameters": q} if q else {})} for p, q in ps]
+
+    tv = {"weight": 1.0, "density": 0.5}
+    cfgs: dict[str, tuple[dict[str, Any], list[Path]]] = {
+        "linear": ({"models": models((a, {"weight": 0.75}), (b, {"weight": 0.25}))}, [a, b]),
+        "task_arithmetic": ({"base_model": str(c), "models": models((a, {"weight": 0.5}), (b, {"weight": 0.5}))},
+                            [a, b, c]),
+        **{m: ({"base_model": str(c), "models": models((a, tv), (b, tv))}, [a, b, c])
+           for m in ("ties", "dare_linear", "dare_ties", "della", "della_linear")},
+        **{m: ({"base_model": str(c), "models": models((a, {"weight": 1.0, "density": 0.9, "gamma": 0.01}),
+                                                         (b, {"weight": 1.0, "density": 0.9, "gamma": 0.01}))},
+               [a, b, c]) for m in ("breadcrumbs", "breadcrumbs_ties")},
+        "model_stock": ({"base_model": str(c), "models": models((a, None), (b, None))}, [a, b, c]),
+        "sce": ({"base_model": str(c), "parameters": {"select_topk": 0.5}, "models": models((a, None), (b, None))},
+                [a, b, c]),
+        "slerp": ({"base_model": str(a), "parameters": {"t": 0.5}, "models": models((a, None), (b, None))}, [a, b]),
+        "nuslerp": ({"models": models((a, {"weight": 0.5}), (b, {"weight": 0.5}))}, [a, b]),
+        "multislerp": ({"models": models((a, {"weight": 1.0}), (b, {"weight": 1.0}))}, [a, b]),
+        "karcher": ({"models": models((a, None), (b, None))}, [a, b]),
+        "passthrough": ({"models": models((a, None))}, [a]),
+    }
+    return {m: ({"merge_method": m, **cfg, "dtype": "float32"}, ins) for m, (cfg, ins) in cfgs.items()}
+
+
+def splice(text: str, block: str) -> str:
+    """``text`` with its yaml-suite block (between :data:`YAML_BEGIN` / :data:`YAML_END`) replaced by ``block``;
+    without one, ``block`` goes before ``## Design measurements`` (else at the end)."""
+    if YAML_BEGIN in text and YAML_END in text:
+        head, rest = text.split(YAML_BEGIN, 1)
+        tail = rest.split(YAML_END, 1)[1].lstrip("\n")
+        return head + block + ("\n" + tail if tail else "")
+    if "\n## Design measurements" in text:
+        head, tail = text.split("\n## Design measurements", 1)
+        return head.rstrip("\n") + "\n\n" + block + "\n## Design measurements" + tail
+    return text.rstrip("\n") + "\n\n" + block
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=12)
@@ -288,9 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffn", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--vl-layers", type=int, default=2)
+    ap.add_argument("--suite", choices=("all", "native", "yaml"), default="all")
     ap.add_argument("--methods", default="interpolation,modality_arithmetic,ties,dare")
+    ap.add_argument("--yaml-methods", default="all", help="mergekit-YAML methods (comma-separated, or all)")
     ap.add_argument("--mergekit-python", default=str(HERE.parents[1] / ".venv-bench" / "bin" / "python"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest is reported")
+    ap.add_argument("--mergekit-repeat", type=int, default=1, help="runs per mergekit row of the yaml suite")
+    ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="the date the yaml section names")
     ap.add_argument("--workdir", help="where to generate the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--out", default=str(HERE.parent / "results" / "merge_throughput.md"))
@@ -299,11 +446,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    from vlmerge.merge.mergekit import MERGE_METHODS
+
+    yaml_methods = list(MERGE_METHODS) if args.yaml_methods == "all" else [
+        m for m in args.yaml_methods.split(",") if m]
+    unknown = [m for m in yaml_methods if m not in MERGE_METHODS]
+    if unknown:
+        ap.error(f"--yaml-methods: unknown {', '.join(unknown)} (expected {', '.join(MERGE_METHODS)})")
+    native, with_yaml = args.suite in ("all", "native"), args.suite in ("all", "yaml")
+    have_mk = Path(args.mergekit_python).exists()
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vlmerge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    global CHILD_SCRIPT
+    CHILD_SCRIPT = work / "merge_throughput_child.py"
+    shutil.copyfile(HERE, CHILD_SCRIPT)
+    src_before = src_state()
     py = sys.executable
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] if native else []
     rows: list[dict[str, Any]] = []
     try:
         t0 = time.perf_counter()
@@ -323,36 +483,60 @@ def main(argv: list[str] | None = None) -> int:
         def spec(label: str, group: str, task: dict[str, Any], floor: str | None = None, **kw: Any) -> None:
             specs.append({"label": label, "group": group, "task": task, "floor": floor, **kw})
 
-        spec("floor: read A,B + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b)]})
-        spec("floor: read A,B,C + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b), str(c)]})
+        if native:
+            spec("floor: read A,B + write", "models", {"kind": "floor_models", "inputs": [str(a), str(b)]})
+            spec("floor: read A,B,C + write", "models",
+                 {"kind": "floor_models", "inputs": [str(a), str(b), str(c)]})
         for m in methods:
             base = None if m == "interpolation" else str(c)
             floor = "floor: read A,B + write" if base is None else "floor: read A,B,C + write"
             task = {"kind": "ours_models", "method": m, "inputs": [str(a), str(b)], "base": base,
                     "params": OURS_PARAMS[m]}
             spec(f"vlmerge {m}", "models", task, floor, keep_output=True)
-            if Path(args.mergekit_python).exists():
+            if have_mk:
                 yaml_text = mergekit_yaml(m, a, b, c)
                 spec(f"mergekit {yaml_text.split()[1]}", "models", {"kind": "mergekit", "yaml": yaml_text}, floor,
-                     python=args.mergekit_python, compare=m != "dare")
-        msa, seed = dirs["msa"], dirs["seed"]
-        spec("floor: read MSA + write", "modality", {"kind": "floor_modality", "input": str(msa)})
-        spec("floor: read MSA,seed + write", "modality",
-             {"kind": "floor_modality", "input": str(msa), "base": str(seed)})
+                     python=args.mergekit_python, compare="max" if m != "dare" else None)
+        if native:
+            msa, seed = dirs["msa"], dirs["seed"]
+            spec("floor: read MSA + write", "modality", {"kind": "floor_modality", "input": str(msa)})
+            spec("floor: read MSA,seed + write", "modality",
+                 {"kind": "floor_modality", "input": str(msa), "base": str(seed)})
         for m in methods:
             base = None if m == "interpolation" else str(seed)
             floor = "floor: read MSA + write" if base is None else "floor: read MSA,seed + write"
             task = {"kind": "ours_modality", "method": m, "input": str(msa), "base": base, "params": OURS_PARAMS[m]}
             spec(f"vlmerge {m}", "modality", task, floor)
+        if with_yaml:
+            import yaml
+
+            cfgs = {m: cfg for m, cfg in yaml_configs(a, b, c).items() if m in yaml_methods}
+            counts = sorted({len(ins) for _, ins in cfgs.values()})
+            for n_in in counts:
+                ins = [a, b, c][:n_in]
+                spec(YAML_FLOORS[n_in], "yaml", {"kind": "floor_models", "inputs": [str(p) for p in ins]})
+            (work / "yaml").mkdir(exist_ok=True)
+            for m in yaml_methods:
+                cfg, ins = cfgs[m]
+                path = work / "yaml" / f"{m}.yml"
+                path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                floor = YAML_FLOORS[len(ins)]
+                spec(f"vlmerge {m}", "yaml", {"kind": "ours_yaml", "yaml_path": str(path)}, floor,
+                     keep_output=have_mk, method=m, cfg=cfg)
+                if have_mk:
+                    spec(f"mergekit {m}", "yaml", {"kind": "mergekit", "yaml_path": str(path)}, floor,
+                         python=args.mergekit_python, method=m, rounds=args.mergekit_repeat,
+                         compare="stats" if m in RANDOM_METHODS else "agreement",
+                         base=cfg.get("base_model"))
 
         out, keep_ours = work / "out", work / "ours_out"
         best: dict[tuple[str, str], dict[str, Any]] = {}
         times: dict[tuple[str, str], list[float]] = {}  # every round's time, for the medians
-        diffs: dict[tuple[str, str], float] = {}
+        diffs: dict[tuple[str, str], Any] = {}
         for rnd in range(args.repeat):
             for sp in specs:
                 key = (sp["group"], sp["label"])
-                if "error" in best.get(key, {}):
+                if "error" in best.get(key, {}) or rnd >= sp.get("rounds", args.repeat):
                     continue
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # no writeback of the previous output during this run
@@ -361,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" not in res:
                     times.setdefault(key, []).append(res["seconds"])
                 if "error" in res or key not in best or res["seconds"] < best[key]["seconds"]:
-                    best[key] = {**res, "label": sp["label"], "group": sp["group"]}
+                    best[key] = {**res, "label": sp["label"], "group": sp["group"], "method": sp.get("method")}
                 print(
                     f"round {rnd + 1}/{args.repeat}  {sp['group']:<9} {sp['label']:<32} "
                     + (f"ERROR {res['error']}" if "error" in res else
@@ -370,41 +554,75 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if rnd == 0 and sp.get("keep_output"):  # compared with mergekit's output, next row
                     shutil.rmtree(keep_ours, ignore_errors=True)
-                    if out.exists():
+                    if out.exists() and "error" not in res:
                         os.rename(out, keep_ours)
                 if rnd == 0 and sp.get("compare") and "error" not in res and keep_ours.exists():
-                    diffs[key] = max_abs_diff(keep_ours, out)
-                    print(f"          max |vlmerge − mergekit| = {diffs[key]:.3g}", flush=True)
+                    if sp["compare"] == "max":
+                        diffs[key] = max_abs_diff(keep_ours, out)
+                        print(f"          max |vlmerge − mergekit| = {diffs[key]:.3g}", flush=True)
+                    elif sp["compare"] == "agreement":
+                        diffs[key] = agreement(keep_ours, out)
+                        print(f"          agreement {diffs[key]}", flush=True)
+                    else:
+                        diffs[key] = random_stats(keep_ours, out, Path(sp["base"]))
+                        print(f"          statistics {diffs[key]}", flush=True)
+                if rnd == 0 and sp.get("compare"):
+                    shutil.rmtree(keep_ours, ignore_errors=True)
         shutil.rmtree(keep_ours, ignore_errors=True)
+        largest = max(math.prod(s) for s in llama_specs(args.layers, args.dim, args.ffn, args.vocab).values()) * 4
         for sp in specs:
             key = (sp["group"], sp["label"])
             row = best[key]
             if key in times:
                 row["median"] = statistics.median(times[key])
             if key in diffs:
-                row["max_abs_diff_vs_vlmerge"] = diffs[key]
+                row["max_abs_diff_vs_vlmerge" if sp["compare"] == "max" else "check"] = diffs[key]
             if sp["floor"] is not None:
                 ref = best[(sp["group"], sp["floor"])]
                 row["floor"], row["floor_rss"] = ref.get("seconds"), ref.get("rss_mb")
                 row["floor_median"] = ref.get("median")
+                row["floor_label"] = sp["floor"]
             rows.append(row)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    report = render(rows, sizes, args, gen_s)
-    print("\n" + report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report)
+    args.src_changed = src_state() != src_before
+    if args.src_changed:
+        print("WARNING: src/ changed during the run (its rows may mix code versions)", flush=True)
+    outp = Path(args.out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    old = outp.read_text() if outp.exists() else ""
+    if native:
+        report = render([r for r in rows if r["group"] != "yaml"], sizes, args, gen_s)
+        print("\n" + report)
+        if YAML_BEGIN in old and YAML_END in old and not with_yaml:  # keep the yaml section of an earlier run
+            report = splice(report, YAML_BEGIN + old.split(YAML_BEGIN, 1)[1].split(YAML_END, 1)[0] + YAML_END + "\n")
+        old = report
+    if with_yaml:
+        block = render_yaml([r for r in rows if r["group"] == "yaml"], sizes, args, gen_s, largest,
+                            argv if argv is not None else sys.argv[1:])
+        print("\n" + block)
+        old = splice(old, YAML_BEGIN + "\n" + block + YAML_END + "\n")
+    outp.write_text(old)
     print(f"\nwritten to {args.out}")
     return 0
 
 
-def render(
-    rows: list[dict[str, Any]], sizes: dict[str, float], args: argparse.Namespace, gen_s: float
-) -> str:
-    import torch
+def src_state() -> str:
+    """HEAD and a hash of the working tree's changes under src/ (``git diff HEAD`` and untracked files)."""
+    git = ["git", "-C", str(HERE.parents[1])]
+    out = [subprocess.run([*git, *a], capture_output=True, text=True).stdout for a in (
+        ["rev-parse", "HEAD"], ["diff", "HEAD", "--", "src"], ["ls-files", "--others", "--exclude-standard", "src"])]
+    untracked = [HERE.parents[1] / f for f in out[2].split()]
+    blob = "".join(out[:2]) + "".join(f.read_text(errors="replace") for f in untracked if f.is_file())
+    import hashlib
 
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def machine(args: argparse.Namespace) -> tuple[str, float, str]:
+    """(CPU model name, RAM GiB, mergekit version or 'not installed')."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -427,6 +645,127 @@ def render(
         if Path(args.mergekit_python).exists()
         else "not installed"
     )
+    return cpu, mem, mk_ver
+
+
+def _target(method: str, r: dict[str, Any], mk: dict[str, Any] | None) -> str:
+    """The issue's target for ``method``'s row ``r`` (mergekit's row ``mk``): met on the fastest and the median
+    round, met on the fastest only, or missed (naming what)."""
+    if method in ELEMENTWISE:
+        lim, vs_mk = 1.2, False
+    elif method in SELECTION:
+        lim, vs_mk = 2.0, True
+    else:
+        return "–"
+    fast, med = r["seconds"] / r["floor"], r["median"] / r["floor_median"]
+    missed = []
+    if fast > lim:
+        missed.append(f"{fast:.2f}× floor > {lim:g}×")
+    if vs_mk and mk is not None and "seconds" in mk and r["seconds"] > 0.2 * mk["seconds"]:
+        missed.append(f"{r['seconds'] / mk['seconds']:.2f}× mergekit > 0.2×")
+    if missed:
+        return "**missed**: " + "; ".join(missed)
+    what = f"≤ {lim:g}× floor" + (", ≤ 0.2× mergekit" if vs_mk and mk is not None else "")
+    return f"met ({what})" if med <= lim else f"met on the fastest round ({what}); median {med:.2f}×"
+
+
+def _check_cell(method: str, chk: dict[str, Any] | None) -> str:
+    if chk is None:
+        return "–"
+    if "keys" in chk:
+        return f"different keys: {chk['keys']}"
+    if method in RANDOM_METHODS:
+        return (f"kept {chk['kept_ours']:.4f} vs {chk['kept_theirs']:.4f} (max per-tensor diff "
+                f"{chk['max_dkept']:.1e}); L1 of Δ max per-tensor rel. diff {chk['max_dl1']:.1e}")
+    off = f", {chk['off']} of {chk['entries']:.3g} entries > 1e-5 rel." if chk["off"] else ""
+    return f"max abs {chk['max_abs']:.2g}, rel. {chk['max_rel']:.1g}{off}"
+
+
+def render_yaml(rows: list[dict[str, Any]], sizes: dict[str, float], args: argparse.Namespace, gen_s: float,
+                largest: int, argv: list[str]) -> str:
+    import shlex
+
+    import torch
+
+    cpu, mem, mk_ver = machine(args)
+    cmd = ".venv/bin/python benchmarks/merge_throughput.py " + " ".join(shlex.quote(x) for x in argv)
+    git = ["git", "-C", str(HERE.parents[1])]
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True).stdout
+    code = f"vlmerge at commit {rev or 'unknown'}" + (
+        f" with uncommitted changes in {', '.join(sorted(line[3:] for line in dirty.splitlines()))}" if dirty else ""
+    )
+    by = {r["label"]: r for r in rows}
+    reps = args.mergekit_repeat
+    lines = [
+        f"## mergekit-YAML methods: `vlmerge merge CONFIG.yaml OUT_DIR` vs mergekit ({args.date})",
+        "",
+        f"Command: `{cmd.strip()}`; {code}"
+        + (" (**src/ changed during the run**: rows may mix code versions)." if args.src_changed else "."),
+        "",
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU, shared with other jobs; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; mergekit {mk_ver} "
+        f"(`{args.mergekit_python}`, built by `python3 -m venv V && V/bin/pip install torch==2.13.0 && "
+        "V/bin/pip install mergekit==0.1.5`).",
+        "",
+        f"Inputs: the same generated Llama-named float32 models ({args.layers} layers, dim {args.dim}, ffn "
+        f"{args.ffn}, vocab {args.vocab}; generated in {gen_s:.0f} s): A {sizes['A']:.2f} GB, B "
+        f"{sizes['B']:.2f} GB, C {sizes['C']:.2f} GB; largest tensor {largest / 1e6:.0f} MB. Configs "
+        "(`yaml_configs` in the script): task-vector methods, model_stock and sce merge A and B onto base C "
+        "(weight 1, density 0.5; breadcrumbs* density 0.9, gamma 0.01; sce select_topk 0.5; task_arithmetic "
+        "weight 0.5), linear A 0.75 + B 0.25, slerp t 0.5 (base A), nuslerp / multislerp A and B with equal "
+        "weights, karcher A and B (defaults), passthrough A; each against the floor of the models it reads.",
+        "",
+        f"vlmerge and the floors: fastest of {args.repeat} fresh processes, run in rounds as above; mergekit: "
+        f"{'the one run' if reps == 1 else f'fastest of {reps}'} (`run_merge` in-process, CPU, lazy unpickle, "
+        "seed 0). *× floor*: fastest vlmerge round over the fastest floor round; *median ×*: median over "
+        "median. *RSS − floor*: peak RSS above the floor's, also in largest tensors. vlmerge's mergekit runner "
+        "is single-threaded per tensor (read every input, check it finite, merge, cast, check, write; fsync at "
+        "the end). *agreement*: deterministic methods, max |vlmerge − mergekit| over every entry and that "
+        "relative to the tensor's max |mergekit|, with the count of entries off by > 1e-5 of it; random "
+        "methods (generators differ): of Δ = out − C per tensor, the kept fraction (Δ ≠ 0) of vlmerge vs "
+        "mergekit and the largest per-tensor |‖Δ_vl‖₁ / ‖Δ_mk‖₁ − 1|. *target* (the issue's): elementwise "
+        "(linear, task arithmetic, SLERP family with karcher, DARE, passthrough) ≤ 1.2× floor; "
+        "selection-based (TIES, breadcrumbs, DELLA, SCE, model stock) ≤ 2× floor and ≤ 0.2× mergekit, judged "
+        "on the fastest rounds.",
+        "",
+        "| method | vlmerge (s) | × floor | median × | peak RSS (MB) | RSS − floor (MB / tensors) | mergekit (s) "
+        "| mergekit RSS (MB) | vlmerge / mergekit | agreement | target |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for label in YAML_FLOORS.values():
+        if label in by:
+            r = by[label]
+            lines.append(f"| {label} | {r['seconds']:.2f} | 1.00 | 1.00 | {r['rss_mb']:.0f} | – | – | – | – | – | – |")
+    methods = [r["method"] for r in rows if r["label"].startswith("vlmerge ")]
+    for m in methods:
+        r, mk = by[f"vlmerge {m}"], by.get(f"mergekit {m}")
+        if "error" in r:
+            lines.append(f"| {m} | failed: {r['error']} | | | | | | | | | |")
+            continue
+        drss = r["rss_mb"] - r["floor_rss"]
+        mk_s = mk_rss = ratio = "–"
+        if mk is not None and "error" in mk:
+            mk_s = f"failed: {mk['error']}"
+        elif mk is not None:
+            mk_s, mk_rss = f"{mk['seconds']:.2f}", f"{mk['rss_mb']:.0f}"
+            ratio = f"{r['seconds'] / mk['seconds']:.2f}"
+        lines.append(
+            f"| {m} | {r['seconds']:.2f} | {r['seconds'] / r['floor']:.2f} | "
+            f"{r['median'] / r['floor_median']:.2f} | {r['rss_mb']:.0f} | "
+            f"{drss:+.0f} / {drss * 2**20 / largest:+.1f} | "
+            f"{mk_s} | {mk_rss} | {ratio} | {_check_cell(m, (mk or {}).get('check'))} | "
+            f"{_target(m, r, mk if mk is not None and 'error' not in mk else None)} |"
+        )
+    return "\n".join(lines) + "\n\n"
+
+
+def render(
+    rows: list[dict[str, Any]], sizes: dict[str, float], args: argparse.Namespace, gen_s: float
+) -> str:
+    import torch
+
+    cpu, mem, mk_ver = machine(args)
     cmd = "/work/main/.venv/bin/python benchmarks/merge_throughput.py" + "".join(
         f" --{k.replace('_', '-')} {getattr(args, k)}"
         for k in ("layers", "dim", "ffn", "vocab")

@@ -113,3 +113,17 @@ def test_a_wheel_install_finds_every_preset(tmp_path: Path) -> None:
     res = subprocess.run([*cli, "finetune", "vqa", "--init", str(msa), "--out", "ft", "--set", "max_steps=2",
                           "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0 and (tmp_path / "ft" / "config.json").is_file(), res.stderr[-2000:]
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """'Billion laughs': 9 levels of 10 aliases name 10⁹ values in 300 bytes; validating or printing them once
+    took gigabytes. Refused from the node graph, before anything is expanded."""
+    names = "abcdefghi"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip(names, names[1:], strict=False)]
+    path = tmp_path / "lol.yaml"
+    path.write_text("\n".join(lines) + "\nmodels: *i\n")
+    with pytest.raises(ValueError, match=r"lol\.yaml: not valid YAML .*expand it to more than 1,000,000 values"):
+        read_yaml(path)
+    path.write_text("a: &a [1, 2]\nb: [*a, *a]\n")  # ordinary aliases still work
+    assert read_yaml(path) == {"a": [1, 2], "b": [[1, 2], [1, 2]]}

@@ -57,8 +57,33 @@ def find_config(name_or_path: str | os.PathLike[str], kind: str = "") -> Path:
                             "YAML file")
 
 
+#: Values a YAML document may expand to through anchors and aliases (a "billion laughs" file of a few hundred
+#: bytes names 10⁹ of them: validating or printing it would take gigabytes and minutes).
+MAX_YAML_VALUES = 1_000_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Scalars, sequences and mappings ``node`` stands for with every alias expanded (memoised: aliases share
+    nodes, so this is linear in the file, not in the expansion)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a recursive alias counts once
+        if isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return memo[key]
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently)."""
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently) and a
+    document that expands to more than :data:`MAX_YAML_VALUES` values through aliases."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"anchors and aliases expand it to more than {MAX_YAML_VALUES:,} values", node.start_mark)
+        return super().construct_document(node)  # type: ignore[no-untyped-call]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -68,6 +93,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: larger numbers overflow in the math
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
+def check_float32_fields(model: Any) -> Any:
+    """For a pydantic ``model_validator(mode="after")``: ``ValueError`` naming the first float field (or an
+    entry of a tuple / list of floats) beyond float32's range, and a ``seed`` outside :data:`SEED_RANGE`."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and abs(v) > FLOAT32_MAX for v in items):
+            raise ValueError(f"{name}={value!r}: beyond float32's range (|x| <= {FLOAT32_MAX:.3g})")
+        if name.endswith("seed") and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise ValueError(f"{name}={value}: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    return model
 
 
 def safe_load(text: str) -> Any:

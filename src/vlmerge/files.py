@@ -126,6 +126,11 @@ def _overlap(out: Path, reads: Iterable[PathLike | None], flag: str) -> None:
             raise ValueError(f"{flag} {out} lies inside the input {r}; write it outside the input's folder")
 
 
+#: Files of a model folder (what every command that writes one leaves): only such a folder is replaced by
+#: ``--overwrite``; a folder without any is someone else's (notes, a dataset, a home directory).
+MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
 def guard_output_dir(
     out: PathLike, reads: Iterable[PathLike | None], overwrite: bool, flag: str = "output",
     clean_stale: bool = False,
@@ -133,7 +138,8 @@ def guard_output_dir(
     """Check a directory output before anything is opened; returns it absolute (not resolved).
 
     Refused (``ValueError`` naming ``flag``): the output is, contains or lies inside any path in ``reads``;
-    it exists and is not a directory; it exists, is not empty and ``overwrite`` is False. With
+    it exists and is not a directory; it exists, is not empty and ``overwrite`` is False; it is not empty and
+    holds none of :data:`MODEL_MARKERS` (even with ``overwrite``). With
     ``clean_stale``, temps of an earlier killed writer of this output are cleaned up first (after the
     overlap check), so a previous output they held is restored and then counts as existing.
     """
@@ -147,6 +153,10 @@ def guard_output_dir(
             raise ValueError(f"{flag} {path} exists and is not a directory")
         if any(path.iterdir()) and not overwrite:
             raise ValueError(f"{flag} {path} exists and is not empty; pass --overwrite to replace it")
+        if any(path.iterdir()) and not any((path / m).is_file() for m in MODEL_MARKERS):
+            raise ValueError(f"{flag} {path} is not empty and holds no model (no {' / '.join(MODEL_MARKERS)}); "
+                             "--overwrite replaces only an earlier output, not someone else's folder: give a new "
+                             "or empty directory")
     return path
 
 

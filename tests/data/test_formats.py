@@ -529,3 +529,11 @@ def test_a_lone_surrogate_in_a_caption_is_refused_naming_the_entry(tmp_path: Pat
     path.write_text(json.dumps(data))  # json writes the surrogate as the escape \ud800, valid JSON
     with pytest.raises(ValueError, match=r"images\[0\]\.sentences\[0\]: 'raw' holds an invalid character"):
         load_karpathy(path, tmp_path, "test")
+
+
+def test_an_image_path_that_is_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "img.png")  # opening it for reading would block forever
+    with pytest.raises(ValueError, match=r"img\.png: not a regular file"):
+        load_image(tmp_path / "img.png", 8)

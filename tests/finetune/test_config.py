@@ -116,3 +116,12 @@ def test_a_new_task_is_one_registered_class(monkeypatch: pytest.MonkeyPatch) -> 
     assert "caption" in task_names() and "caption" in task_names(trainable=True)
     assert validate_config({"task": "caption"}).task == "caption"
     assert len(embedded_dataset("caption", "val", 2, image_size=16)) == 10  # 5 captions per scene
+
+
+@pytest.mark.parametrize(("pair", "key"), [("lr=1e300", "lr=1e+300"), ("weight_decay=-1e39", "weight_decay"),
+                                          ("betas=[0.9, 1e39]", "betas"), (f"seed={10**23}", "seed=")])
+def test_numbers_beyond_what_the_math_takes_are_refused_naming_the_key(pair: str, key: str) -> None:
+    """lr=1e300 once passed validation and overflowed in the optimiser (an internal error); a 23-digit seed
+    failed inside torch.manual_seed without naming the key."""
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("+", r"\+")):
+        resolve_config("vqa", "micro", None, [pair])

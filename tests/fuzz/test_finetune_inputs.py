@@ -154,6 +154,11 @@ def test_finetune_replaces_an_existing_out_only_with_overwrite(
     assert main(["finetune", "nlvr2", "--init", str(init), "--out", str(out), *FT]) == 2
     assert "--overwrite" in one_line_error(capsys, "finetune")
     assert snapshot(tmp_path) == before
+    # a folder that holds no model is someone else's: not replaced even with --overwrite
+    assert main(["finetune", "nlvr2", "--init", str(init), "--out", str(out), "--overwrite", *FT]) == 2
+    assert "holds no model" in one_line_error(capsys, "finetune")
+    assert snapshot(tmp_path) == before
+    (out / "config.json").write_bytes(b"{}\n")  # an earlier output: replaced with --overwrite
     assert main(["finetune", "nlvr2", "--init", str(init), "--out", str(out), "--overwrite", *FT]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors",
                                                      "train_log.json"]
@@ -177,6 +182,7 @@ def test_a_finetune_that_runs_out_of_disk_leaves_out_as_it_was(
     if existing:  # a previous output, to be replaced: kept whole when the new one cannot be written
         out.mkdir()
         (out / "metrics.json").write_bytes(b"{}\n")
+        (out / "config.json").write_bytes(b"{}\n")
     before = snapshot(tmp_path)
     monkeypatch.setattr(api, "atomic_write_json", _no_space)  # the model is written, metrics.json is not
     assert main(["finetune", "nlvr2", "--init", str(init), "--out", str(out), "--overwrite", *FT]) == 1

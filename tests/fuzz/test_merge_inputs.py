@@ -83,6 +83,44 @@ def test_save_grams_never_overwrites(work: Path, cli) -> None:
     assert leftovers(work, ["msa", "base", "grams.safetensors"]) == []
 
 
+@pytest.mark.parametrize("schema", ["flags", "mergekit"])
+def test_overwrite_never_replaces_a_folder_that_holds_no_model(work: Path, cli, schema: str) -> None:
+    (work / "docs" / "sub").mkdir(parents=True)  # someone's folder: --overwrite once deleted all of it
+    (work / "docs" / "notes.txt").write_text("precious")
+    (work / "docs" / "sub" / "thesis.tex").write_text("x")
+    if schema == "flags":
+        argv: list[object] = [*INTERP, work / "msa", work / "docs", "--overwrite"]
+    else:
+        cfg = work / "mk.yaml"
+        cfg.write_text(f"merge_method: linear\nmodels:\n  - {{model: {work / 'msa'}, parameters: {{weight: 1}}}}\n"
+                       f"  - {{model: {work / 'base'}, parameters: {{weight: 1}}}}\n")
+        argv = ["merge", cfg, work / "docs", "--overwrite"]
+    before = snapshot(work)
+    refused(cli(*argv), 2, "docs", "holds no model")
+    assert snapshot(work) == before
+    res = cli(*argv[:-2], work / "fresh")  # the same merge into a new folder works, and may then be replaced
+    assert res.rc == 0, res.err
+    assert cli(*argv[:-2], work / "fresh", "--overwrite").rc == 0
+
+
+@pytest.mark.parametrize("schema", ["vlmerge", "mergekit"])
+def test_the_config_file_is_an_input_too(work: Path, cli, schema: str) -> None:
+    out = work / "o"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier output, which --overwrite may replace...
+    cfg = out / "merge.yaml"  # ...but not while the config being run lies inside it
+    if schema == "vlmerge":
+        cfg.write_text(f"method: interpolation\ninput: {work / 'msa'}\noutput: {out}\n")
+        argv: list[object] = ["merge", cfg, "--overwrite"]
+    else:
+        cfg.write_text(f"merge_method: linear\nmodels:\n  - {{model: {work / 'msa'}, parameters: {{weight: 1}}}}\n"
+                       f"  - {{model: {work / 'base'}, parameters: {{weight: 1}}}}\n")
+        argv = ["merge", cfg, out, "--overwrite"]
+    before = snapshot(work)
+    refused(cli(*argv), 2, "merge.yaml", "contains the input")
+    assert snapshot(work) == before
+
+
 def test_save_grams_is_never_a_fifo_and_needs_collected_grams(work: Path, cli) -> None:
     import stat
 

@@ -123,7 +123,7 @@ def test_yaml_config(msa_pair, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    ({"method": "soup"}, "method: unknown merge method 'soup'; allowed: average, dare"),
+    ({"method": "soup"}, "method: unknown merge method 'soup'; allowed: average, breadcrumbs"),
     ({"methd": "ties"}, "methd: unknown key; allowed keys: method, params"),
     ({"params": {"alpha": 3}}, "interpolation params: alpha"),
     ({"params": {"density": 0.5}}, "params: density: unknown key; allowed keys: alpha, vl_ratio"),

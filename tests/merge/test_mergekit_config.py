@@ -272,6 +272,84 @@ def test_gradient_on_a_model_without_layers(tmp_path: Path) -> None:
     assert torch.equal(got[POOL], torch.full((2, 2), 0.25 + 3.0))  # no layer index: the first value
 
 
+def test_gradient_on_a_one_layer_model_takes_the_last_value(tmp_path: Path) -> None:
+    """mergekit evaluates a one-layer slice at t = 1 (plan.py, MergePlanner.plan_slice): the layer's tensors take
+    a gradient's last value; tensors outside the layers still take the first (t = 0)."""
+    A, B = bert_sd(0, n_layers=1), bert_sd(1, n_layers=1)
+    a, b = hf(tmp_path, "a", A), hf(tmp_path, "b", B)
+    got = merge(tmp_path, {"merge_method": "linear", "parameters": {"normalize": False},
+                           "models": [{"model": str(a), "parameters": {"weight": [0.25, 0.5, 1.0]}},
+                                      {"model": str(b), "parameters": {"weight": 1.0}}]})
+    for k in floats(A):
+        w = 1.0 if k.startswith("encoder.layer.0.") else 0.25
+        torch.testing.assert_close(got[k], w * A[k] + B[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- mergekit's leniencies
+def test_global_parameter_given_per_model_is_ignored_with_one_warning(
+        tmp_path: Path, three, capsys: pytest.CaptureFixture[str]) -> None:
+    """mergekit reads a method's global parameters from the top-level settings only (parameter_resolver.py,
+    resolve_parameters): one given per model is ignored. vlmerge ignores it too, with one warning line naming
+    the key and every place it was given."""
+    (a, b, c), (A, B, C) = three
+    cfg = write_cfg(tmp_path / "w.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": 1.0, "normalize": False}},
+                   {"model": str(b), "parameters": {"weight": 3.0, "normalize": False}}]})
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: ") and "'normalize'" in lines[0] and "ignored" in lines[0]
+    assert "models[0].parameters.normalize" in lines[0] and "models[1].parameters.normalize" in lines[0]
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k in floats(A):  # normalize stays the global default (true)
+        torch.testing.assert_close(got[k], (A[k] + 3 * B[k]) / 4, rtol=0, atol=1e-6)
+    # a task-vector method: lambda and random_seed per model are ignored alike
+    tv = {"merge_method": "dare_linear", "base_model": str(c),
+          "models": [{"model": str(a), "parameters": {"weight": 1.0, "lambda": 5.0, "random_seed": 3}}]}
+    got = merge(tmp_path, tv, "o2")
+    for k in floats(A):
+        torch.testing.assert_close(got[k], A[k], rtol=0, atol=1e-6)
+
+
+def test_minimum_model_counts_match_mergekit(tmp_path: Path, three, capsys: pytest.CaptureFixture[str]) -> None:
+    """mergekit's input contracts (merge_methods/*.py, InputContract): linear takes one model; the task-vector
+    methods and sce take the base model alone (their merge returns the base); model_stock needs two besides it."""
+    (a, b, c), (A, B, C) = three
+    got = merge(tmp_path, {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 2.0}}]})
+    assert all(torch.equal(got[k], A[k]) for k in A)  # normalize: 2·A / 2
+    got = merge(tmp_path, {"merge_method": "linear", "parameters": {"normalize": False},
+                           "models": [{"model": str(a), "parameters": {"weight": 2.0}}]}, "o2")
+    assert all(torch.equal(got[k], 2 * A[k]) for k in floats(A))
+    for m in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "sce"):
+        cfg: dict[str, Any] = {"merge_method": m, "base_model": str(c), "models": [{"model": str(c)}]}
+        if m != "sce":
+            cfg["parameters"] = {"weight": 1.0}
+        got = merge(tmp_path, cfg, f"only-{m}")
+        assert all(torch.equal(got[k], C[k]) for k in C), m
+    refused(capsys, ["merge", str(write_cfg(tmp_path / "bad.yaml", {
+        "merge_method": "model_stock", "base_model": str(c), "models": [{"model": str(a)}]})), str(tmp_path / "bad")],
+        "model_stock", "at least 2", "got 1")
+
+
+def test_density_and_select_topk_above_one_keep_everything(tmp_path: Path, three) -> None:
+    """mergekit's sparsify.py returns the task vector unchanged for density ≥ 1 (every method), and sce selects
+    every entry for select_topk ≥ 1 (sce.py): accepted, the same as 1."""
+    (a, b, c), _ = three
+    base = {"base_model": str(c), "models": [{"model": str(a)}, {"model": str(b)}]}
+    for m, params in (("ties", {"weight": 1.0, "density": 1.5}), ("dare_linear", {"weight": 1.0, "density": 2}),
+                      ("breadcrumbs", {"weight": 1.0, "density": [0.5, 1.2]}),
+                      ("sce", {"select_topk": 3})):
+        one = {k: (1.0 if k in ("density", "select_topk") else v) for k, v in params.items()}
+        got = merge(tmp_path, {"merge_method": m, "parameters": params, **base}, f"{m}-big")
+        want = merge(tmp_path, {"merge_method": m, "parameters": one, **base}, f"{m}-one")
+        for k in got:
+            if m == "breadcrumbs" and "layer.2." not in k:
+                continue  # the gradient [0.5, 1.2] reaches 1.2 at the last of the 3 layers only
+            assert torch.equal(got[k], want[k]), (m, k)
+
+
 # -------------------------------------------------------------------------------------------------- errors
 def test_errors_name_the_key(tmp_path: Path, three, capsys: pytest.CaptureFixture[str]) -> None:
     (a, b, _), (A, _, _) = three
@@ -352,13 +430,14 @@ def test_more_refusals(tmp_path: Path, three, capsys: pytest.CaptureFixture[str]
         return refused(capsys, ["merge", str(write_cfg(tmp_path / "bad.yaml", cfg)), out], *names)
 
     run({**ok, "parameters": {"weight": 1.0, "normalize": 1}}, "parameters.normalize", "true or false")
-    run({**ok, "models": [{"model": str(a), "parameters": {"normalize": True}}, {"model": str(b)}]},
-        "models[0].parameters.normalize", "global parameter")
+    run({**ok, "models": [{"model": str(a), "parameters": {"lambda": 1.0}}, {"model": str(b)}]},
+        "models[0].parameters.lambda", "unknown parameter")  # not linear's at all: an error (mergekit ignores it)
     run({**ok, "parameters": {"weight": [{"filter": "q", "value": 1}, {"value": 1}, {"value": 2}]}},
         "parameters.weight", "at most one default")
     run({**ok, "parameters": {"weight": [{"filter": "q", "valu": 1}]}}, "parameters.weight[0]", "valu")
     run({"merge_method": "ties", "base_model": str(a), "models": [{"model": str(b)}],
-         "parameters": {"weight": 1.0, "density": 1.5}}, "density=1.5", "[0, 1]")
+         "parameters": {"weight": 1.0, "density": -0.5}}, "density=-0.5", "≥ 0")
+    run({**ok, "models": []}, "models", "empty")
     # shape / integer-buffer differences are listed like key differences
     sd = dict(A)
     sd[POOL] = torch.zeros(2, 2)

@@ -277,7 +277,7 @@ def test_shard_size_spellings(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     x, y, _, _ = shard_models(tmp_path)
     cfg = write_cfg(tmp_path / "m.yaml", {"merge_method": "linear", "parameters": {"weight": 1.0},
                                           "models": [{"model": str(x)}, {"model": str(y)}]})
-    for bad in ("5XB", "-1", "0", "GB", "1e9"):
+    for bad in ("5XB", "-1", "0", "GB", "1e9", "1" + "0" * 400, "99999999999GB"):  # huge: once an OverflowError
         refused(capsys, ["merge", str(cfg), str(tmp_path / "out"), "--out-shard-size", bad], "--out-shard-size")
     nothing_left(tmp_path)
 
@@ -378,3 +378,39 @@ def test_device_cpu_and_auto_match_the_default(tmp_path: Path, capsys: pytest.Ca
     refused(capsys, ["merge", "--method", "average", "--inputs", str(dirs[0]), str(dirs[1]), "-o",
                      str(tmp_path / "out"), "--device", "cpu", "--out-shard-size", "5GB"],
             "--out-shard-size", "--device", "only for a mergekit config")
+
+
+def test_a_recompressed_zip_checkpoint_is_read_whole_not_mapped(tmp_path: Path) -> None:
+    """A ``.bin`` re-zipped with DEFLATE (``zip``, ``zipfile``): torch.load(mmap=True) would map the compressed
+    bytes as the tensors' data and return garbage without an error; the reader must read it whole."""
+    import zipfile
+
+    sd_a, sd_b = bert_sd(0), bert_sd(1)
+    plain = tmp_path / "plain.bin"
+    torch.save(sd_a, plain)
+    a = tmp_path / "a"
+    a.mkdir()
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(a / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    (a / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    b = hf(tmp_path, "b", sd_b)
+    out = run(tmp_path, {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                                                              {"model": str(b), "parameters": {"weight": 1.0}}]})
+    got = load_file(str(out / "model.safetensors"))
+    for k, v in sd_a.items():
+        want = v if not v.is_floating_point() else (v + sd_b[k]) / 2
+        assert torch.equal(got[k], want), k
+
+
+def test_a_pickled_view_claiming_more_than_its_storage_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                 ) -> None:
+    """16 bytes on disk claiming 10¹³ entries (a stride-0 view) once made the writer try a 40 TB file."""
+    sds = [bert_sd(0), bert_sd(1)]
+    for sd in sds:
+        sd["huge"] = torch.zeros(4).as_strided((10**13,), (0,))
+    a, b = hf_bin(tmp_path, "a", sds[0]), hf_bin(tmp_path, "b", sds[1])
+    cfg = write_cfg(tmp_path / "m.yaml", {"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 1.0}}]})
+    refused(capsys, ["merge", str(cfg), str(tmp_path / "out")], "pytorch_model.bin", "'huge'", "storage of 16 bytes")
+    nothing_left(tmp_path)

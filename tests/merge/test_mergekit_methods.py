@@ -399,6 +399,24 @@ def test_karcher_counts_the_base_as_an_input(tmp_path: Path, four) -> None:
     close(got[LN.format(0)], (np_(sds[1][LN.format(0)]) + np_(sds[2][LN.format(0)])) / 2, atol=1e-5)
 
 
+def sce_np(ts: list[np.ndarray], topk: float) -> np.ndarray:
+    """SCE's merged task vector of the task vectors ``ts`` (any one shape): the ``topk`` fraction of entries of
+    largest variance over the inputs kept, mean-square weights, sign erase."""
+    shape = ts[0].shape
+    t = np.stack([x.ravel() for x in ts])
+    if topk < 1:
+        var = t.var(axis=0)
+        k = int(np.count_nonzero(var) * topk)
+        keep = np.zeros(var.size, bool)
+        keep[np.argsort(-var, kind="stable")[:k]] = True
+        t = t * keep
+    ms = (t**2).mean(axis=1)
+    om = ms / ms.sum()
+    s = np.where(t.sum(0) >= 0, 1.0, -1.0)
+    wm = om[:, None] * (np.sign(t) == s)
+    return ((t * wm).sum(0) / np.maximum(wm.sum(0), 1e-6)).reshape(shape)
+
+
 def test_sce_select_calculate_erase(tmp_path: Path) -> None:
     base = one_key(tmp_path, "base", torch.zeros(6))
     taus = [np.array([1.0, 2.0, -1.0, 0.5, 3.0, -2.0]),
@@ -407,21 +425,6 @@ def test_sce_select_calculate_erase(tmp_path: Path) -> None:
     dirs = [one_key(tmp_path, f"m{i}", torch.tensor(t)) for i, t in enumerate(taus)]
     cfg: dict[str, Any] = {"merge_method": "sce", "base_model": str(base),
                            "parameters": {"select_topk": 0.5}, "models": models(*[(d, {}) for d in dirs])}
-
-    def sce_np(ts: list[np.ndarray], topk: float) -> np.ndarray:
-        t = np.stack(ts)
-        if topk < 1:
-            var = t.var(axis=0)
-            k = int(np.count_nonzero(var) * topk)
-            keep = np.zeros(var.size, bool)
-            keep[np.argsort(-var, kind="stable")[:k]] = True
-            t = t * keep
-        ms = (t**2).mean(axis=1)
-        om = ms / ms.sum()
-        s = np.where(t.sum(0) >= 0, 1.0, -1.0)
-        wm = om[:, None] * (np.sign(t) == s)
-        return (t * wm).sum(0) / np.maximum(wm.sum(0), 1e-6)
-
     # idx 0 has zero variance (all 1): 5 entries vary, k = int(5 · 0.5) = 2 (idx 5 and 4 vary most)
     close(merge(tmp_path, cfg)[KEY], sce_np(taus, 0.5))
     want = sce_np(taus, 0.5)
@@ -463,12 +466,12 @@ def test_bad_parameters_name_the_key(tmp_path: Path, four, capsys: pytest.Captur
         return refused(capsys, ["merge", str(write_cfg(tmp_path / "bad.yaml", cfg)), out], *names)
 
     tv = {"merge_method": "dare_ties", "base_model": str(b), "models": models((m1, {"weight": 1.0}))}
-    run({**tv, "parameters": {"density": 1.5}}, "parameters.density", "density=1.5", "[0, 1]")
+    run({**tv, "parameters": {"density": -1.5}}, "parameters.density", "density=-1.5", "≥ 0")
     run({**tv, "models": models((m1, {"weight": 1.0, "density": -0.1}))}, "models[0].parameters.density", "-0.1")
-    run({**tv, "models": models((m1, {"weight": 1.0, "density": [0.5, 1.2]}))}, "models[0].parameters.density[1]",
-        "1.2")
-    run({**tv, "models": models((m1, {"weight": 1.0, "density": [{"filter": "q", "value": 2}]}))},
-        "models[0].parameters.density[0].value", "[0, 1]")
+    run({**tv, "models": models((m1, {"weight": 1.0, "density": [0.5, -1.2]}))}, "models[0].parameters.density[1]",
+        "-1.2")
+    run({**tv, "models": models((m1, {"weight": 1.0, "density": [{"filter": "q", "value": -2}]}))},
+        "models[0].parameters.density[0].value", "≥ 0")
     run({**tv, "models": models((m1, {"weight": True}))}, "models[0].parameters.weight", "True")
     run({**tv, "parameters": {"lambda": True}}, "parameters.lambda", "True")
     run({**tv, "parameters": {"density": float("nan")}}, "parameters.density", "finite")
@@ -477,13 +480,11 @@ def test_bad_parameters_name_the_key(tmp_path: Path, four, capsys: pytest.Captur
     run({**tv, "parameters": {"random_seed": -1}}, "parameters.random_seed", "-1")
     run({**tv, "parameters": {"random_seed": [1, 2]}}, "parameters.random_seed", "not a gradient")
     run({**tv, "parameters": {"random_seed": 1.5}}, "parameters.random_seed", "whole number")
-    run({**tv, "models": models((m1, {"weight": 1.0, "random_seed": 1}))}, "models[0].parameters.random_seed",
-        "global parameter")
     run({**tv, "merge_method": "ties", "parameters": {"random_seed": 1}}, "parameters.random_seed", "ties")
     run({**tv, "merge_method": "breadcrumbs", "parameters": {"gamma": -0.5}}, "parameters.gamma", "[0, 1]")
     run({**tv, "merge_method": "della", "parameters": {"epsilon": -0.1}}, "parameters.epsilon", "≥ 0")
-    run({**tv, "merge_method": "sce", "models": models((m1, {}))} | {"parameters": {"select_topk": 2}},
-        "parameters.select_topk", "[0, 1]")
+    run({**tv, "merge_method": "sce", "models": models((m1, {}))} | {"parameters": {"select_topk": -2}},
+        "parameters.select_topk", "≥ 0")
     run({"merge_method": "karcher", "parameters": {"max_iter": 2.5}, "models": models((m1, {}))},
         "parameters.max_iter", "whole number")
     run({"merge_method": "karcher", "parameters": {"tol": -1}, "models": models((m1, {}))}, "parameters.tol")

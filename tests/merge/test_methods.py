@@ -15,8 +15,11 @@ def rnd(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_all_methods() -> None:
-    assert set(METHODS) == {"interpolation", "modality_arithmetic", "regmean", "ties", "dare", "average"}
-    with pytest.raises(ValueError, match="allowed methods: average, dare, interpolation"):
+    assert set(METHODS) == {"interpolation", "modality_arithmetic", "regmean", "ties", "dare", "average",
+                            # mergekit's methods (tests/merge/test_own_schema_methods.py)
+                            "task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                            "della_linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "sce"}
+    with pytest.raises(ValueError, match="allowed methods: average, breadcrumbs, breadcrumbs_ties, dare"):
         get_method("soup")
 
 
@@ -172,6 +175,8 @@ PROPAGATING = {
     "modality_arithmetic": [({"lam": 0.0}, 2, True, None), ({"lam": 1.0}, 3, True, None)],
     "average": [({}, 2, False, (0.0, 1.0)), ({"normalize": False}, 3, True, (1.0, 0.0, 1.0))],
     "dare": [({"drop": 0.99}, 2, True, None), ({"lam": 0.0}, 2, True, None), ({}, 3, True, (0.0, 1.0, 2.0))],
+    "task_arithmetic": [({"lam": 0.0}, 2, True, None), ({"normalize": True}, 3, True, (0.0, 1.0, -1.0)),
+                        ({}, 1, True, (0.0,))],
 }
 
 

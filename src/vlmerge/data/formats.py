@@ -530,6 +530,8 @@ def _size_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _open(path: Path) -> Image.Image:
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read (or never end)
+        raise ValueError(f"{path}: not a regular file; expected an image file")
     try:
         with Image.open(path) as img:
             img.load()

@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import apply_sets, config_root, deep_merge, read_yaml, validate
+from ..config import apply_sets, check_float32_fields, config_root, deep_merge, read_yaml, validate
 from ..data.formats import FORMATS
 
 DataFormat = Literal[("embedded", *FORMATS)]  # type: ignore[valid-type]  # embedded + the format registry
@@ -94,6 +94,10 @@ class FinetuneConfig(BaseModel):
     eval_batch_size: int = Field(default=64, ge=1)
     log_every: int = Field(default=50, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> FinetuneConfig:
+        return check_float32_fields(self)
 
     @field_validator("task")
     @classmethod

@@ -1,7 +1,11 @@
 """vlmerge.merge: merge the modality copies of a VLMo-style model (or N whole models) into one.
 
 Methods (registered by name in :data:`METHODS`): ``interpolation``, ``modality_arithmetic``, ``regmean``
-(merging paper §4.1), ``ties``, ``dare`` and ``average`` (UnIVAL §5 soups).
+(merging paper §4.1), ``ties``, ``dare`` and ``average`` (UnIVAL §5 soups); and mergekit's ``task_arithmetic``,
+``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``
+(:mod:`.methods.task_vectors`), ``model_stock``, ``slerp``, ``nuslerp``, ``multislerp``, ``karcher`` and ``sce``,
+sharing their math with mergekit configs (:mod:`.mergekit`). mergekit's ``linear`` is ``average`` here;
+mergekit's ``ties`` and ``passthrough`` run from mergekit configs only (vlmerge's ``ties`` differs on purpose).
 
 * :func:`merge_tensors` -- one slot, in memory;
 * :func:`merge_checkpoint` -- one MSA checkpoint -> an MAA checkpoint, streaming;

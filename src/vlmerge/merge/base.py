@@ -22,13 +22,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from ..config import validate
+from ..config import FLOAT32_MAX, validate
 from .grams import gram_problem
 
 BaseUse = Literal["required", "optional", "unused"]
-
-
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_numbers(data: Any, where: str, bool_ok: Sequence[str] = ()) -> None:
@@ -174,7 +171,8 @@ class MergeMethod:
             for k, f in sorted(self.Params.model_fields.items())
         )
         base = {"required": "; base required", "optional": "; base optional", "unused": ""}[self.base]
-        return f"{self.name}: {self.summary} [{fields}{base}]"
+        weights = "; --weights" if self.uses_weights else ""
+        return f"{self.name}: {self.summary} [{fields}{base}{weights}]"
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -272,8 +270,9 @@ def merge_tensors(
     >>> merge_tensors("ties", [a, b], base=w0, density=0.5)
 
     Arithmetic runs in float32 (RegMean solves in float64). ``name`` is the tensor's name: random methods
-    (DARE) draw from ``tensor_seed(seed, name)``, as a checkpoint merge does, so merging a state dict tensor by
-    tensor with ``name=key`` writes what ``vlmerge merge`` writes for the same seed (and same-shaped tensors
+    draw from it (DARE from ``tensor_seed(seed, name)``, mergekit's dare_* / della* from
+    ``tensor_seed(seed, f"{name}#{i}")`` for input ``i``), as a checkpoint merge does, so merging a state dict
+    tensor by tensor with ``name=key`` writes what ``vlmerge merge`` writes for the same seed (and same-shaped tensors
     of different names get different masks). For ``interpolation`` the inputs are read as
     ``(W_v, W_l)`` or ``(W_v, W_l, W_vl)``; ``modalities`` says so explicitly. ``layer`` picks the value of a
     per-layer schedule. RegMean takes ``grams=[G_1, ...]`` (one [in, in] Gram per input) for a 2-D weight.

@@ -4,6 +4,8 @@ vlmerge merge --method interpolation --alpha 0.75 runs/msa runs/merged
 vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/msa runs/merged
 vlmerge merge --method regmean --gamma 1.0 --grams grams.safetensors runs/msa runs/merged
 vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup
+vlmerge merge --method dare_ties --density 0.5 --base runs/vl-start runs/msa runs/merged   (mergekit's methods too)
+vlmerge merge --method slerp --param t=0.3 runs/msa runs/merged
 vlmerge merge merge.yaml
 vlmerge merge mergekit.yaml OUT_DIR       (a mergekit-style config: see vlmerge.merge.mergekit)
 vlmerge merge mergekit.yaml OUT_DIR --out-shard-size 5GB --missing-keys base --device auto
@@ -120,7 +122,7 @@ def _merge(args: argparse.Namespace) -> int:
     ):
         if args.method is not None:
             raise ValueError("give either CONFIG.yaml or --method with IN_DIR OUT_DIR, not both")
-        cfg = load_merge_config(args.paths[0])
+        cfg, config_path = load_merge_config(args.paths[0]), args.paths[0]
         if args.overwrite:
             cfg = cfg.model_copy(update={"overwrite": True})
     else:
@@ -129,11 +131,11 @@ def _merge(args: argparse.Namespace) -> int:
                 f"--method is required without a CONFIG.yaml; one of {', '.join(sorted(METHODS))}"
             )
         get_method(args.method)
-        cfg = _config_from_args(args)
+        cfg, config_path = _config_from_args(args), None
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with warnings.catch_warnings(record=True) as caught:  # one line per kind of warning, not one per tensor
         warnings.simplefilter("always")
-        out = run_merge_config(cfg, progress=progress)
+        out = run_merge_config(cfg, progress=progress, config_path=config_path)
     _summarise_warnings(caught)
     print(f"merged ({cfg.method}) -> {out}")
     return 0
@@ -163,9 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  vlmerge merge --method modality_arithmetic --lam 0.5 --base runs/vl-start runs/msa runs/out\n"
         "  vlmerge merge --method regmean --grams grams.safetensors runs/msa runs/out\n"
         "  vlmerge merge --method average --inputs runs/a runs/b runs/c -o runs/soup\n"
+        "  vlmerge merge --method della --density 0.5 --param epsilon=0.1 --base runs/vl-start runs/msa runs/out\n"
+        "  vlmerge merge --method slerp --param t=0.3 runs/msa runs/out\n"
         "  vlmerge merge merge.yaml\n"
-        "  vlmerge merge mergekit.yaml OUT_DIR   (mergekit-style: merge_method linear / task_arithmetic / "
-        "ties / slerp)",
+        "  vlmerge merge mergekit.yaml OUT_DIR   (a mergekit-style config: see vlmerge.merge.mergekit)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="*", metavar="PATH",
@@ -174,7 +177,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=sorted(METHODS), help="merge method")
     p.add_argument("--inputs", nargs="+", metavar="DIR", help="merge these whole models (same keys) instead")
     p.add_argument(
-        "--base", help="base checkpoint W0 (modality_arithmetic, ties, dare; optional for average)"
+        "--base", help="base checkpoint W0 (required or optional per method: see the list below)"
     )
     p.add_argument("--alpha", type=float, help="interpolation: vision share α in [0, 1] (default 0.5)")
     p.add_argument(
@@ -183,19 +186,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vl-ratio", type=float, help="interpolation: W_vl share in the top M layers (default 1/3)"
     )
-    p.add_argument("--lam", type=float, help="modality_arithmetic / ties / dare: scaling λ")
-    p.add_argument("--gamma", type=float, help="regmean: off-diagonal scale γ in [0, 1] (default 1)")
-    p.add_argument("--density", type=float, help="ties: kept fraction in (0, 1] (default 0.5)")
+    p.add_argument("--lam", type=float, help="modality_arithmetic / ties / dare / task-vector methods: scaling λ "
+                   "(mergekit's lambda)")
+    p.add_argument("--gamma", type=float, help="regmean: off-diagonal scale γ in [0, 1] (default 1); breadcrumbs*: "
+                   "fraction of largest entries dropped (default 0.01)")
+    p.add_argument("--density", type=float, help="ties: kept fraction in (0, 1] (default 0.5); dare_* / "
+                   "breadcrumbs* / della*: kept fraction ≥ 0 (default 1: all)")
     p.add_argument("--drop", type=float, help="dare: drop rate p in [0, 1) (default 0.5)")
-    p.add_argument("--seed", type=count(0), help="dare: mask seed (default 0)")
+    p.add_argument("--seed", type=count(0), help="dare / dare_* / della*: mask seed (default 0)")
     p.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="average / dare: divide by the sum of weights (default on)",
+        help="average / dare / task-vector methods: divide by the sum of weights (default per method)",
     )
     p.add_argument(
-        "--weights", type=_weights, help="average / ties / dare: 0.5,0.5 (per model) or v=0.75,l=0.25"
+        "--weights", type=_weights, help="methods with weights (see the list below): 0.5,0.5 (per model) or "
+        "v=0.75,l=0.25"
     )
     p.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="any other method parameter (YAML value)"

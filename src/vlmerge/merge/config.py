@@ -120,14 +120,16 @@ def load_merge_config(path: str | os.PathLike[str]) -> MergeConfig:
     return validate(MergeConfig, data, source=path)
 
 
-def run_merge_config(cfg: MergeConfig, progress: bool = False) -> Path:
-    """Run the merge a :class:`MergeConfig` describes; returns the output directory."""
+def run_merge_config(cfg: MergeConfig, progress: bool = False, config_path: str | os.PathLike[str] | None = None
+                     ) -> Path:
+    """Run the merge a :class:`MergeConfig` describes; returns the output directory. ``config_path``, the YAML
+    it came from, counts as an input: the output may not replace or hold it."""
     from ..files import guard_output_dir, guard_output_file
     from .grams import check_gram_data, collect_grams, gram_batches
     from .streaming import merge_checkpoint, merge_models
 
     gram_files = cfg.grams if isinstance(cfg.grams, list) else [cfg.grams]
-    reads = [cfg.input, *(cfg.inputs or []), cfg.base, *gram_files]
+    reads = [cfg.input, *(cfg.inputs or []), cfg.base, *gram_files, config_path]
     # Every output is checked before anything is read or computed (collecting Grams can take minutes).
     out = guard_output_dir(cfg.output, reads, cfg.overwrite, flag="output")
     if cfg.save_grams is not None:

@@ -109,12 +109,26 @@ NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scal
 WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
+def _mappable(file: Path) -> bool:
+    """Whether ``torch.load(mmap=True)`` reads ``file`` correctly: a zip whose entries are all stored
+    uncompressed, as ``torch.save`` writes them. The legacy (pre-1.6) format cannot be mapped, and a zip whose
+    entries were re-compressed (by ``zip`` or ``zipfile``) would map the compressed bytes as tensor data:
+    torch 2.13 then returns garbage without an error, so such a file is read whole instead."""
+    if not zipfile.is_zipfile(file):
+        return False
+    try:
+        with zipfile.ZipFile(file) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch.load reports what is wrong with it
+
+
 def _load_torch(file: Path) -> dict[str, torch.Tensor]:
     """A PyTorch pickle's state dict: ``torch.load(weights_only=True)`` (memory-mapped for the zip format),
     wrappers unwrapped, every key a string and every value a plain dense tensor of a supported dtype.
     ``pickle.UnpicklingError`` naming the file when it needs more than ``weights_only``; ``CheckpointError``
     for anything else wrong, naming the file (and key)."""
-    mmap = zipfile.is_zipfile(file)  # the legacy (pre-1.6) format cannot be memory-mapped
+    mmap = _mappable(file)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
             warnings.simplefilter("ignore")
@@ -152,6 +166,10 @@ def _load_torch(file: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{where}: tensor {k!r} is {v.dtype} {str(v.layout).removeprefix('torch.')}"
                                   f"{' quantized' if v.is_quantized else ''}; expected a dense tensor of "
                                   f"{', '.join(str(d).removeprefix('torch.') for d in _DTYPES)}")
+        if v.numel() * v.element_size() > v.untyped_storage().nbytes():  # an expanded / overlapping view
+            raise CheckpointError(f"{where}: tensor {k!r} claims {v.numel():,} entries ({list(v.shape)}, strides "
+                                  f"{list(v.stride())}) over a storage of {v.untyped_storage().nbytes():,} bytes; "
+                                  "expected each entry stored once")
         out[k] = v.detach()
     return out
 
@@ -309,7 +327,10 @@ def parse_size(text: str, flag: str = "--out-shard-size") -> int:
         raise ValueError(f"{flag}: expected a size such as 5GB, 500MB, 2GiB or 1000000 (bytes), got {text!r}")
     unit = (m.group(2) or "").lower()
     unit = unit[:-1] if len(unit) > 1 and unit.endswith("b") else unit
-    size = int(float(m.group(1)) * _UNITS.get(unit, 1))
+    value = float(m.group(1)) * _UNITS.get(unit, 1)
+    if not math.isfinite(value) or value >= 2**63:
+        raise ValueError(f"{flag}: {text!r} is too large; expected a size such as 5GB (at most 2^63 bytes)")
+    size = int(value)
     if size < 1:
         raise ValueError(f"{flag}: {text!r} is less than one byte")
     return size

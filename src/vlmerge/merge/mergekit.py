@@ -49,28 +49,38 @@ same as ``models``; anything else is refused as not supported yet.
 Parameter values (per tensor named ``name`` of layer ``i`` of ``L`` layers, :func:`resolve_param`):
 
 * a number;
-* a gradient ``[v0, ..., vk]``: ``np.interp(i / (L - 1), linspace(0, 1, k + 1), [v0, ..., vk])`` (``x = 0``
-  when ``L == 1``); a tensor without a layer index (embeddings, pooler, heads) takes the first value ``v0``;
+* a gradient ``[v0, ..., vk]``: ``np.interp(i / (L - 1), linspace(0, 1, k + 1), [v0, ..., vk])``; with one
+  layer (``L == 1``) its tensors take the last value ``vk`` (mergekit's planner evaluates a one-layer slice at
+  ``t = 1``: ``plan.py``, ``MergePlanner.plan_slice``); a tensor without a layer index (embeddings, pooler,
+  heads) takes the first value ``v0`` (mergekit: ``t = 0`` for the pre / post weights);
 * a filter list ``[{filter: SUBSTRING, value: V}, ..., {value: DEFAULT}]``: entries are tried in order, as
-  mergekit does; the first whose filter is a substring of ``name`` (or matches it as an ``fnmatch`` glob), or
-  that has no ``filter`` (it matches every tensor: the default, written last), gives ``V`` (a number or
-  gradient).
+  mergekit does; the first whose filter is a substring of ``name`` (mergekit's rule, ``config.py``,
+  ``evaluate_setting``; ``*`` matches every tensor there too), or that has no ``filter`` (it matches every
+  tensor: the default, written last), gives ``V`` (a number or gradient). A vlmerge addition: a filter also
+  matches when it matches ``name`` as an ``fnmatch`` glob (``*.attention.*``). That is a superset of mergekit's
+  rule, so a filter with glob characters (``*``, ``?``, ``[``) that is not a substring may match a tensor here
+  that it never matches in mergekit; filters without them behave the same in both.
 
 The layer index of a tensor comes from :data:`LAYER_PATTERN` (``layers.N.``, ``layer.N.``, ``h.N.``,
 ``blocks.N.``); ``L`` is the largest index found in the base (else first) model's names, plus one.
 
 Methods (mergekit 0.1.5's names, parameters, defaults and semantics; "per model" parameters may also be given
-globally as every model's default, "global" ones only under the top-level ``parameters``; unknown names are
-errors; numbers must be finite, ranges are checked naming the key; ``int8_mask`` is accepted and changes
-nothing):
+globally as every model's default, "global" ones only under the top-level ``parameters``: a global parameter
+given per model is ignored with one warning line naming it, as mergekit ignores it (its
+``resolve_parameters`` reads shared parameters from the top-level / slice settings only); other unknown names
+are errors (mergekit ignores those too); numbers must be finite, ranges are checked naming the key;
+``int8_mask`` is accepted and changes nothing):
 
 * ``linear``: per model ``weight`` (required); global ``normalize`` (true). ``Σ w_i x_i`` (``/ Σ w_i``) over
   the models, a ``base_model`` included (as mergekit does, also when it is not listed: then its ``weight`` is
-  the global one).
+  the global one); one model is enough (mergekit's default input contract, ``min_inputs=1``): that model
+  (times its weight with ``normalize: false``).
 * Task vectors (:mod:`vlmerge.merge.taskvector` has the equations): ``task_arithmetic``, ``ties``,
   ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``; base
-  required. Per model ``weight`` (required), ``density`` (1.0, in [0, 1]), ``gamma`` (breadcrumbs*: 0.01, in
-  [0, 1]), ``epsilon`` (della*: 0.15, ≥ 0, with ``0 < density ± epsilon < 1``); global ``lambda`` (1.0),
+  required; no model besides the base gives the base (mergekit's ``GeneralizedTaskArithmeticMerge.merge_group``
+  returns it). Per model ``weight`` (required), ``density`` (1.0, ≥ 0; ``≥ 1`` keeps every entry, as in
+  mergekit's ``sparsify.py``), ``gamma`` (breadcrumbs*: 0.01, in [0, 1]), ``epsilon`` (della*: 0.15, ≥ 0,
+  with ``0 < density ± epsilon < 1`` where ``0 < density < 1``); global ``lambda`` (1.0),
   ``normalize`` / ``rescale`` (per method, :data:`TASK_VECTOR_METHODS`: ties true / false, dare_* false / true,
   breadcrumbs* false / false, della true / true, della_linear false / true, task_arithmetic false / false),
   ``int8_mask``. Sparsification: none (task_arithmetic), exact-k magnitude (ties), random keep with
@@ -90,8 +100,8 @@ nothing):
 * ``karcher``: global ``max_iter`` (10, an integer ≥ 0), ``tol`` (1e-5, ≥ 0); every model with equal weights,
   the base model included as one more input (:func:`merge_karcher`).
 * ``model_stock``: global ``filter_wise`` (false); base and at least two models (:func:`merge_model_stock`).
-* ``sce``: global ``select_topk`` (1.0, in [0, 1]), ``int8_mask``; base and one or more models
-  (:func:`merge_sce`).
+* ``sce``: global ``select_topk`` (1.0, ≥ 0; ``≥ 1`` selects every entry), ``int8_mask``; base and any number
+  of models (none: the base, as mergekit's ``sce_merge``) (:func:`merge_sce`).
 * ``passthrough``: per model ``scale`` (none: no scaling); exactly one model, the base model counting as one:
   its tensors, times ``scale``.
 
@@ -108,6 +118,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -182,14 +194,18 @@ _INT_PARAMS = ("max_iter", "random_seed")
 _PLAIN_PARAMS = ("random_seed",)  # a plain number: no gradient or filter list
 #: Allowed ranges (inclusive; None: unbounded), checked on every number a config gives.
 _RANGES: dict[str, tuple[float, float | None]] = {
-    "density": (0.0, 1.0), "gamma": (0.0, 1.0), "select_topk": (0.0, 1.0), "epsilon": (0.0, None),
+    "density": (0.0, None), "gamma": (0.0, 1.0), "select_topk": (0.0, None), "epsilon": (0.0, None),
     "eps": (0.0, None), "tol": (0.0, None), "max_iter": (0, None), "random_seed": (0, 2**63 - 1),
 }
 _OPTIONAL_PARAMS = ("scale",)  # no value: not applied
-#: (min, max) merged inputs (:meth:`MergekitConfig.model_paths`); None: no maximum.
+#: (min, max) merged inputs (:meth:`MergekitConfig.model_paths`); None: no maximum. mergekit's input contracts
+#: (``merge_methods/*.py``, ``InputContract``; its planner counts an unlisted base model as one more input):
+#: linear / karcher ``min_inputs=1``; task vectors / sce ``base=REQUIRED`` with ``min_inputs=1`` (the base alone:
+#: 0 besides it); model_stock ``min_inputs=3`` (base + 2); nuslerp 2 besides the base; multislerp 1 besides it;
+#: passthrough ``max_inputs=1``.
 _COUNTS: dict[str, tuple[int, int | None]] = {
-    "linear": (2, None), **{m: (1, None) for m in TASK_VECTOR_METHODS}, "model_stock": (2, None),
-    "nuslerp": (2, 2), "multislerp": (1, None), "karcher": (1, None), "sce": (1, None), "passthrough": (1, 1),
+    "linear": (1, None), **{m: (0, None) for m in TASK_VECTOR_METHODS}, "model_stock": (2, None),
+    "nuslerp": (2, 2), "multislerp": (1, None), "karcher": (1, None), "sce": (0, None), "passthrough": (1, 1),
 }
 #: The base model is one more input (appended when it is not listed), as in mergekit's planner.
 _BASE_AS_INPUT = ("linear", "karcher", "passthrough")
@@ -252,10 +268,10 @@ def _check_params(params: Mapping[str, Any], method: str, where: str, per_model:
     model_names, global_names = _PARAMS[method]
     allowed = model_names if per_model else model_names + global_names
     for k, v in params.items():
+        if per_model and k in global_names:
+            continue  # ignored, as mergekit ignores it (MergekitConfig.ignored_params: one warning line)
         if k not in allowed:
             what = f"allowed for {method}: {', '.join(allowed) or 'none'}"
-            if per_model and k in global_names:
-                what += f" ({k!r} is a global parameter: put it under the top-level 'parameters')"
             raise ValueError(f"{where}.{k}: unknown parameter; {what}")
         if k in _BOOL_PARAMS:
             if not isinstance(v, bool):
@@ -343,6 +359,8 @@ class MergekitConfig(BaseModel):
         m = self.merge_method
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("models: empty; list the models (mergekit refuses an empty list too)")
         if self.slices is not None:
             if len(self.slices) != 1:
                 raise ValueError(f"slices: {len(self.slices)} slices; several slices are not supported yet, only "
@@ -380,6 +398,19 @@ class MergekitConfig(BaseModel):
         if self.tokenizer_source == "base" and self.base_model is None:
             raise ValueError("tokenizer_source: 'base' needs a base_model")
         return self
+
+    def ignored_params(self) -> list[str]:
+        """One line per global parameter given per model (ignored, as mergekit does), naming the key and
+        where it was given."""
+        _, global_names = _PARAMS[self.merge_method]
+        list_key = "models" if self.models is not None else "slices[0].sources"
+        where: dict[str, list[str]] = {}
+        for i, e in enumerate(self.entries()):
+            for k in e.parameters:
+                if k in global_names:
+                    where.setdefault(k, []).append(f"{list_key}[{i}].parameters.{k}")
+        return [f"{', '.join(ws)}: {k!r} is a global parameter of {self.merge_method}, ignored per model (as "
+                f"mergekit ignores it); put it under the top-level 'parameters'" for k, ws in where.items()]
 
     def entries(self) -> list[ModelEntry | SliceSource]:
         """The models as listed (``models`` or the one slice's sources)."""
@@ -429,7 +460,7 @@ def _filter_matches(pattern: str, name: str) -> bool:
 def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> Any:
     """A parameter's value for tensor ``name`` (layer ``layer`` of ``n_layers``); None when a filter list has
     no match and no default. Gradient ``[v0..vk]``: ``interp(layer / (n_layers - 1), linspace(0, 1, k+1), v)``;
-    ``v0`` for a tensor without a layer (or when ``n_layers <= 1``)."""
+    ``v0`` for a tensor without a layer, ``vk`` for the layer of a one-layer model (mergekit: ``t = 1``)."""
     if isinstance(value, (bool, int, float)):
         return value
     if value and isinstance(value[0], Mapping):
@@ -438,8 +469,10 @@ def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> An
                 return resolve_param(e["value"], name, layer, n_layers)
         return None
     values = [float(v) for v in value]
-    if layer is None or n_layers <= 1 or len(values) == 1:
+    if layer is None or len(values) == 1:
         return values[0]
+    if n_layers <= 1:  # mergekit's plan_slice: t = 1 when a slice has one layer
+        return values[-1]
     x = min(max(layer / (n_layers - 1), 0.0), 1.0)
     return float(np.interp(x, np.linspace(0.0, 1.0, len(values)), values))
 
@@ -591,7 +624,8 @@ def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torc
 
 
 def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
-    """SCE (Select, Calculate, Erase; FuseChat 2), mergekit's ``sce``: ``base`` and ``N ≥ 1`` inputs.
+    """SCE (Select, Calculate, Erase; FuseChat 2), mergekit's ``sce``: ``base`` and ``N ≥ 0`` inputs (none: the
+    base).
 
     ``τ_i = x_i − b``. **Select** (``select_topk = s < 1``): ``σ²`` = the population variance of the ``τ_i``
     over the inputs, entrywise; ``k = ⌊nnz(σ²) · s⌋`` (computed in float32); only the ``k`` entries of largest
@@ -600,6 +634,8 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     = [sign(τ_i) = s]`` with ``s = +1`` where ``Σ_i τ_i ≥ 0`` else ``−1``. ``out = b + Σ_i ω_i m_i τ_i /
     max(Σ_i ω_i m_i, 1e-6)``.
     """
+    if not xs:  # only the base (mergekit's sce_merge returns it)
+        return base
     taus = torch.stack([x - base for x in xs])  # [N, ...]
     if select_topk < 1:
         keep = torch.zeros(base.numel(), dtype=torch.bool, device=base.device)
@@ -821,6 +857,8 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     if out_shard_size is not None and out_shard_size < 1:
         raise ValueError(f"--out-shard-size: {out_shard_size} bytes; expected at least 1")
     dev = resolve_device(device)
+    for line in cfg.ignored_params():
+        warnings.warn(line, UserWarning, stacklevel=2)
     entries = cfg.entries()
     list_key = "models" if cfg.models is not None else "slices[0].sources"
     named = [(f"{list_key}[{i}]", e.model) for i, e in enumerate(entries)]
@@ -834,7 +872,9 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     for where, p in named:
         if not Path(p).is_dir():
             raise ValueError(f"{source}: {where}: {p}: no such model directory")
-    out = guard_output_dir(out_dir, [p for _, p in named], overwrite, flag="output", clean_stale=True)
+    config_file = [source] if isinstance(source, (str, os.PathLike)) and Path(source).is_file() else []
+    out = guard_output_dir(out_dir, [*(p for _, p in named), *config_file], overwrite, flag="output",
+                           clean_stale=True)
     base_key = _key(cfg.base_model)
     with ExitStack() as stack:
         readers: dict[Path, StreamingReader | TorchReader] = {}
@@ -1006,9 +1046,13 @@ def run_mergekit_cli(args: Any) -> int:
     shard = getattr(args, "out_shard_size", None)
     shard_bytes = parse_size(shard) if shard is not None else None
     cfg = load_mergekit_config(args.paths[0])
-    out = run_mergekit(cfg, outs[0], overwrite=args.overwrite, source=args.paths[0],
-                       missing_keys=getattr(args, "missing_keys", None) or "error", out_shard_size=shard_bytes,
-                       device=getattr(args, "device", None) or "cpu",
-                       hash_inputs=bool(getattr(args, "hash_inputs", False)))
+    with warnings.catch_warnings(record=True) as caught:  # each distinct warning once, as one line
+        warnings.simplefilter("always")
+        out = run_mergekit(cfg, outs[0], overwrite=args.overwrite, source=args.paths[0],
+                           missing_keys=getattr(args, "missing_keys", None) or "error", out_shard_size=shard_bytes,
+                           device=getattr(args, "device", None) or "cpu",
+                           hash_inputs=bool(getattr(args, "hash_inputs", False)))
+    for text in dict.fromkeys(str(w.message) for w in caught):
+        print(f"warning: {text}", file=sys.stderr)
     print(f"merged ({cfg.merge_method}, mergekit config) -> {out}")
     return 0

@@ -445,7 +445,7 @@ def merge_checkpoint(
     already-shared slots pass through. ``base_dir`` holds W0 (the VL-stage start weights) under the same
     MSA names -- or under the ``shared`` names of an MAA seed checkpoint. ``grams`` (RegMean) is a Gram file
     / :class:`~vlmerge.merge.grams.Grams` keyed by the source weights' names. ``weights`` maps modality ->
-    weight (``average``, ``ties``, ``dare``). ``params`` are the method's (e.g. ``alpha=0.75``).
+    weight (the methods with ``uses_weights``). ``params`` are the method's (e.g. ``alpha=0.75``).
 
     Returns the output directory. Raises ``ValueError`` (before writing) for an unknown method or parameter,
     a missing / superfluous base, missing base keys, shape or dtype mismatches, missing Grams, and

@@ -146,7 +146,7 @@ def sparsify(
         if not (density - epsilon > 0 and density + epsilon < 1):
             raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density={density}, "
                              f"epsilon={epsilon}")
-        rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+        rows = tau.reshape(1, -1) if tau.dim() < 2 else tau  # a 0-d tensor: one row of one entry
         if rows.shape[1] < 2:
             raise ValueError(f"della: a tensor of shape {list(tau.shape)} has rows of {rows.shape[1]} entry along "
                              "dim 1; the rank normalisation (r − 1) / (C − 1) needs C ≥ 2 (mergekit fails too)")

@@ -15,13 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import load, validate
+from ..config import check_float32_fields, load, validate
 from ..models.vlmo import ArchName, ModelConfig, PresetName, preset_config
 from .augment import OPS
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Any:
+        return check_float32_fields(self)
 
 
 class ModelSection(_Section):
