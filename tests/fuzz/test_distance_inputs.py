@@ -123,3 +123,15 @@ def test_valid_checkpoints_still_measure(ckpt: Path, tmp_path: Path, capsys: pyt
     for name, config in (("none", {}), ("arch-only", {"model": {"arch": "msa"}})):
         d = save_checkpoint(tmp_path / name, sd, config)
         assert checkpoint_distances(d)["global"]["numel"] == 6
+
+
+@pytest.mark.parametrize("k", ["1", "1.5", "-0.1"])
+def test_distance_k_out_of_range_names_the_flag(k: str, ckpt: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    before, ck_before = snapshot(tmp_path), snapshot(ckpt)
+    assert main(["distance", str(ckpt), "--k", k]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("vlmerge distance: error: --k ") and "[0, 1)" in err, err
+    assert snapshot(tmp_path) == before and snapshot(ckpt) == ck_before

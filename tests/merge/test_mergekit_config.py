@@ -478,3 +478,81 @@ def test_relative_paths_sharded_input_and_filters_in_order(tmp_path: Path, three
     torch.testing.assert_close(got[POOL], A[POOL] + 3 * B[POOL], rtol=0, atol=1e-6)
     torch.testing.assert_close(got[EMB], A[EMB] + B[EMB], rtol=0, atol=1e-6)
     assert (tmp_path / "out" / "config.json").read_bytes() == (a / "config.json").read_bytes()
+
+
+def test_bad_paths_empty_configs_and_layer_ranges_are_refused_naming_the_key(
+        tmp_path: Path, three, capsys: pytest.CaptureFixture[str]) -> None:
+    (a, b, _), _ = three
+    out = str(tmp_path / "out")
+
+    def run(cfg: Any, *names: str, text: str | None = None) -> str:
+        path = tmp_path / "bad.yaml"
+        if text is not None:
+            path.write_text(text)
+        else:
+            write_cfg(path, cfg)
+        return refused(capsys, ["merge", str(path), out], *names)
+
+    ok = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1.0}}]}
+    # an empty path is not the current folder
+    run({**ok, "models": [{"model": "", "parameters": {"weight": 1.0}}]}, "models.0.model", "empty path",
+        "expected a model folder")
+    run({**ok, "base_model": ""}, "base_model", "empty path", "expected a model folder")
+    run({**ok, "tokenizer_source": ""}, "tokenizer_source", "empty path")
+    run({"merge_method": "linear", "slices": [{"sources": [{"model": " ", "layer_range": [0, 3]}]}]},
+        "slices.0.sources.0.model", "empty path")
+    # an empty or comment-only file names itself and both schemas
+    for text in ("", "# nothing here\n"):
+        run(None, "bad.yaml", "empty config", "merge_method", "method", text=text)
+    # layer_range: two integers, 0 ≤ start < end (no booleans, no floats)
+    for lr in ([False, 3], [0, True], [0, 3.0], [0, 1.5], [-1, 3], [2, 1], [3, 3], [0], [0, 1, 2]):
+        run({"merge_method": "linear", "parameters": {"weight": 1.0},
+             "slices": [{"sources": [{"model": str(a), "layer_range": lr}]}]},
+            "slices.0.sources.0.layer_range", "two integers with 0 ≤ start < end")
+    # a path that is a file but not a weights file
+    (tmp_path / "notes.txt").write_text("x")
+    run({**ok, "models": [{"model": str(tmp_path / "notes.txt"), "parameters": {"weight": 1.0}}]},
+        "models[0]", "notes.txt", "not a folder", ".pt")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_one_weights_file_is_a_model(tmp_path: Path, three) -> None:
+    (a, _, _), sds = three
+    pt = tmp_path / "c.pt"
+    torch.save(sds[2], pt)
+    sd = merge(tmp_path, {"merge_method": "linear",
+                          "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                                     {"model": str(pt), "parameters": {"weight": 3.0}}]})
+    for k in floats(sds[0]):
+        torch.testing.assert_close(sd[k], (sds[0][k] + 3 * sds[2][k]) / 4)
+    assert (tmp_path / "out" / "config.json").is_file()  # from the first model, a folder
+    record = json.loads((tmp_path / "out" / "vlmerge_merge.json").read_text())
+    assert "c.pt" in record["models"][1]["files"]
+    # the file first: no config.json to copy
+    sd = merge(tmp_path, {"merge_method": "linear", "models": [{"model": str(pt), "parameters": {"weight": 1.0}}]},
+               out="out2")
+    assert not (tmp_path / "out2" / "config.json").exists()
+    for k in floats(sds[2]):
+        torch.testing.assert_close(sd[k], sds[2][k])
+
+
+def test_linear_subnormal_weights_with_normalize_merge(tmp_path: Path, three,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (a, b, _), sds = three
+    sd = merge(tmp_path, {"merge_method": "linear",
+                          "models": [{"model": str(a), "parameters": {"weight": 1e-320}},
+                                     {"model": str(b), "parameters": {"weight": 3e-320}}]})
+    for k in floats(sds[0]):
+        torch.testing.assert_close(sd[k], (sds[0][k] + 3 * sds[1][k]) / 4)
+    sd = merge(tmp_path, {"merge_method": "linear",
+                          "models": [{"model": str(a), "parameters": {"weight": 1e300}},
+                                     {"model": str(b), "parameters": {"weight": 1e300}}]}, out="big")
+    for k in floats(sds[0]):
+        torch.testing.assert_close(sd[k], (sds[0][k] + sds[1][k]) / 2)
+    # without normalize a huge weight overflows float32 itself: said so, not blamed on the cast
+    cfg = write_cfg(tmp_path / "bad.yaml", {"merge_method": "linear", "parameters": {"normalize": False},
+                                            "models": [{"model": str(a), "parameters": {"weight": 1e300}}]})
+    line = refused(capsys, ["merge", str(cfg), str(tmp_path / "o3")], "merged tensor", "not finite in float32")
+    assert "cast" not in line
+    assert not (tmp_path / "o3").exists()

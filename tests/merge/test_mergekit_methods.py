@@ -510,3 +510,24 @@ def test_bad_parameters_name_the_key(tmp_path: Path, four, capsys: pytest.Captur
     run({"merge_method": "karcher", "parameters": {"max_iter": [1, 2]}, "models": models((m1, {}), (m2, {}))},
         "parameters.max_iter", "whole number", "encoder.layer.1.")
     assert not (tmp_path / "out").exists()
+
+
+def test_selection_masks_equal_the_stable_sort_they_replace() -> None:
+    """top-k / bottom-k by selection (O(n)) pick exactly the first k of a stable sort, ties in index order, and
+    DELLA's ranks are the inverse permutation of a stable argsort: checked against the sorts themselves on
+    values with many ties (small integers), for every k."""
+    from vlmerge.merge.taskvector import _della_probabilities, bottom_k_mask, top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 64, 301):
+        values = torch.randint(0, 5, (n,), generator=g).float()
+        for k in range(n + 1):
+            want_top = torch.zeros(n, dtype=torch.bool)
+            want_top[torch.sort(values, descending=True, stable=True).indices[:k]] = True
+            want_bottom = torch.zeros(n, dtype=torch.bool)
+            want_bottom[torch.sort(values, stable=True).indices[:k]] = True
+            assert torch.equal(top_k_mask(values, k), want_top), (n, k)
+            assert torch.equal(bottom_k_mask(values, k), want_bottom), (n, k)
+    mag = torch.randint(0, 4, (6, 9), generator=g).float()
+    ranks = torch.argsort(torch.argsort(mag, dim=1, stable=True), dim=1).float()  # the two sorts replaced
+    assert torch.allclose(_della_probabilities(mag, 0.5, 0.1), 0.4 + ranks / 8 * 0.2)

@@ -108,7 +108,11 @@ def _merge(args: argparse.Namespace) -> int:
     if args.paths and args.paths[0].endswith((".yaml", ".yml")) and args.method is None and not args.inputs:
         from .mergekit import is_mergekit_config, run_mergekit_cli
 
-        if is_mergekit_config(read_yaml(args.paths[0])):
+        data = read_yaml(args.paths[0])
+        if not data:  # an empty or comment-only file
+            raise ValueError(f"{args.paths[0]}: empty config; expected vlmerge's merge schema (method, input/inputs, "
+                             "output) or a mergekit config (merge_method, models)")
+        if is_mergekit_config(data):
             return run_mergekit_cli(args)
     given = [f"--{f.replace('_', '-')}" for f in _MERGEKIT_FLAGS if getattr(args, f, None) is not None]
     if given:

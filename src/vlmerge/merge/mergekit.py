@@ -15,7 +15,9 @@ A first slice of mergekit compatibility (our own code, written from mergekit's d
 
 Inputs are folders with ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 or PyTorch pickles (``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, or one ``.bin`` / ``.pt``
-/ ``.pth`` file; safetensors win when a folder has both). Pickles are read only through
+/ ``.pth`` file; safetensors win when a folder has both), or one ``.bin`` / ``.pt`` / ``.pth`` file given as
+``model`` / ``base_model`` itself (it has no ``config.json`` or tokenizer to copy; ``tokenizer_source`` is a
+folder). Pickles are read only through
 ``torch.load(weights_only=True, map_location="cpu")`` (memory-mapped when in torch's zip format) by
 :class:`~.io.TorchReader`: a file that needs full unpickling (any object but tensors and plain containers) is
 refused naming it, and none of it runs; a top-level ``state_dict`` / ``model`` / ``module`` entry is unwrapped
@@ -137,9 +139,16 @@ from ..config import read_yaml, validate
 from ..files import guard_output_dir, make_temp_dir
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .base import is_finite
-from .io import ShardedWeightsWriter, StreamingReader, TorchReader, open_weights, parse_size
+from .io import TORCH_SUFFIXES, ShardedWeightsWriter, StreamingReader, TorchReader, open_weights, parse_size
 from .streaming import _listing, _publish, fingerprint  # as vlmerge's merges list, publish and fingerprint
-from .taskvector import Consensus, Sparsification, TaskVectorSettings, input_generator, merge_task_vectors
+from .taskvector import (
+    Consensus,
+    Sparsification,
+    TaskVectorSettings,
+    input_generator,
+    merge_task_vectors,
+    top_k_mask,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -305,6 +314,13 @@ def _check_range(name: str, x: float, where: str) -> None:
             raise ValueError(f"{where}: {name}={x!r} is out of range; expected {want}")
 
 
+def _not_empty(v: Any, what: str = "a model folder (or one .bin / .pt / .pth file)") -> Any:
+    """A path field's raw value: an empty (or blank) string is refused (pydantic reads it as ``.``)."""
+    if isinstance(v, str) and not v.strip():
+        raise ValueError(f"empty path; expected {what}")
+    return v
+
+
 class ModelEntry(BaseModel):
     """One input model: ``{model: PATH, parameters: {...}}``."""
 
@@ -312,6 +328,8 @@ class ModelEntry(BaseModel):
 
     model: Path
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    _model_not_empty = field_validator("model", mode="before")(_not_empty)
 
 
 class SliceSource(BaseModel):
@@ -322,6 +340,17 @@ class SliceSource(BaseModel):
     model: Path
     layer_range: tuple[int, int]
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    _model_not_empty = field_validator("model", mode="before")(_not_empty)
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _layer_range(cls, v: Any) -> Any:
+        """Two integers (not booleans, not floats such as ``1.5`` or ``3.0``), ``0 ≤ start < end``."""
+        if not (isinstance(v, (list, tuple)) and len(v) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 0 <= v[0] < v[1]):
+            raise ValueError("expected [start, end], two integers with 0 ≤ start < end")
+        return v
 
 
 class Slice(BaseModel):
@@ -345,6 +374,10 @@ class MergekitConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None
+
+    _base_not_empty = field_validator("base_model", mode="before")(_not_empty)
+    _tokenizer_not_empty = field_validator("tokenizer_source", mode="before")(
+        lambda v: _not_empty(v, "'base' or a model folder"))
 
     @field_validator("merge_method")
     @classmethod
@@ -479,7 +512,15 @@ def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> An
 
 # ----------------------------------------------------------------------------------------------- methods
 def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool) -> torch.Tensor:
-    """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape."""
+    """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape.
+
+    With ``normalize``, weights far outside float32's range (``1e-320``, ``1e300``) are first scaled by one
+    power of two (exact, and it cancels in the ratio), so they do not underflow to 0 (0 / 0) or overflow."""
+    if normalize and sum(w) != 0:
+        top = max(abs(x) for x in w)
+        if not 2.0**-60 <= top <= 2.0**60:
+            e = math.frexp(top)[1]
+            w = [math.ldexp(x, -e) for x in w]
     out = sum((wi * x for wi, x in zip(w, xs, strict=True)), torch.zeros_like(xs[0]))
     if normalize:
         total = sum(w)
@@ -643,7 +684,7 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
             var = taus.var(dim=0, unbiased=False).reshape(-1)
             k = int(torch.count_nonzero(var) * select_topk)  # as mergekit: an int64 tensor times a float
             if k > 0:
-                keep[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+                keep = top_k_mask(var, k)  # sort(descending, stable)[:k], by selection
         taus = taus * keep.reshape(base.shape)
     ms = taus.square().reshape(len(xs), -1).mean(1)  # [N]
     total = float(ms.sum())
@@ -870,8 +911,13 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
     if tok is not None and tok != "base":
         named.append(("tokenizer_source", Path(tok)))
     for where, p in named:
+        if Path(p).is_file() and Path(p).suffix in TORCH_SUFFIXES and where != "tokenizer_source":
+            continue  # one PyTorch weights file is a model (no config.json or tokenizer to copy from it)
         if not Path(p).is_dir():
-            raise ValueError(f"{source}: {where}: {p}: no such model directory")
+            want = "a tokenizer folder" if where == "tokenizer_source" else \
+                f"a model folder or one {' / '.join(TORCH_SUFFIXES)} file"
+            what = "not a folder" if Path(p).exists() else "no such model directory"
+            raise ValueError(f"{source}: {where}: {p}: {what}; expected {want}")
     config_file = [source] if isinstance(source, (str, os.PathLike)) and Path(source).is_file() else []
     out = guard_output_dir(out_dir, [*(p for _, p in named), *config_file], overwrite, flag="output",
                            clean_stale=True)
@@ -1021,10 +1067,15 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
     else:
         b = tensors[id(base)].to(device).float() if base is not None else None
         xs = [tensors[id(i)].to(device).float() for i in merged]
-        res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs).to(out_dtype)
+        res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs)
+        if not is_finite(res):
+            raise ValueError(f"merged tensor {k!r} is not finite in float32 (overflow, or 0 / 0 from weights too "
+                             "small or large for float32); check the weights / lambda")
+        res = res.to(out_dtype)
     if not is_finite(res):
-        raise ValueError(f"merged tensor {k!r} is not finite (overflow{' in the cast to ' + str(out_dtype)}?); "
-                         "check the weights / lambda")
+        raise ValueError(f"merged tensor {k!r} is not finite after the cast to "
+                         f"{str(out_dtype).removeprefix('torch.')} (it overflows that dtype); "
+                         "check the weights / lambda, or use a wider dtype")
     return res.to("cpu").contiguous()
 
 

@@ -95,6 +95,34 @@ def kth_largest(values: torch.Tensor, k: int, use_numpy: bool | None = None) -> 
     return float(values.kthvalue(n - k + 1).values)
 
 
+def _first_k_mask(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Bool mask of the ``k`` largest (or smallest) entries of 1-D ``values``, equal values taken in index
+    order: exactly the first ``k`` of a stable sort (descending, or ascending), without sorting. The ``k``-th
+    value comes from a selection (:func:`kth_largest`, O(n)); entries beyond it are all in, and of those equal
+    to it the lowest-indexed ``k − count`` are (a stable sort puts them first)."""
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    thr = kth_largest(values, k) if largest else kth_largest(values, n - k + 1)
+    mask = values > thr if largest else values < thr
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[torch.nonzero(values == thr).reshape(-1)[:need]] = True
+    return mask
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest entries of 1-D ``values`` (ties in index order): ``sort(descending, stable)[:k]``."""
+    return _first_k_mask(values, k, largest=True)
+
+
+def bottom_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest entries of 1-D ``values`` (ties in index order): ``sort(stable)[:k]``."""
+    return _first_k_mask(values, k, largest=False)
+
+
 def rescale_l1(tau: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """``masked · ‖τ‖₁ / ‖masked‖₁`` (unchanged when either norm is below :data:`RESCALE_EPS`)."""
     before, after = tau.abs().sum(), masked.abs().sum()
@@ -106,7 +134,9 @@ def rescale_l1(tau: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 def _della_probabilities(mag: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """``p = ρ − ε + 2ε (r − 1) / (C − 1)`` with ``r`` the rank (1 = smallest) of each magnitude along dim 1."""
     order = torch.argsort(mag, dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1).to(mag.dtype)  # 0-based: r − 1
+    ranks = torch.empty_like(order)  # the inverse permutation of each row's order, 0-based: r − 1
+    ranks.scatter_(1, order, torch.arange(mag.shape[1], device=mag.device).expand_as(order))
+    ranks = ranks.to(mag.dtype)
     return (density - epsilon) + (ranks / (mag.shape[1] - 1)).clamp(0, 1) * (2 * epsilon)
 
 
@@ -125,21 +155,16 @@ def sparsify(
             return torch.zeros_like(tau)
         k = max(1, int(density * n))
         mag = tau.abs().reshape(-1)
-        if keep_ties:
-            mask = (mag >= kth_largest(mag, k)).reshape(tau.shape)
-        else:
-            flat = torch.zeros(n, dtype=torch.bool, device=tau.device)
-            flat[torch.sort(mag, descending=True, stable=True).indices[:k]] = True
-            mask = flat.reshape(tau.shape)
+        flat = mag >= kth_largest(mag, k) if keep_ties else top_k_mask(mag, k)
+        mask = flat.reshape(tau.shape)
     elif kind == "random":
         assert generator is not None, "random sparsification needs a generator"
         mask = torch.rand(tau.shape, generator=generator, dtype=torch.float32).to(tau.device) < density
     elif kind == "magnitude_outliers":
         target, top = int(density * n), int(gamma * n)
         bottom = max(0, n - target - top)
-        flat = torch.zeros(n, dtype=torch.bool, device=tau.device)
-        flat[torch.sort(tau.abs().reshape(-1), stable=True).indices[bottom:bottom + target]] = True
-        mask = flat.reshape(tau.shape)
+        mag = tau.abs().reshape(-1)  # sorted ascending (stable), positions [bottom, bottom + target) are kept
+        mask = (bottom_k_mask(mag, bottom + target) & ~bottom_k_mask(mag, bottom)).reshape(tau.shape)
     elif kind == "della":
         if density <= 0:
             return torch.zeros_like(tau)

@@ -118,7 +118,7 @@ def checkpoint_distances(
     for what is checked of the directory's weights.
     """
     if not 0.0 <= k < 1.0:
-        raise ValueError(f"k must be in [0, 1), got {k}")
+        raise ValueError(f"--k {k}: k must be in [0, 1) (TSSD's fraction of smallest entries zeroed)")
     check_distance_source(ckpt_dir)
     with CheckpointReader(ckpt_dir) as reader:
         check_distance_reader(reader)
