@@ -26,7 +26,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ..models.checkpoint import (
     CheckpointError,
     CheckpointReader,
     SafetensorsStreamWriter,
+    WeightsReader,
     atomic_write_json,
     read_json,
 )
@@ -174,7 +175,7 @@ def _load_torch(file: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-class TorchReader:
+class TorchReader(WeightsReader):
     """The :class:`~vlmerge.models.checkpoint.CheckpointReader` interface (``keys``, ``shape``, ``dtype``,
     ``get``, ``config``, ``files``, ``close``, a context manager) over PyTorch pickles: a ``.bin`` / ``.pt`` /
     ``.pth`` file, or a folder with ``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, or one
@@ -205,18 +206,6 @@ class TorchReader:
                 if self._where.get(k) != self.path / f:
                     raise CheckpointError(f"{self.path / TORCH_INDEX_NAME}: {k!r} mapped to {f} but not found there")
 
-    def keys(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
     def _tensor(self, key: str) -> torch.Tensor:
         if key not in self._tensors:
             raise KeyError(f"{self.path}: no tensor named {key!r}")
@@ -231,21 +220,9 @@ class TorchReader:
     def dtype(self, key: str) -> torch.dtype:
         return self._tensor(key).dtype
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for k in self.keys():
-            yield k, self.get(k)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.items())
-
     def close(self) -> None:
         self._tensors.clear()  # drops the memory maps
-
-    def __enter__(self) -> TorchReader:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
+        self._where.clear()
 
 
 def _torch_layout(path: Path) -> tuple[list[Path], dict[str, str] | None]:

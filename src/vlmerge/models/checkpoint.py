@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors import safe_open
@@ -166,7 +166,47 @@ class SafetensorsStreamWriter:
 
 
 # ---------------------------------------------------------------------------------------- streaming reader
-class CheckpointReader:
+class WeightsReader:
+    """What every weights reader shares: the keys (``_where``: key -> the file that holds it), iteration,
+    ``items`` / ``state_dict`` through ``get``, and ``close`` on leaving a ``with`` block. Subclasses set
+    ``path`` and ``_where`` and define ``get``, ``shape``, ``dtype`` and ``close``."""
+
+    path: Path
+    _where: dict[str, Any]
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.items())
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+class CheckpointReader(WeightsReader):
     """Lazy, read-only view of a checkpoint directory (single-file or sharded) or a bare ``.safetensors``.
 
     ``reader.keys()``, ``reader.shape(k)``, ``reader.dtype(k)`` read only headers; ``reader.get(k)`` loads
@@ -222,18 +262,6 @@ class CheckpointReader:
                 if self._where.get(k) != f:
                     raise CheckpointError(f"{self.path / INDEX_NAME}: {k!r} mapped to {f} but not found there")
 
-    def keys(self) -> list[str]:
-        return sorted(self._where)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._where
-
     def _handle(self, key: str) -> Any:
         if key not in self._where:
             raise KeyError(f"{self.path}: no tensor named {key!r}")
@@ -252,21 +280,8 @@ class CheckpointReader:
                 return dt
         raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {code}")
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for k in self.keys():
-            yield k, self.get(k)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.items())
-
     def close(self) -> None:
         self._stack.close()
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------------------------------------- whole-dict IO
