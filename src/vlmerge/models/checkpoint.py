@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -166,6 +166,9 @@ class SafetensorsStreamWriter:
 
 
 # ---------------------------------------------------------------------------------------- streaming reader
+_Reader = TypeVar("_Reader", bound="WeightsReader")  # typing.Self needs Python 3.11; the project supports 3.10
+
+
 class WeightsReader:
     """What every weights reader shares: the keys (``_where``: key -> the file that holds it), iteration,
     ``items`` / ``state_dict`` through ``get``, and ``close`` on leaving a ``with`` block. Subclasses set
@@ -199,7 +202,7 @@ class WeightsReader:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Self:
+    def __enter__(self: _Reader) -> _Reader:
         return self
 
     def __exit__(self, *_: Any) -> None:
