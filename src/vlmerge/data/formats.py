@@ -556,6 +556,12 @@ def load_image(path: str | Path, image_size: int | tuple[int, int], mean: Sequen
     return (x - m) / s
 
 
+def first_bad_class_id(mask: torch.Tensor, num_classes: int) -> int | None:
+    """The first id of ``mask`` outside ``[0, num_classes)`` that is not :data:`IGNORE_INDEX`, or None."""
+    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
+    return int(mask[bad][0]) if bool(bad.any()) else None
+
+
 def load_mask(path: str | Path, image_size: int | tuple[int, int], reduce_zero_label: bool = False
               ) -> torch.Tensor:
     """A class-id mask PNG (mode ``L``, ``P`` or ``I``/``I;16``: the pixel values / palette indices are the
@@ -641,11 +647,9 @@ class FileImageDataset(Dataset):
             return {"image": self._image(r.path), "label": r.label}
         mask = load_mask(r.mask_path, self.image_size, self.reduce_zero_label)
         n = getattr(self, "num_classes", None)
-        if n is not None:
-            bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= n))
-            if bool(bad.any()):
-                raise ValueError(f"{r.mask_path}: class id {int(mask[bad][0])} (after reducing 0 to ignore) but the "
-                                 f"dataset has {n} classes (ids 0..{n - 1}, {IGNORE_INDEX} = ignore)")
+        if n is not None and (bad := first_bad_class_id(mask, n)) is not None:
+            raise ValueError(f"{r.mask_path}: class id {bad} (after reducing 0 to ignore) but the dataset has {n} "
+                             f"classes (ids 0..{n - 1}, {IGNORE_INDEX} = ignore)")
         return {"image": self._image(r.image_path), "mask": mask}
 
 

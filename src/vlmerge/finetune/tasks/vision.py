@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ...data.formats import IGNORE_INDEX, first_bad_class_id
 from ...data.world import SHAPES
 from ...models import VLMo
 from ..config import FinetuneConfig
 from ..metrics import accuracy, confusion_matrix, majority_accuracy, miou_best_constant, miou_from_confusion
 from .base import Labeled, Prep, Task, predict_all, register
-
-IGNORE_INDEX = 255
 
 
 def num_classes_of(dataset: Any) -> int:
@@ -57,9 +56,9 @@ MAX_SEG_CLASSES = 1024  # confusion matrices are kept per image ([N, C, C]); mor
 def check_mask_ids(mask: torch.Tensor, num_classes: int) -> None:
     """``ValueError`` when a mask holds a class id outside ``[0, num_classes)`` other than :data:`IGNORE_INDEX`
     (it would be dropped from the scores without a word, or fail the loss with an index error)."""
-    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(f"a segmentation mask holds class id {int(mask[bad][0])} but the model's 'seg' head has "
+    bad = first_bad_class_id(mask, num_classes)
+    if bad is not None:
+        raise ValueError(f"a segmentation mask holds class id {bad} but the model's 'seg' head has "
                          f"{num_classes} classes (ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore); fine-tune on "
                          "data with the same classes")
 
