@@ -331,3 +331,19 @@ def final_name(path: PathLike) -> str:
     written for: what an error should name (the user never asked for the temp file)."""
     parts = [m["name"] if (m := _TEMP_NAME.match(part)) else part for part in Path(path).parts]
     return str(Path(*parts)) if parts else str(path)
+
+
+def publish_dir(tmp: Path, out: Path, overwrite: bool, doing: str = "writing", flag: str = "output") -> None:
+    """Rename the finished temp folder ``tmp`` to ``out``. A non-empty ``out`` (allowed only with ``overwrite``)
+    is first moved to ``.{name}.old-{pid}-*/ckpt``, so that a kill between the two renames leaves it where
+    :func:`clean_stale_temps` restores it; ``ValueError`` when ``out`` was filled by someone else meanwhile."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(f"{flag} {out} was filled by someone else while {doing} (another process?); nothing "
+                             "was replaced, pass --overwrite to replace it")
+        old = make_temp_dir(out, "old")
+        os.rename(out, old / "ckpt")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)  # replaces an empty folder in one step (POSIX rename)

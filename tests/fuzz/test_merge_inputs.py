@@ -407,7 +407,7 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(work: Path, cli
 
     monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close", other_writer_first)
     res = cli(*INTERP, work / "msa", work / "out")
-    refused(res, 2, "appeared while merging")
+    refused(res, 2, "filled by someone else while merging")
     assert snapshot(work / "out") == {"theirs.txt": b"the other merge's result"}
     assert leftovers(work, ["msa", "base", "out"]) == []
 

@@ -22,7 +22,7 @@ import torch
 from ..data import default_tokenizer
 from ..data.cache import check_cache_root
 from ..data.datasets import MEAN, STD
-from ..files import clean_stale_temps, guard_output_dir, locked_run_folder, make_temp_dir
+from ..files import clean_stale_temps, guard_output_dir, locked_run_folder, make_temp_dir, publish_dir
 from ..models import VLMo, load_model, load_model_config, save_model
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .config import MODEL_PRESET_TO_FT, FinetuneConfig, parse_sets, read_yaml, resolve_config
@@ -240,18 +240,8 @@ def _write_output(out: Path, model: VLMo, keep: Mapping[str, Any], record: Mappi
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool = True) -> None:
-    """Rename ``tmp`` to ``out``. A non-empty ``out`` is first moved to ``.{name}.old-{pid}-*/ckpt``, so that a
-    kill between the two renames leaves it where :func:`~vlmerge.files.clean_stale_temps` restores it."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        os.rename(tmp, out)  # replaces an empty folder in one step (POSIX rename)
-        return
-    if not overwrite:  # something was put there while the model trained: not ours to replace
-        raise ValueError(f"--out {out} was filled by someone else while fine-tuning; nothing was replaced, pass "
-                         "--overwrite to replace it")
-    old = make_temp_dir(out, kind="old")
-    os.rename(out, old / "ckpt")
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename ``tmp`` to ``out`` (:func:`~vlmerge.files.publish_dir`)."""
+    publish_dir(tmp, out, overwrite, doing="fine-tuning", flag="--out")
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

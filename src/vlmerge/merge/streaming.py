@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..files import guard_output_dir, make_temp_dir
+from ..files import guard_output_dir, make_temp_dir, publish_dir
 from ..models.checkpoint import (
     CONFIG_NAME,
     FORMAT,
@@ -124,19 +124,9 @@ def _prepare_output(out_dir: PathLike, reads: Sequence[Any], overwrite: bool) ->
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temp directory to ``out`` (replacing an old one) with renames only. Killed
-    between the two renames, the previous output is in ``.OUT.old-PID-*/ckpt`` and the next run on
-    ``out`` restores it (:func:`~vlmerge.files.clean_stale_temps`)."""
-    if out.exists():
-        if not overwrite and (not out.is_dir() or any(out.iterdir())):  # another writer got there first
-            raise ValueError(f"output {out} appeared while merging (another process?); nothing was replaced, "
-                             "pass --overwrite to replace it")
-        old = make_temp_dir(out, "old")
-        os.rename(out, old / "ckpt")
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    """Move the finished temp directory to ``out`` (:func:`~vlmerge.files.publish_dir`: renames only; killed
+    between them, the previous output is restored by the next run on ``out``)."""
+    publish_dir(tmp, out, overwrite, doing="merging")
 
 
 def _load(src: tuple[Any, str]) -> torch.Tensor:

@@ -58,3 +58,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--num-answers", type=count(1), default=3129, help="VQA answers (default: 3129, the paper's)")
     info.add_argument("--json", action="store_true", help="print JSON (a key total_params per architecture)")
     info.set_defaults(func=_info)
+    register_convert(subparsers)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_from, convert_to
+
+    if args.from_layout:
+        record = convert_from(args.from_layout, args.src, args.out, overwrite=args.overwrite,
+                              image_size=args.image_size, num_heads=args.num_heads)
+        kept = record["kept_aside"]
+        print(f"{args.src} ({args.from_layout}) -> {args.out}: arch {record['arch']}, {record['depth']} layers, "
+              f"fusion {record['fusion']}, {record['mapped_tensors']} tensors")
+        for why, keys in kept.items():
+            print(f"  kept aside in source_extras.safetensors ({why}): {len(keys)}: {', '.join(keys[:6])}"
+                  f"{' ...' if len(keys) > 6 else ''}")
+    else:
+        record = convert_to(args.to_layout, args.src, args.out, overwrite=args.overwrite, extras=args.extras)
+        print(f"{args.src} -> {args.out}/model.safetensors ({args.to_layout}): {record['tensors']} tensors, "
+              f"{record['params'] / 1e6:.2f}M parameters")
+    return 0
+
+
+def register_convert(subparsers: argparse._SubParsersAction) -> None:
+    from .convert import LAYOUTS
+
+    p = subparsers.add_parser(
+        "convert", help="import a VLMo / vl-merging / BEiT-3 checkpoint, or export one back to its layout",
+        description="--from LAYOUT SRC OUT_DIR: a vlmerge checkpoint from SRC (.safetensors file or folder, or a "
+                    ".pt / .pth / .ckpt / .bin read with torch.load(weights_only=True)); tensors without a slot are "
+                    "kept in OUT_DIR/source_extras.safetensors and listed. --to LAYOUT CKPT OUT_DIR: a vlmerge "
+                    "checkpoint (merged or not) as OUT_DIR/model.safetensors in LAYOUT's names. Layouts: "
+                    + "; ".join(f"{n}: {lay.description}" for n, lay in LAYOUTS.items()))
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from", dest="from_layout", choices=sorted(LAYOUTS), help="import from this layout")
+    way.add_argument("--to", dest="to_layout", choices=sorted(LAYOUTS), help="export to this layout")
+    p.add_argument("src", metavar="SRC", help="the checkpoint to convert")
+    p.add_argument("out", metavar="OUT_DIR", help="output folder (new or empty, or --overwrite)")
+    p.add_argument("--num-heads", type=count(1, 1 << 16), default=None,
+                   help="attention heads, where the weights cannot tell (BEiT-3; default: width / 64)")
+    p.add_argument("--image-size", type=count(1, 1 << 16), default=None,
+                   help="image size in pixels, where the weights cannot tell (VLMo; default: 224)")
+    p.add_argument("--extras", default=None, metavar="FILE",
+                   help="--to: the source_extras.safetensors an import kept aside (default: CKPT's own, if any; a "
+                        "merged model has none: give the imported folder's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier output")
+    p.set_defaults(func=_convert)

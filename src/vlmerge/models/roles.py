@@ -13,7 +13,8 @@ Every transformer-block weight of a vlmerge model is named
 
 Every other parameter has a role too (:data:`OUTSIDE_BLOCKS`): ``embed`` (with the modality it embeds:
 ``v`` patch / [I_CLS] / image positions, ``l`` words / text positions / the BERT-import embedding norm,
-``shared`` the modality-type table), ``final_norm`` (the LayerNorm after the last block, on both routes)
+``shared`` the modality-type table and VLMo's relative-position table), ``final_norm`` (the LayerNorm after
+the last block, on both routes; ``norm.v`` / ``norm.l`` when a model has one per modality, BEiT-3)
 and ``head`` (``heads.{name}.*``, with the head's name). None of these is *mergeable*: the paper keeps
 embeddings per modality and never merges heads. A name that matches nothing is ``other``.
 
@@ -44,7 +45,8 @@ OUTSIDE_BLOCKS: dict[str, tuple[str, str, str]] = {
     "text_pos_embed": ("embed", "l", "position"),
     "text_embed_norm": ("embed", "l", "norm"),
     "type_embed": ("embed", SHARED, "table"),
-    "norm": ("final_norm", SHARED, "norm"),
+    "rel_pos_bias": ("embed", SHARED, "position"),  # VLMo's relative-position table, every layer's heads
+    "norm": ("final_norm", SHARED, "norm"),  # ``norm.{v,l}.*`` when there is one per modality (BEiT-3)
 }
 """The parameters outside the blocks, by their first name component. ``part`` says what kind of tensor it
 is: lookup ``table`` / ``position`` / ``cls`` tensors are not weight-decayed (BEiT's ``no_weight_decay``)."""
@@ -100,6 +102,8 @@ def parse_param_name(name: str) -> ParamRole:
         first, _, rest = name.partition(".")
         if first in OUTSIDE_BLOCKS:
             kind, modality, part = OUTSIDE_BLOCKS[first]
+            if kind == "final_norm" and rest.partition(".")[0] in ("v", "l"):
+                modality = rest.partition(".")[0]
             return ParamRole(name=name, kind=kind, expert=modality, suffix=rest or None, part=part)
         return ParamRole(name=name, kind="other")
     layer, module, expert, suffix = m.groups()

@@ -22,6 +22,7 @@ layers (``num_vl_layers``). Two routes (Fig. 2):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -43,6 +44,13 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "maa": (),
 }
 """Architecture name -> the block modules that are modality-specific."""
+
+FUSIONS: dict[str, str] = {
+    "late": "the bottom N−M layers per modality, then the top M on [text; image] (the merging paper, Fig. 2)",
+    "early": "[text; image] through all N layers; below the VL layers each token uses its own modality's "
+             "experts and attends to every token (VLMo's and BEiT-3's fusion route)",
+}
+"""Fusion-route layouts (``ModelConfig.fusion``)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,13 @@ class ModelConfig:
     num_seg_classes: int = 0  # segmentation classes incl. background ("seg" head)
     init_std: float = 0.02
     tied_init: bool = True  # modality experts of a slot start equal (VLMo initialises every expert from BEiT)
+    # Options for imported architectures (VLMo, BEiT-3); the defaults are vlmerge's own models.
+    fusion: str = "late"  # one of FUSIONS: where text and image tokens meet on the fusion route
+    layer_scale: float | None = None  # LayerScale init (VLMo: 0.1); None = no layer scale
+    subln: bool = False  # Sub-LN (BEiT-3): LayerNorms before attention's proj and before fc2
+    rel_pos_text_len: int = 0  # > 0: VLMo's shared relative-position-bias table (text span); 0: none
+    modality_final_norm: bool = False  # one final LayerNorm per modality (BEiT-3's multiway layer_norm)
+    text_embed_norm_eps: float | None = None  # the text embedding norm's epsilon (VLMo's BERT: 1e-12); None = ln_eps
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, list):  # a list from Python code: stored as the tuple the field is
@@ -85,6 +100,12 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(round(self.embed_dim * self.mlp_ratio))
+
+    @property
+    def fusion_start(self) -> int:
+        """First layer of the fusion route that sees text and image tokens together: N−M for ``late``
+        fusion (the paper's Fig. 2), 0 for ``early`` (VLMo / BEiT-3)."""
+        return 0 if self.fusion == "early" else self.depth - self.num_vl_layers
 
     def experts(self, layer: int) -> dict[str, tuple[str, ...]]:
         """Experts of each module of block ``layer`` (0-based)."""
@@ -127,6 +148,7 @@ _EXPECTED_TYPE: dict[str, str] = {
     "float": "a finite number",
     "bool": "true or false",
     "int | None": "an integer or null",
+    "float | None": "a finite number or null",
     "tuple[str, ...]": "a list of strings",
 }
 """ModelConfig field annotation -> what the error message says a value must be."""
@@ -155,6 +177,8 @@ def _type_ok(annotation: str, value: Any) -> bool:
         return value is None or (isinstance(value, int) and not isinstance(value, bool))
     if annotation == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "float | None":
+        return value is None or _type_ok("float", value)
     if annotation == "tuple[str, ...]":
         return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     raise AssertionError(f"ModelConfig: no type check for annotation {annotation!r}")  # a new field's type
@@ -176,6 +200,8 @@ def check_model_config(values: Mapping[str, Any], source: str = "model config") 
             raise bad(f.name, _EXPECTED_TYPE[annotation])
     if values["arch"] not in ARCHS:
         raise bad("arch", f"one of {sorted(ARCHS)}")
+    if values["fusion"] not in FUSIONS:
+        raise bad("fusion", f"one of {sorted(FUSIONS)}")
     # Upper bounds keep every tensor's size computable (an absurd width would overflow torch's size arithmetic).
     for name, most in (*((n, _MAX_DIM) for n in _GEOMETRY), ("vocab_size", _MAX_ROWS)):
         if not 1 <= values[name] <= most:
@@ -193,9 +219,14 @@ def check_model_config(values: Mapping[str, Any], source: str = "model config") 
                                f"{_MAX_HIDDEN}")
     if values["proj_dim"] is not None and not 1 <= values["proj_dim"] <= _MAX_DIM:
         raise bad("proj_dim", f"a positive integer ≤ {_MAX_DIM} or null (null = embed_dim)")
-    for name in ("ln_eps", "init_std"):
-        if values[name] <= 0:
+    for name in ("ln_eps", "init_std", "text_embed_norm_eps"):
+        if values[name] is not None and values[name] <= 0:
             raise bad(name, "a positive finite number")
+    if values["rel_pos_text_len"] and not values["max_text_len"] <= values["rel_pos_text_len"] <= _MAX_DIM:
+        raise bad("rel_pos_text_len", f"0 (no relative position bias) or an integer in [max_text_len="
+                                      f"{values['max_text_len']}, {_MAX_DIM}]")
+    if values["modality_final_norm"] and not values["prenorm"]:
+        raise bad("modality_final_norm", "false for a post-LN model (prenorm=false has no final norm)")
     heads = values["heads"]
     if any(h not in HEADS for h in heads):
         raise bad("heads", f"names from {sorted(HEADS)}")
@@ -238,6 +269,60 @@ def preset_config(preset: str, arch: str = "msa", **overrides: Any) -> ModelConf
     return ModelConfig(**{**PRESETS[preset], "arch": arch, **overrides})
 
 
+# ------------------------------------------------------------------------------ relative position bias
+def _image_rel_rows(config: ModelConfig) -> int:
+    w = config.image_size // config.patch_size
+    return (2 * w - 1) ** 2 + 3
+
+
+def rel_pos_rows(config: ModelConfig) -> int:
+    """Rows of VLMo's relative-position-bias table: (2W−1)² image offsets + 3 image [CLS] specials, 2T text
+    offsets (T = ``rel_pos_text_len``) + 3 text [CLS] specials ... laid out as VLMo's
+    ``relative_position_bias_table`` (W = image_size / patch_size)."""
+    return _image_rel_rows(config) + 2 * config.rel_pos_text_len + 2
+
+
+@functools.lru_cache(maxsize=64)
+def rel_pos_index(config: ModelConfig, kind: str, text_len: int = 0) -> torch.Tensor:
+    """Row of the relative-position table for every (query, key) pair of one route, int64 [L, L].
+
+    ``kind`` ``v``: the 1 + P image tokens ([I_CLS] first): patches i, j at grid cells (r, c) use row
+    (r_i − r_j + W − 1)(2W − 1) + (c_i − c_j + W − 1); [I_CLS] as query, as key, and to itself use the rows
+    R_v − 3, R_v − 2, R_v − 1 (R_v = (2W−1)² + 3). ``l``: text tokens ([T_CLS] first): tokens i, j ≥ 1 use
+    R_v + T + (j − i) (T = ``rel_pos_text_len``), [T_CLS] the last three rows. ``vl``: [text; image] with
+    the two blocks above on the diagonal, text→image pairs row R_v and image→text pairs row R_v + 1.
+    """
+    w = config.image_size // config.patch_size
+    r_v = _image_rel_rows(config)
+    total = rel_pos_rows(config)
+    if kind == "v":
+        rows, cols = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+        cells = torch.stack([rows.flatten(), cols.flatten()])  # [2, P]
+        offset = cells[:, :, None] - cells[:, None, :] + (w - 1)  # [2, P, P], each in [0, 2W − 2]
+        index = torch.zeros(w * w + 1, w * w + 1, dtype=torch.long)
+        index[1:, 1:] = offset[0] * (2 * w - 1) + offset[1]
+        specials = r_v
+    elif kind == "l":
+        if not 1 <= text_len <= config.rel_pos_text_len:
+            raise ValueError(f"text has {text_len} tokens; the relative position table covers "
+                             f"rel_pos_text_len={config.rel_pos_text_len}")
+        pos = torch.arange(text_len - 1)
+        index = torch.zeros(text_len, text_len, dtype=torch.long)
+        index[1:, 1:] = r_v + config.rel_pos_text_len + (pos[None, :] - pos[:, None])
+        specials = total
+    elif kind == "vl":
+        txt, img = rel_pos_index(config, "l", text_len), rel_pos_index(config, "v")
+        top = torch.cat([txt, torch.full((text_len, img.shape[0]), r_v)], dim=1)
+        bottom = torch.cat([torch.full((img.shape[0], text_len), r_v + 1), img], dim=1)
+        return torch.cat([top, bottom], dim=0)
+    else:
+        raise ValueError(f"kind must be 'v', 'l' or 'vl', got {kind!r}")
+    index[0, :] = specials - 3
+    index[:, 0] = specials - 2
+    index[0, 0] = specials - 1
+    return index
+
+
 # --------------------------------------------------------------------------------------------------- model
 class VLMo(nn.Module):
     """A VLMo-family vision-language transformer built from a :class:`ModelConfig`."""
@@ -254,12 +339,21 @@ class VLMo(nn.Module):
         self.word_embed = nn.Embedding(c.vocab_size, d)
         self.text_pos_embed = nn.Embedding(c.max_text_len, d)
         self.type_embed = nn.Embedding(c.type_vocab_size, d)
-        self.text_embed_norm = nn.LayerNorm(d, eps=c.ln_eps) if c.text_embed_norm else nn.Identity()
+        text_eps = c.ln_eps if c.text_embed_norm_eps is None else c.text_embed_norm_eps
+        self.text_embed_norm = nn.LayerNorm(d, eps=text_eps) if c.text_embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(
-            Block(d, c.num_heads, c.mlp_hidden, c.experts(i), c.qkv_bias, c.prenorm, c.ln_eps)
+            Block(d, c.num_heads, c.mlp_hidden, c.experts(i), c.qkv_bias, c.prenorm, c.ln_eps, c.subln,
+                  c.layer_scale)
             for i in range(c.depth)
         )
-        self.norm = nn.LayerNorm(d, eps=c.ln_eps) if c.prenorm else nn.Identity()
+        if c.modality_final_norm:
+            self.norm: nn.Module = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in ("v", "l")})
+        else:
+            self.norm = nn.LayerNorm(d, eps=c.ln_eps) if c.prenorm else nn.Identity()
+        if c.rel_pos_text_len:
+            # One table for every layer (VLMo): rows are relative distances (image 2-D offsets, [CLS] specials,
+            # text offsets, the two cross-modal constants), columns layer-major heads.
+            self.rel_pos_bias = nn.Parameter(torch.zeros(rel_pos_rows(c), c.num_heads * c.depth))
         self.heads = nn.ModuleDict({name: HEADS[name](c) for name in c.heads})
         self.reset_parameters()
 
@@ -278,6 +372,12 @@ class VLMo(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.image_pos_embed):
             nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        with torch.no_grad():
+            for m in self.modules():
+                if getattr(m, "gamma", None) is not None:
+                    m.gamma.fill_(self.config.layer_scale)
+            if self.config.rel_pos_text_len:
+                self.rel_pos_bias.zero_()
         if self.config.tied_init:
             params = dict(self.named_parameters())
             with torch.no_grad():
@@ -309,57 +409,88 @@ class VLMo(nn.Module):
             return None
         return attention_mask.bool()[:, None, None, :]
 
-    def _run(self, x: torch.Tensor, modality: str, layers: range, mask: torch.Tensor | None) -> torch.Tensor:
+    def _rel_bias(self, kind: str, text_len: int = 0) -> torch.Tensor | None:
+        """Every layer's relative position bias for one route, [H*N, L, L] (layer i: heads [iH, (i+1)H)),
+        or None without a table. ``kind``: ``v`` (image tokens), ``l`` (``text_len`` text tokens) or
+        ``vl`` ([text; image])."""
+        if not self.config.rel_pos_text_len:
+            return None
+        index = rel_pos_index(self.config, kind, text_len).to(self.rel_pos_bias.device)
+        return self.rel_pos_bias[index].permute(2, 0, 1)
+
+    def _run(self, x: torch.Tensor, modality: str, layers: range, mask: torch.Tensor | None,
+             bias: torch.Tensor | None = None, split: int | None = None) -> torch.Tensor:
+        h = self.config.num_heads
         for i in layers:
-            x = self.blocks[i](x, modality, mask)
+            x = self.blocks[i](x, modality, mask, None if bias is None else bias[i * h:(i + 1) * h], split)
         return x
+
+    def final_norm(self, x: torch.Tensor, modality: str, split: int | None = None) -> torch.Tensor:
+        """The LayerNorm after the last block: shared, or per modality (``modality_final_norm``), then on a
+        ``vl`` sequence text tokens ``x[:, :split]`` by the text one and image tokens by the image one."""
+        if not self.config.modality_final_norm:
+            return self.norm(x)
+        norms = self.norm
+        if modality != "vl":
+            return norms[modality](x)
+        return torch.cat([norms["l"](x[:, :split]), norms["v"](x[:, split:])], dim=1)
 
     # -- routes ----------------------------------------------------------------------------------------
     def forward_image(self, image: torch.Tensor) -> torch.Tensor:
         """Vision route, all N layers: image [B, C, S, S] -> normed hidden states [B, 1 + P, D]."""
-        return self.norm(self._run(self.embed_image(image), "v", range(self.config.depth), None))
+        x = self._run(self.embed_image(image), "v", range(self.config.depth), None, self._rel_bias("v"))
+        return self.final_norm(x, "v")
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Language route, all N layers: ids [B, L] -> normed hidden states [B, L, D]."""
         mask = self._attn_mask(attention_mask)
-        return self.norm(self._run(self.embed_text(input_ids), "l", range(self.config.depth), mask))
+        bias = self._rel_bias("l", input_ids.shape[1])
+        return self.final_norm(self._run(self.embed_text(input_ids), "l", range(self.config.depth), mask, bias), "l")
 
     def forward_fusion(
         self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Fusion route: bottom N−M layers per modality, then the top M on ``[text; image]``.
+        """Fusion route: bottom layers per modality, then the rest on ``[text; image]`` (:attr:`fusion`).
 
-        Returns normed hidden states [B, L + 1 + P, D]; index 0 is [T_CLS], index L is [I_CLS].
+        Late fusion: the bottom N−M layers per modality, the top M on the concatenation; early fusion: all N
+        on the concatenation. Returns normed hidden states [B, L + 1 + P, D]; index 0 is [T_CLS], index L is
+        [I_CLS].
         """
-        bottom = range(self.config.depth - self.config.num_vl_layers)
-        x_img = self._run(self.embed_image(image), "v", bottom, None)
-        x_txt = self._run(self.embed_text(input_ids), "l", bottom, self._attn_mask(attention_mask))
+        bottom = range(self.config.fusion_start)
+        x_img = self._run(self.embed_image(image), "v", bottom, None, self._rel_bias("v"))
+        x_txt = self._run(self.embed_text(input_ids), "l", bottom, self._attn_mask(attention_mask),
+                          self._rel_bias("l", input_ids.shape[1]))
         return self.fuse(x_txt, x_img, attention_mask)
 
     def fuse(self, x_txt: torch.Tensor, x_img: torch.Tensor, attention_mask: torch.Tensor | None = None
              ) -> torch.Tensor:
-        """The top M layers of the fusion route on bottom-layer states: x_txt [B, L, D] and x_img [B, 1 + P, D]
-        after the first N−M layers (``bottom`` of :meth:`routes`) -> normed states [B, L + 1 + P, D]."""
+        """The fusion layers on bottom-layer states: x_txt [B, L, D] and x_img [B, 1 + P, D] after the first
+        :attr:`ModelConfig.fusion_start` layers (``*_bottom`` of :meth:`routes`) -> normed states
+        [B, L + 1 + P, D]."""
         c = self.config
+        n_txt = x_txt.shape[1]
         x = torch.cat([x_txt, x_img], dim=1)
         mask = None
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], x_img.shape[1])
             mask = self._attn_mask(torch.cat([attention_mask, ones], dim=1))
-        return self.norm(self._run(x, "vl", range(c.depth - c.num_vl_layers, c.depth), mask))
+        split = n_txt if c.fusion == "early" else None
+        x = self._run(x, "vl", range(c.fusion_start, c.depth), mask, self._rel_bias("vl", n_txt), split)
+        return self.final_norm(x, "vl", n_txt)
 
     def routes(self, image: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None, top: bool = True) -> dict[str, torch.Tensor]:
-        """The retrieval routes, keeping the states after the bottom N−M layers for :meth:`fuse`.
+        """The retrieval routes, keeping the states after the bottom layers for :meth:`fuse`.
 
         Returns ``image`` / ``text``: normed states of all N layers (as :meth:`forward_image` /
-        :meth:`forward_text`) and ``image_bottom`` / ``text_bottom``: the states after layer N−M, which are
-        exactly the fusion route's inputs to its top layers (the bottom layers are the same experts), so
-        one pass serves ITC, ITM and MLM (pre-training computes each once instead of per objective).
-        ``top=False`` stops after the bottom layers (only the ``*_bottom`` entries).
+        :meth:`forward_text`) and ``image_bottom`` / ``text_bottom``: the states after the first
+        :attr:`ModelConfig.fusion_start` layers, which are exactly the fusion route's inputs to its fusion
+        layers (the bottom layers are the same experts), so one pass serves ITC, ITM and MLM (pre-training
+        computes each once instead of per objective). ``top=False`` stops after the bottom layers (only the
+        ``*_bottom`` entries).
         """
         c = self.config
-        cut = c.depth - c.num_vl_layers
+        cut = c.fusion_start
         out: dict[str, torch.Tensor] = {}
         for name, x, modality, mask in (
                 ("image", None if image is None else self.embed_image(image), "v", None),
@@ -367,9 +498,10 @@ class VLMo(nn.Module):
                  self._attn_mask(attention_mask))):
             if x is None:
                 continue
-            out[f"{name}_bottom"] = x = self._run(x, modality, range(cut), mask)
+            bias = self._rel_bias(modality, x.shape[1])
+            out[f"{name}_bottom"] = x = self._run(x, modality, range(cut), mask, bias)
             if top:
-                out[name] = self.norm(self._run(x, modality, range(cut, c.depth), mask))
+                out[name] = self.final_norm(self._run(x, modality, range(cut, c.depth), mask, bias), modality)
         return out
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -402,7 +534,8 @@ class VLMo(nn.Module):
             elif role.kind == "head":
                 part = f"heads.{role.head}"
             elif role.kind == "embed":
-                part = {"v": "embed.vision", "l": "embed.text", SHARED: "embed.type"}[role.expert or SHARED]
+                shared = "embed.rel_pos" if name.startswith("rel_pos_bias") else "embed.type"
+                part = {"v": "embed.vision", "l": "embed.text", SHARED: shared}[role.expert or SHARED]
             else:
                 part = name.split(".")[0]
             parts[part] = parts.get(part, 0) + p.numel()
