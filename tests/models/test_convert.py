@@ -260,3 +260,29 @@ def test_cli_vlmo_lightning_checkpoint(tmp_path, capsys) -> None:
     image, ids, mask = _inputs(4)
     _same("fusion", _vlmo_routes(model, image, ids, mask)["fusion"],
           _vlmo_ref(sd, "vlmo", "fusion", image, ids, mask), mask)
+
+
+def test_readme_beit3_example_runs_and_prints_what_the_readme_says(tmp_path, monkeypatch, capsys) -> None:
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- readme-example: beit3 -->\n```python\n(.*?)```", readme, re.S).group(1)
+    claimed = re.findall(r"`(beit3-(?:vlm|merged): [\d,]+ parameters,\s+[\d,]+ in modality experts)`", readme)
+    assert len(claimed) == 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # the vlmerge CLI
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    for line in claimed:
+        assert " ".join(line.split()) in printed
+    if torchscale_available() is None:
+        from safetensors.torch import load_file
+
+        out = load_file(tmp_path / "beit3-merged-bt3" / "model.safetensors")
+        ref = build_beit3(embed_dim=64, heads=4, layers=4, ffn_dim=256, img_size=32, patch_size=8, vocab_size=1000,
+                          max_source_positions=34, seed=0)
+        ref.load_state_dict(out, strict=True)
+        assert torch.equal(out["encoder.layers.0.ffn.A.fc1.weight"], out["encoder.layers.0.ffn.B.fc1.weight"])
