@@ -34,7 +34,10 @@ HF ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``); w
 one ``model.safetensors`` -- plus ``config.json`` and ``generation_config.json`` (:data:`MODEL_FILES`, copied
 from the base model, else the first model), the tokenizer, chat-template and processor files
 (:data:`TOKENIZER_FILES`, :data:`PROCESSOR_FILES`, whichever exist) of ``tokenizer_source`` (default: the base
-model, else the first model), ``mergekit_config.yml`` (the resolved config: absolute paths, output dtype),
+model, else the first model; an explicit ``tokenizer_source`` must hold at least one tokenizer file;
+symlinks are followed and their content copied, as a Hugging Face cache needs; a copied name that is a FIFO,
+device, socket, folder or dangling symlink is refused, never skipped), ``mergekit_config.yml`` (the resolved
+config: absolute paths, output dtype),
 ``vlmerge_merge.json`` (provenance: method, parameters, every input fingerprinted as vlmerge's own merges do --
 per file its size and safetensors-header SHA-256, or size and mtime for a pickle, the full SHA-256 with
 ``--hash-inputs`` -- the options, the vlmerge version and the time) and a ``README.md`` model card (merged with
@@ -120,6 +123,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -877,6 +881,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _side_files(folder: Path, names: Sequence[str], where: str, source: Any) -> list[tuple[Path, str]]:
+    """The files of ``names`` that ``folder`` holds, as (path, name), to copy into the output; checked before
+    the output is opened. A symlink is followed wherever it points (a Hugging Face cache links every file into
+    ``blobs/``) and its content copied; a name that is a FIFO, socket, device or folder (itself or through a
+    symlink), a dangling symlink or an unreadable file is refused naming it, never skipped. A ``folder`` that
+    is one weights file (no side files) gives none."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for name in names:
+        p = folder / name
+        if not os.path.lexists(p):
+            continue
+        try:
+            st = p.stat()
+        except OSError as e:
+            why = "a dangling symlink" if p.is_symlink() else f"not readable ({e.strerror})"
+            raise ValueError(f"{source}: {where}: {p} is {why}; expected a regular file or no file "
+                             "of that name") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{source}: {where}: {p} is not a regular file (a FIFO, socket, device or folder); "
+                             "expected a regular file or no file of that name")
+        if not os.access(p, os.R_OK):
+            raise ValueError(f"{source}: {where}: {p} is not readable (permission denied)")
+        found.append((p, name))
+    return found
+
+
 def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False, source: Any = "config", *,
                  missing_keys: str = "error", out_shard_size: int | None = None, device: str = "cpu",
                  hash_inputs: bool = False) -> Path:
@@ -918,6 +950,15 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
                 f"a model folder or one {' / '.join(TORCH_SUFFIXES)} file"
             what = "not a folder" if Path(p).exists() else "no such model directory"
             raise ValueError(f"{source}: {where}: {p}: {what}; expected {want}")
+    cfg_dir = Path(cfg.base_model if cfg.base_model is not None else cfg.model_paths()[0])
+    assert tok_dir is not None
+    side = _side_files(cfg_dir, MODEL_FILES, "base_model" if cfg.base_model is not None else named[0][0], source)
+    tok_files = _side_files(Path(tok_dir), (*TOKENIZER_FILES, *PROCESSOR_FILES),
+                            "tokenizer_source" if tok is not None else
+                            "base_model" if cfg.base_model is not None else named[0][0], source)
+    if tok is not None and not any(name in TOKENIZER_FILES for _, name in tok_files):
+        raise ValueError(f"{source}: tokenizer_source: {tok_dir} holds none of the tokenizer files "
+                         f"({', '.join(TOKENIZER_FILES)}); expected a folder with a tokenizer")
     config_file = [source] if isinstance(source, (str, os.PathLike)) and Path(source).is_file() else []
     out = guard_output_dir(out_dir, [*(p for _, p in named), *config_file], overwrite, flag="output",
                            clean_stale=True)
@@ -967,14 +1008,9 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
                         writer.write(k, _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev))
                     else:
                         writer.write(k, _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev))
-            cfg_dir = (base or merged[0]).path
-            for name in MODEL_FILES:
-                if (cfg_dir / name).is_file():
-                    shutil.copyfile(cfg_dir / name, tmp / name)
-            assert tok_dir is not None
-            for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
-                if (Path(tok_dir) / name).is_file():
-                    shutil.copyfile(Path(tok_dir) / name, tmp / name)
+            assert _key(cfg_dir) == _key((base or merged[0]).path)
+            for src, name in (*side, *tok_files):
+                shutil.copyfile(src, tmp / name)  # a symlink's content (a Hugging Face cache links into blobs/)
             resolved = _resolved_config(cfg)
             (tmp / CONFIG_OUT).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
             options = {"missing_keys": missing_keys, "out_shard_size": out_shard_size, "device": dev.type}
