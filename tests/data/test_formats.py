@@ -265,6 +265,42 @@ def test_nlvr2_flat_and_directory_layouts(tmp_path: Path) -> None:
         load_nlvr2(dev, root, check_files=True)
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_blank_texts_are_refused_naming_the_entry(tmp_path: Path, blank: str) -> None:
+    data = json.loads(_coco_karpathy(tmp_path / "ok.json").read_text())
+    data["images"][1]["sentences"][0]["raw"] = blank  # a caption the model would learn nothing from
+    with pytest.raises(ValueError, match=r"dataset_coco\.json: images\[1\]\.sentences\[0\]: 'raw' is blank"):
+        load_karpathy(_json(tmp_path / "dataset_coco.json", data), tmp_path, "test")
+    q, a = _vqa_files(tmp_path)
+    qs = json.loads(q.read_text())
+    qs["questions"][2]["question"] = blank
+    with pytest.raises(ValueError, match=r"questions\.json: questions\[2\]: 'question' is blank"):
+        load_vqa_v2(_json(q, qs), a, tmp_path, "val")
+    dev = tmp_path / "dev.json"
+    dev.write_text(_nlvr2_line("dev-850-0-0") + "\n" + _nlvr2_line("dev-850-0-1", sentence=blank) + "\n")
+    with pytest.raises(ValueError, match=r"dev\.json line 2: 'sentence' is blank"):
+        load_nlvr2(dev, tmp_path)
+
+
+def test_a_utf8_bom_is_accepted_as_in_yaml_configs(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    js = _coco_karpathy(tmp_path / "dataset_coco.json")
+    want = load_karpathy(js, tmp_path, "test")
+    js.write_bytes(bom + js.read_bytes())
+    assert load_karpathy(js, tmp_path, "test") == want
+    q, a = _vqa_files(tmp_path)
+    want_vqa = load_vqa_v2(q, a, tmp_path, "val")
+    for f in (q, a):
+        f.write_bytes(bom + f.read_bytes())
+    assert load_vqa_v2(q, a, tmp_path, "val") == want_vqa
+    dev = tmp_path / "dev.json"
+    dev.write_bytes(bom + (_nlvr2_line("dev-850-0-0") + "\n").encode())
+    assert [r.identifier for r in load_nlvr2(dev, tmp_path)] == ["dev-850-0-0"]
+    dev.write_bytes((_nlvr2_line("dev-850-0-0") + "\n").encode() + bom + b"{}\n")  # only at the start
+    with pytest.raises(ValueError, match="dev.json line 2: not valid JSON"):
+        load_nlvr2(dev, tmp_path)
+
+
 def test_nlvr2_rejects_malformed_lines(tmp_path: Path) -> None:
     dev = tmp_path / "dev.json"
     dev.write_text("\n".join([_nlvr2_line("dev-1-0-0")] * 3 + ["", _nlvr2_line("dev-1-0-1", "maybe")]))

@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..files import relative_name
-from ..models.checkpoint import parse_json, read_json
+from ..models.checkpoint import parse_json
 from .datasets import MEAN, STD
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # matched case-insensitively (.JPEG too)
@@ -136,10 +136,22 @@ def _get(obj: Mapping[str, Any], key: str, kind: type, where: str, optional: boo
     return v
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _read_json(path: Path) -> Any:
-    """The one JSON reader (:func:`vlmerge.models.checkpoint.read_json`): errors name the file (bad UTF-8,
-    bad JSON, nesting too deep, numbers too long)."""
-    return read_json(path)
+    """The one JSON reader (:func:`vlmerge.models.checkpoint.parse_json`): errors name the file (bad UTF-8,
+    bad JSON, nesting too deep, numbers too long). A leading UTF-8 BOM is dropped, as the YAML configs allow."""
+    _require_file(path)
+    return parse_json(path.read_bytes().removeprefix(_BOM), str(path))
+
+
+def _text(obj: Mapping[str, Any], key: str, where: str) -> str:
+    """``obj[key]``, a string that is not blank, stripped."""
+    v = _get(obj, key, str, where).strip()
+    if not v:
+        raise ValueError(f"{where}: {key!r} is blank; expected non-empty text")
+    return v
 
 
 def _json_list(data: Any, key: str, path: Path) -> list[Any]:
@@ -177,7 +189,7 @@ def _require_file(path: Path) -> None:
 def _read_text(path: Path) -> str:
     """A UTF-8 text file; ``ValueError`` naming it when it is not UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading BOM dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
@@ -214,7 +226,7 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str, *,
         captions = []
         for j, sent in enumerate(sentences):
             at = f"{where}.sentences[{j}]"
-            captions.append(_get(_entry(sent, at), "raw", str, at).strip())
+            captions.append(_text(_entry(sent, at), "raw", at))
         image_id = _get(im, "cocoid", int, where, optional=True)
         if image_id is None:
             image_id = _get(im, "imgid", int, where)
@@ -337,7 +349,7 @@ def load_vqa_v2(questions_path: str | Path, annotations_path: str | Path | None,
         where = f"{qpath}: questions[{i}]"
         q = _entry(raw, where)
         qid, image_id = _get(q, "question_id", int, where), _get(q, "image_id", int, where)
-        question = _get(q, "question", str, where)
+        question = _text(q, "question", where)
         if qid in seen:
             raise ValueError(f"{where}: question_id {qid} appears twice")
         seen.add(qid)
@@ -440,13 +452,13 @@ def load_nlvr2(jsonl_path: str | Path, image_root: str | Path, *, check_files: b
             where = f"{path} line {lineno}"
             if not raw.strip():
                 continue
-            obj = _entry(parse_json(raw, where), where)
+            obj = _entry(parse_json(raw.removeprefix(_BOM) if lineno == 1 else raw, where), where)
             identifier = _get(obj, "identifier", str, where)
             m = _NLVR2_ID.fullmatch(identifier)
             if m is None:
                 raise ValueError(f"{where}: identifier must look like 'dev-850-0-0' "
                                  f"(split-set-pair-sentence), got {identifier!r}")
-            sentence = _get(obj, "sentence", str, where)
+            sentence = _text(obj, "sentence", where)
             if "label" not in obj:
                 raise ValueError(f"{where} lacks 'label' (expected 'True' or 'False')")
             label = _nlvr2_label(obj["label"], where)
