@@ -446,3 +446,18 @@ def test_the_working_directory_is_never_an_output(work: Path, cli, monkeypatch: 
     res = cli(*INTERP, work / "msa", out, "--overwrite")
     refused(res, 2, "working directory")  # "" is the working directory to every path API
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--alpha-schedule", "0.5,,0.5"), ("--alpha-schedule", "0.5,0.5,"),
+                                             ("--alpha-schedule", ""), ("--weights", "0.5,,0.5"),
+                                             ("--weights", "v=0.5,,l=0.5")])
+def test_an_empty_list_item_is_refused_not_dropped(work: Path, cli, capsys: pytest.CaptureFixture[str], flag: str,
+                                                   value: str) -> None:
+    # '0.5,,0.5' on a 2-layer model once merged with [0.5, 0.5]: the dropped item shifts every later layer's value
+    before = snapshot(work)
+    with pytest.raises(SystemExit) as e:  # an argparse usage error: exit 2, one line
+        cli("merge", work / "msa", work / "out", "--method", "interpolation", flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "empty item" in err[0], err
+    assert snapshot(work) == before and not (work / "out").exists()

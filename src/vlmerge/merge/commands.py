@@ -37,16 +37,27 @@ _PARAM_FLAGS: dict[str, str] = {
 }
 
 
+def _items(text: str) -> list[str]:
+    """The comma-separated items of ``text``; an empty one (``0.5,,0.5``, a trailing comma) is refused: dropping
+    it would shift every later value to the wrong layer or model."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"empty item {parts.index('') + 1} in {text!r}; expected comma-separated "
+                                         "values, none empty")
+    return parts
+
+
 def _floats(text: str) -> list[float]:
+    parts = _items(text)
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _weights(text: str) -> dict[str, float] | list[float]:
     """``0.5,0.5`` (one per model) or ``v=0.75,l=0.25,vl=0.33`` (per modality)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = _items(text)
     try:
         if all("=" in p for p in parts):
             pairs = [(k.strip(), float(v)) for k, v in (p.split("=", 1) for p in parts)]
