@@ -148,3 +148,13 @@ def test_maa_to_msa_and_merged_to_maa(tmp_path: Path) -> None:
     assert merged_to_maa(maa.state_dict()).keys() == maa.state_dict().keys()
     with pytest.raises(KeyError, match="cannot build 'blocks.0.attn.v.qkv.weight'"):
         maa_to_msa({k: v for k, v in maa.state_dict().items() if "blocks.0.attn" not in k}, msa_cfg)
+
+
+def test_a_config_json_with_a_utf8_bom_loads(model: VLMo, tmp_path: Path) -> None:
+    save_model(model, tmp_path / "ckpt")
+    cfg = tmp_path / "ckpt" / "config.json"
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())  # as a Windows editor saves it
+    assert load_model(tmp_path / "ckpt").config == model.config
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())  # a second mark is not a byte-order mark: refused
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(tmp_path / "ckpt")

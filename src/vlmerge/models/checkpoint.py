@@ -62,9 +62,10 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def parse_json(raw: bytes, where: str) -> Any:
     """``raw`` (UTF-8 JSON) parsed; a :class:`CheckpointError` (a ``ValueError``) starting with ``where`` for
-    bytes that are not UTF-8, invalid JSON, nesting too deep or a number too long to convert."""
+    bytes that are not UTF-8, invalid JSON, nesting too deep or a number too long to convert. A leading UTF-8
+    byte-order mark is accepted (Windows editors write one), as in YAML configs and dataset files."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{where}: not UTF-8 text (byte {e.start}); expected JSON") from None
     except json.JSONDecodeError as e:
