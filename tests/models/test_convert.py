@@ -286,3 +286,13 @@ def test_readme_beit3_example_runs_and_prints_what_the_readme_says(tmp_path, mon
                           max_source_positions=34, seed=0)
         ref.load_state_dict(out, strict=True)
         assert torch.equal(out["encoder.layers.0.ffn.A.fc1.weight"], out["encoder.layers.0.ffn.B.fc1.weight"])
+
+
+@needs_torchscale
+def test_beit3_num_heads_that_do_not_divide_the_width_are_named() -> None:
+    ref = build_beit3(embed_dim=32, heads=HEADS, layers=1, ffn_dim=64, img_size=IMG, patch_size=P, vocab_size=100,
+                      max_source_positions=24, seed=0)
+    with pytest.raises(ValueError, match="--num-heads 5: does not divide the width 32"):
+        import_state_dict("beit3", ref.state_dict(), num_heads=5)
+    with pytest.raises(ValueError, match="cannot tell the number of attention heads for width 32; pass --num-heads"):
+        import_state_dict("beit3", ref.state_dict())

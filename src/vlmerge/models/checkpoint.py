@@ -62,10 +62,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def parse_json(raw: bytes, where: str) -> Any:
     """``raw`` (UTF-8 JSON) parsed; a :class:`CheckpointError` (a ``ValueError``) starting with ``where`` for
-    bytes that are not UTF-8, invalid JSON, nesting too deep or a number too long to convert. A leading UTF-8
-    byte-order mark is accepted (Windows editors write one), as in YAML configs and dataset files."""
+    bytes that are not UTF-8, invalid JSON, nesting too deep or a number too long to convert."""
     try:
-        return json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{where}: not UTF-8 text (byte {e.start}); expected JSON") from None
     except json.JSONDecodeError as e:
@@ -77,11 +76,12 @@ def parse_json(raw: bytes, where: str) -> Any:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """A JSON file, parsed by :func:`parse_json` (errors name the file)."""
+    """A JSON file, parsed by :func:`parse_json` (errors name the file). A leading UTF-8 byte-order mark is
+    accepted (Windows editors write one), as in YAML configs and dataset files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return parse_json(path.read_bytes(), str(path))
+    return parse_json(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
 
 
 # ---------------------------------------------------------------------------------------- streaming writer

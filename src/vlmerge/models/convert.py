@@ -220,10 +220,10 @@ def _vlmo_to_vlmerge(layout: str) -> Callable[..., Converted]:
     def convert(state_dict: Mapping[str, torch.Tensor], where: str = "source", *, image_size: int | None = None,
                 num_heads: int | None = None) -> Converted:
         src = _Source(strip_prefix(state_dict, ("module.", "model.")), where)
-        d = src.shape("transformer.cls_token")[-1]
         depth = _count(src, r"transformer\.blocks\.(\d+)\.")
         if depth == 0:
             raise CheckpointError(f"{where}: no transformer.blocks.* keys; not a {layout} checkpoint")
+        d = src.shape("transformer.cls_token")[-1]
         arch, m = _vlmo_experts(src, layout, depth)
         out_c, in_c, patch, _ = src.shape("transformer.patch_embed.proj.weight")
         table = src.shape("relative_position_bias_table")
@@ -437,8 +437,10 @@ def _beit3_to_vlmerge(state_dict: Mapping[str, torch.Tensor], where: str = "sour
     grid = math.isqrt(src.shape("encoder.embed_positions.A.weight")[0] - _FAIRSEQ_OFFSET - 1)
     if image_size is not None and image_size != grid * patch:
         raise CheckpointError(f"--image-size {image_size}: the checkpoint's position table is for {grid * patch}px")
+    if num_heads is not None and d % num_heads:
+        raise CheckpointError(f"--num-heads {num_heads}: does not divide the width {d} of {where}")
     heads = num_heads or (d // 64 if d % 64 == 0 else 0)
-    if not heads or d % heads:
+    if not heads:
         raise CheckpointError(f"{where}: cannot tell the number of attention heads for width {d}; pass --num-heads")
     depth = _count(src, r"encoder\.layers\.(\d+)\.")
     hidden = src.shape("encoder.layers.0.ffn.A.fc1.weight")[0]
