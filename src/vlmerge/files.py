@@ -347,3 +347,16 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool, doing: str = "writing", f
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)  # replaces an empty folder in one step (POSIX rename)
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool, doing: str = "writing", flag: str = "output") -> Iterator[Path]:
+    """A temp folder beside ``out`` to build an output in: renamed into place (:func:`publish_dir`) when the
+    block ends, removed when it raises, so ``out`` is never half-written."""
+    tmp = make_temp_dir(out)
+    try:
+        yield tmp
+        publish_dir(tmp, out, overwrite, doing, flag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -594,25 +594,18 @@ def convert_from(layout: str, src: str | os.PathLike[str], out_dir: str | os.Pat
     """``vlmerge convert --from LAYOUT SRC OUT_DIR``: write a vlmerge checkpoint (``config.json`` +
     ``model.safetensors``), the source tensors kept aside (:data:`KEPT_NAME`) and ``convert.json`` (what went
     where); built in a temp folder and renamed into place. Returns the report."""
-    from ..files import guard_output_dir, make_temp_dir, publish_dir
+    from ..files import guard_output_dir, staged_dir
     from .checkpoint import atomic_write_json, save_checkpoint, save_tensors
 
     get_layout(layout)
     out = guard_output_dir(out_dir, [src], overwrite, flag="OUT_DIR", clean_stale=True)
     conv = import_state_dict(layout, read_source(src), str(src), **options)
     record = {**conv.report(), "from": str(src), "layout": layout, "source_arch": conv.config.arch}
-    tmp = make_temp_dir(out)
-    try:
+    with staged_dir(out, overwrite, "converting", "OUT_DIR") as tmp:
         save_checkpoint(tmp, conv.state_dict, {"model": conv.config.to_dict(), "converted": record})
         if conv.kept:
             save_tensors(tmp / KEPT_NAME, {k: v.contiguous() for k, v in conv.kept.items()})
         atomic_write_json(tmp / RECORD_NAME, record)
-        publish_dir(tmp, out, overwrite)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 
@@ -623,7 +616,7 @@ def convert_to(layout: str, ckpt: str | os.PathLike[str], out_dir: str | os.Path
     ``load_state_dict``), the tensors an import kept aside written back, and ``convert.json``. ``extras``: the
     import's :data:`KEPT_NAME` (default: the one in ``ckpt``, if any; a merge's output has none, so pass the
     imported folder's)."""
-    from ..files import guard_output_dir, make_temp_dir, publish_dir
+    from ..files import guard_output_dir, staged_dir
     from .checkpoint import CheckpointReader, atomic_write_json, load_model_config, read_json, save_tensors
 
     get_layout(layout)
@@ -648,14 +641,7 @@ def convert_to(layout: str, ckpt: str | os.PathLike[str], out_dir: str | os.Path
     record = {"to": layout, "from": str(ckpt), "extras": None if extras is None else str(extras),
               "arch": config.arch, "tensors": len(tensors),
               "params": int(sum(t.numel() for t in tensors.values() if t.is_floating_point()))}
-    tmp = make_temp_dir(out)
-    try:
+    with staged_dir(out, overwrite, "converting", "OUT_DIR") as tmp:
         save_tensors(tmp / "model.safetensors", {k: v.contiguous() for k, v in tensors.items()})
         atomic_write_json(tmp / RECORD_NAME, record)
-        publish_dir(tmp, out, overwrite)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
