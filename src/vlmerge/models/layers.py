@@ -5,6 +5,8 @@ Shapes: ``B`` batch, ``L`` tokens, ``D`` width, ``H`` heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,7 +169,10 @@ class Block(nn.Module):
         return (self._pick(module, "l"), self._pick(module, "v"))
 
     @staticmethod
-    def _segments(parts: tuple[nn.Module, ...], x: torch.Tensor, split: int | None, fn=None) -> torch.Tensor:
+    def _segments(parts: tuple[nn.Module, ...], x: torch.Tensor, split: int | None,
+                  fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``fn(expert, x)`` (default: the expert's forward) on the whole sequence, or on the text tokens
+        ``x[:, :split]`` with the first expert and the image tokens with the second, concatenated."""
         call = fn or (lambda m, t: m(t))
         if len(parts) == 1:
             return call(parts[0], x)
