@@ -42,7 +42,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .roles import MODULES, SHARED, block_param_name
-from .vlmo import ARCHS, ModelConfig, VLMo, rel_pos_rows
+from .vlmo import ARCHS, ModelConfig, VLMo, param_shapes, rel_pos_rows
 
 Tensors = dict[str, torch.Tensor]
 
@@ -127,13 +127,8 @@ def _assign(sd: Tensors, model_shapes: Mapping[str, tuple[int, ...]], name: str,
     sd[name] = value.contiguous()
 
 
-def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in VLMo(config).state_dict().items()}
-
-
-def _finish(config: ModelConfig, sd: Tensors, src: _Source, notes: Mapping[str, str], name: str) -> Converted:
-    shapes = _shapes(config)
+def _finish(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], sd: Tensors, src: _Source,
+            notes: Mapping[str, str], name: str) -> Converted:
     missing = sorted(set(shapes) - set(sd))
     if missing:
         raise CheckpointError(f"{src.where}: the import left {len(missing)} vlmerge tensors unset, e.g. "
@@ -260,7 +255,7 @@ def _vlmo_to_vlmerge(layout: str) -> Callable[..., Converted]:
         )
         if rel_pos_rows(config) != table[0]:
             raise CheckpointError(f"{where}: relative_position_bias_table rows {table[0]} != {rel_pos_rows(config)}")
-        shapes = _shapes(config)
+        shapes = param_shapes(config)
         sd: Tensors = {}
 
         def put(name: str, value: torch.Tensor) -> None:
@@ -313,7 +308,7 @@ def _vlmo_to_vlmerge(layout: str) -> Callable[..., Converted]:
         for key, name in _VLMO_HEADS.items():
             if name in shapes:
                 put(name, src.take(heads_src[key]))
-        return _finish(config, sd, src, _VLMO_NOTES, layout)
+        return _finish(config, shapes, sd, src, _VLMO_NOTES, layout)
 
     return convert
 
@@ -459,7 +454,7 @@ def _beit3_to_vlmerge(state_dict: Mapping[str, torch.Tensor], where: str = "sour
         ln_eps=ln_eps, heads=heads_present, fusion="early", subln=subln, modality_final_norm=True,
         proj_dim=src.shape("vision_head.weight")[0] if heads_present else None,
     )
-    shapes = _shapes(config)
+    shapes = param_shapes(config)
     sd: Tensors = {}
 
     def put(name: str, value: torch.Tensor) -> None:
@@ -488,7 +483,7 @@ def _beit3_to_vlmerge(state_dict: Mapping[str, torch.Tensor], where: str = "sour
     if heads_present:
         for key, name in _BEIT3_RETRIEVAL.items():
             put(name, src.take(key))
-    return _finish(config, sd, src, _BEIT3_NOTES, "beit3")
+    return _finish(config, shapes, sd, src, _BEIT3_NOTES, "beit3")
 
 
 def _beit3_from_vlmerge(sd: Mapping[str, torch.Tensor], config: ModelConfig, kept: Mapping[str, torch.Tensor],
@@ -617,7 +612,14 @@ def convert_to(layout: str, ckpt: str | os.PathLike[str], out_dir: str | os.Path
     import's :data:`KEPT_NAME` (default: the one in ``ckpt``, if any; a merge's output has none, so pass the
     imported folder's)."""
     from ..files import guard_output_dir, staged_dir
-    from .checkpoint import CheckpointReader, atomic_write_json, load_model_config, read_json, save_tensors
+    from .checkpoint import (
+        CheckpointReader,
+        atomic_write_json,
+        check_checkpoint,
+        load_model_config,
+        read_json,
+        save_tensors,
+    )
 
     get_layout(layout)
     out = guard_output_dir(out_dir, [ckpt, extras], overwrite, flag="OUT_DIR", clean_stale=True)
@@ -633,8 +635,6 @@ def convert_to(layout: str, ckpt: str | os.PathLike[str], out_dir: str | os.Path
         with CheckpointReader(extras) as r:
             kept = r.state_dict()
     with CheckpointReader(ckpt) as r:
-        from .checkpoint import check_checkpoint
-
         check_checkpoint(r, config)
         sd = r.state_dict()
     tensors = export_state_dict(layout, sd, config, kept, source_arch)
