@@ -65,6 +65,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("vocab_size", 10**30, "a positive integer ≤"),
     ("num_classes", -1, "a non-negative integer"),
     ("image_size", None, "an integer"),
+    ("mm_depth", 2, "0 otherwise"),  # a multimodal encoder needs fusion "encoder"
+    ("mm_depth", -1, "an integer in [0,"),
+    ("fusion", "flava", "one of ['early', 'encoder', 'late']"),
 ]
 
 
@@ -87,6 +90,17 @@ def test_from_dict_refuses_what_is_not_an_object(d: Any) -> None:
 def test_from_dict_unknown_keys_of_any_type() -> None:
     with pytest.raises(ValueError, match=r"src: unknown keys \['1', 'width'\]"):
         ModelConfig.from_dict({"width": 3, 1: 2}, source="src")
+
+
+def test_encoder_fusion_needs_its_encoder_and_nothing_it_cannot_use() -> None:
+    flava_like = dict(fusion="encoder", mm_depth=2, num_vl_layers=0)
+    assert preset_config("micro", **flava_like).num_blocks == 4
+    for changes, key, expected in (({"mm_depth": 0}, "mm_depth", "≥ 1 with fusion='encoder'"),
+                                   ({"num_vl_layers": 1}, "num_vl_layers", "0 with fusion='encoder'"),
+                                   ({"rel_pos_text_len": 30}, "rel_pos_text_len", "0 with fusion='encoder'"),
+                                   ({"prenorm": False}, "prenorm", "true with fusion='encoder'")):
+        with pytest.raises(ValueError, match=rf"^src: {key}=.* is invalid; expected {expected}"):
+            ModelConfig.from_dict({**preset_config("micro").to_dict(), **flava_like, **changes}, source="src")
 
 
 def test_direct_construction_is_checked_too() -> None:

@@ -1,9 +1,10 @@
-"""Imports of VLMo / vl-merging / BEiT-3 checkpoints are exact, exports load back into the source's code.
+"""Imports of VLMo / vl-merging / BEiT-3 / FLAVA checkpoints are exact, exports load back into the source's code.
 
 Oracles, never vlmerge's own modules: for VLMo and vl-merging, a forward written in the test from the papers'
 equations and the released code (``refs/vlmo_ref.py``, checked there against the released modules); for
-BEiT-3, torchscale's own ``BEiT3`` (``refs/beit3_ref.py``; skipped with the reason when torchscale is not
-installed: ``scripts/test.sh`` installs it).
+BEiT-3, torchscale's own ``BEiT3`` (``refs/beit3_ref.py``); for FLAVA, ``transformers``' own ``FlavaModel``
+(``refs/flava_ref.py``). The last two skip with the reason when their package is not installed
+(``scripts/test.sh`` installs both).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from refs.beit3_ref import beit3_routes, build_beit3, torchscale_available
+from refs.flava_ref import build_flava, flava_routes, transformers_flava_available
 from refs.vlmo_ref import vlmo_forward, vlmo_state_dict
 
 from vlmerge.merge import merge_checkpoint
@@ -140,7 +142,7 @@ def test_unknown_layout_and_wrong_source_are_one_line_errors() -> None:
         import_state_dict("clip", {})
     with pytest.raises(ValueError, match="not a BEiT-3"):
         import_state_dict("beit3", vlmo_state_dict("vlmo"))
-    assert sorted(LAYOUTS) == ["beit3", "vl-merging", "vlmo"]
+    assert sorted(LAYOUTS) == ["beit3", "flava", "vl-merging", "vlmo"]
 
 
 # ---------------------------------------------------------------------------------------------------- BEiT-3
@@ -296,3 +298,187 @@ def test_beit3_num_heads_that_do_not_divide_the_width_are_named() -> None:
         import_state_dict("beit3", ref.state_dict(), num_heads=5)
     with pytest.raises(ValueError, match="cannot tell the number of attention heads for width 32; pass --num-heads"):
         import_state_dict("beit3", ref.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------- FLAVA
+needs_flava = pytest.mark.skipif(transformers_flava_available() is not None,
+                                 reason=f"FLAVA reference: {transformers_flava_available()}")
+FLAVA_TOWERS = ("image_model.encoder.layer.", "text_model.encoder.layer.")
+
+
+def _flava(seed: int = 0, **sizes):
+    ref = build_flava(seed, heads=HEADS, image_size=IMG, patch_size=P, **sizes)
+    conv = import_state_dict("flava", ref.state_dict(), "flava", num_heads=HEADS)
+    model = VLMo(conv.config).eval()
+    model.load_state_dict(conv.state_dict)
+    return ref, conv, model
+
+
+def _flava_check(ref, model: VLMo, seed: int) -> None:
+    """vlmerge's image / text / fusion routes and contrastive embeddings equal ``FlavaModel``'s."""
+    image, ids, mask = _inputs(seed)
+    want = flava_routes(ref, image, ids, mask)
+    ours = _vlmo_routes(model, image, ids, mask)
+    torch.testing.assert_close(ours["image"], want["image"], **TOL)
+    torch.testing.assert_close(_valid(ours["text"], mask), _valid(want["text"], mask), **TOL)
+    # FLAVA orders [M_CLS; image; text], vlmerge [text; image; M_CLS]
+    fused = torch.cat([ours["fusion"][:, -1:], ours["fusion"][:, L:-1], ours["fusion"][:, :L]], dim=1)
+    assert fused.shape == want["fusion"].shape
+    torch.testing.assert_close(_valid(fused, mask, text_first=False), _valid(want["fusion"], mask, text_first=False),
+                               **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), want["image_feat"], **TOL)
+        torch.testing.assert_close(model.encode_text(ids, mask), want["text_feat"], **TOL)
+
+
+@needs_flava
+@pytest.mark.parametrize("seed", [0, 2])
+def test_flava_import_matches_transformers_on_every_route(seed: int) -> None:
+    ref, conv, model = _flava(seed, layers=3, mm_layers=2)
+    c = conv.config
+    assert (c.arch, c.fusion, c.depth, c.mm_depth, c.num_vl_layers) == ("msa", "encoder", 3, 2, 0)
+    assert c.ln_eps == 1e-12 and c.itc_bias and c.heads == ("itc",)
+    assert "image_model.embeddings.mask_token" in conv.kept and "text_model.pooler.dense.weight" in conv.kept
+    # the encoders' layers are the v / l experts; the multimodal encoder's are shared fusion layers
+    assert torch.equal(conv.state_dict["blocks.1.mlp.v.fc1.weight"],
+                       ref.state_dict()["image_model.encoder.layer.1.intermediate.dense.weight"])
+    assert torch.equal(conv.state_dict["blocks.4.mlp.shared.fc1.weight"],
+                       ref.state_dict()["multimodal_model.encoder.layer.1.intermediate.dense.weight"])
+    _flava_check(ref, model, seed + 10)
+
+
+@needs_flava
+def test_flava_merged_export_loads_into_transformers_with_one_encoder_copy(tmp_path) -> None:
+    ref, conv, model = _flava(seed=4)
+    source = {k: v.clone() for k, v in ref.state_dict().items()}
+    back = export_state_dict("flava", model, kept=conv.kept)
+    assert set(back) == set(source) and all(torch.equal(back[k], source[k]) for k in source)  # exact round trip
+    merged = _merged(model, tmp_path)
+    out = export_state_dict("flava", merged, kept=conv.kept)
+    target = build_flava(99, heads=HEADS, image_size=IMG, patch_size=P)
+    target.load_state_dict(out, strict=True)
+    layer_keys = [k for k in out if k.startswith(FLAVA_TOWERS[0])]
+    assert layer_keys
+    for k in layer_keys:  # average: both encoders hold (W_image + W_text) / 2, written from the source tensors
+        text_key = k.replace(*FLAVA_TOWERS)
+        assert torch.equal(out[k], out[text_key]), k
+        torch.testing.assert_close(out[k], (source[k] + source[text_key]) / 2, rtol=0, atol=1e-6)
+    for k in ("multimodal_model.encoder.layer.1.attention.attention.query.weight", "image_to_mm_projection.weight",
+              "image_model.layernorm.weight", "text_model.layernorm.weight"):
+        assert torch.equal(out[k], source[k]), k  # the multimodal encoder, connectors and final norms stay
+    _flava_check(target, merged, seed=11)
+
+
+@needs_flava
+def test_cli_flava_folder_through_distance_merge_eval_finetune_and_out(tmp_path, capsys) -> None:
+    """A ``save_pretrained`` folder (its config.json gives the 4 heads a width of 32 cannot tell) through the
+    CLI: convert, distance, merge, the study's zero-shot retrieval, a VQA fine-tune, and back to FLAVA."""
+    from safetensors.torch import load_file
+
+    from vlmerge.cli import main
+    from vlmerge.data import default_tokenizer
+    from vlmerge.finetune.data import embedded_dataset
+    from vlmerge.pretrain import evaluate_retrieval
+    from vlmerge.study.stats import retrieval_scores
+
+    vocab = default_tokenizer().vocab_size
+    ref = build_flava(6, heads=HEADS, image_size=32, patch_size=P, vocab_size=vocab, max_positions=40)
+    ref.save_pretrained(tmp_path / "flava")
+    with pytest.raises(ValueError, match="cannot tell the number of attention heads"):
+        import_state_dict("flava", ref.state_dict())  # the bare weights cannot tell; the folder's config can
+    assert main(["convert", "--from", "flava", str(tmp_path / "flava"), str(tmp_path / "vlm")]) == 0
+    assert "fusion encoder" in capsys.readouterr().out
+    assert load_model(tmp_path / "vlm").config.num_heads == HEADS
+    assert main(["distance", str(tmp_path / "vlm"), "--json"]) == 0
+    assert main(["merge", str(tmp_path / "vlm"), str(tmp_path / "merged"), "--method", "interpolation",
+                 "--alpha", "0.5"]) == 0
+    merged = load_model(tmp_path / "merged").eval()
+    # the study's zero-shot scoring: its evaluation set, per-query ranks, bootstrap replicates over images
+    r = evaluate_retrieval(merged, embedded_dataset("retrieval", "test", 12, 0, 32), default_tokenizer(), ranks=True)
+    scores = retrieval_scores(r["ranks"], r["images"], "retrieval/test")
+    assert r["images"] == 12 and 0 <= scores["r_mean"] <= 100 and len(scores.boot["r_mean"]) > 100
+    assert main(["eval", "retrieval", str(tmp_path / "merged"), "--set", "data.max_eval=40", "--json"]) == 0
+    assert main(["finetune", "vqa", "--init", str(tmp_path / "merged"), "--out", str(tmp_path / "ft"),
+                 "--set", "max_steps=2", "--set", "data.max_train=32", "--set", "data.max_eval=16"]) == 0
+    assert main(["convert", "--to", "flava", str(tmp_path / "merged"), str(tmp_path / "back"),
+                 "--extras", str(tmp_path / "vlm" / "source_extras.safetensors")]) == 0
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    target = build_flava(1, heads=HEADS, image_size=32, patch_size=P, vocab_size=vocab, max_positions=40)
+    target.load_state_dict(back, strict=True)
+    assert torch.equal(back["text_model.pooler.dense.weight"], ref.state_dict()["text_model.pooler.dense.weight"])
+    image, ids, mask = _inputs(5, vocab=vocab)
+    image = torch.nn.functional.interpolate(image, size=32)
+    want = flava_routes(target, image, ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.forward_image(image), want["image"], **TOL)
+
+
+@needs_flava
+def test_every_merge_method_runs_on_an_imported_flava(tmp_path) -> None:
+    """Every registered method on the imported checkpoint (a base W0 with equal copies where the method takes
+    one, Grams from the real collector for RegMean); each merged model exports to FLAVA and loads strictly."""
+    from vlmerge.merge import METHODS, collect_grams, merge_checkpoint, save_grams
+    from vlmerge.models.roles import parse_param_name
+
+    ref, conv, model = _flava(seed=7)
+    save_model(model, tmp_path / "in")
+    base = VLMo(conv.config)
+    base.load_state_dict({k: (conv.state_dict[k.replace(".l.", ".v.")] if parse_param_name(k).expert == "l"
+                              else v) for k, v in conv.state_dict.items()})
+    save_model(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(8)  # 16 images × 5 tokens and 16 captions: full-rank Grams for width 32
+    batch = (torch.randn(16, 3, IMG, IMG, generator=g), torch.randint(0, 100, (16, L), generator=g),
+             torch.ones(16, L, dtype=torch.long))
+    save_grams(collect_grams(model, [batch]), tmp_path / "grams.safetensors")
+    params = {"slerp": {"t": 0.5}}
+    target = build_flava(98, heads=HEADS, image_size=IMG, patch_size=P)
+    for name, method in sorted(METHODS.items()):
+        out = tmp_path / name
+        merge_checkpoint(name, tmp_path / "in", out, base_dir=tmp_path / "base" if method.base != "unused" else None,
+                         grams=tmp_path / "grams.safetensors" if method.uses_grams else None,
+                         **params.get(name, {}))
+        merged = load_model(out)
+        assert merged.config.arch == "maa" and merged.config.mm_depth == model.config.mm_depth, name
+        exported = export_state_dict("flava", merged, kept=conv.kept)
+        target.load_state_dict(exported, strict=True)
+        assert all(torch.isfinite(t).all() for t in exported.values()), name
+
+
+@needs_flava
+def test_flava_pretraining_prefix_and_variants_vlmerge_cannot_hold() -> None:
+    ref = build_flava(0, heads=HEADS, image_size=IMG, patch_size=P)
+    sd = {f"flava.{k}": v for k, v in ref.state_dict().items()}  # FlavaForPreTraining's layout
+    sd["mlm_head.decoder.weight"] = torch.randn(100, 32)
+    conv = import_state_dict("flava", sd, "pt", num_heads=HEADS)
+    assert conv.notes["mlm_head.decoder.weight"] == "a pre-training head without a vlmerge slot"
+    wider = dict(ref.state_dict())
+    wider["multimodal_model.cls_token"] = torch.zeros(1, 1, 48)
+    with pytest.raises(ValueError, match="different widths"):
+        import_state_dict("flava", wider, num_heads=HEADS)
+    with pytest.raises(ValueError, match="not a FLAVA"):
+        import_state_dict("flava", {k: v for k, v in ref.state_dict().items() if "multimodal" not in k})
+    cfg = ref.config.to_dict()
+    cfg["text_config"]["hidden_act"] = "relu"
+    with pytest.raises(ValueError, match="hidden_act differs"):
+        import_state_dict("flava", ref.state_dict(), source_config=cfg)
+    for sub in ("image_config", "text_config", "multimodal_config"):
+        cfg[sub]["hidden_act"] = "relu"
+    with pytest.raises(ValueError, match="exact GELU"):
+        import_state_dict("flava", ref.state_dict(), source_config=cfg)
+
+
+@needs_flava
+def test_cli_flava_folder_of_another_model_type_is_refused(tmp_path, capsys) -> None:
+    import json
+
+    from vlmerge.cli import main
+
+    ref = build_flava(0, heads=HEADS, image_size=IMG, patch_size=P)
+    ref.save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "model_type": "clip"}))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["convert", "--from", "flava", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json: model_type is 'clip'; expected 'flava'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

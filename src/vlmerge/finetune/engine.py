@@ -65,7 +65,7 @@ def param_groups(
 
     lr scale = ``layer_decay ** (depth + 1 - layer_id)`` × (``head_lr_mult`` for ``heads.*``).
     """
-    depth = model.config.depth
+    depth = model.config.num_blocks  # FLAVA's multimodal-encoder layers sit above the N unimodal ones
     named = dict(model.named_parameters())
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name in sorted(names):

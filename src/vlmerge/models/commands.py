@@ -84,7 +84,7 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
     from .convert import LAYOUTS
 
     p = subparsers.add_parser(
-        "convert", help="import a VLMo / vl-merging / BEiT-3 checkpoint, or export one back to its layout",
+        "convert", help="import a VLMo / vl-merging / BEiT-3 / FLAVA checkpoint, or export one back to its layout",
         description="--from LAYOUT SRC OUT_DIR: a vlmerge checkpoint from SRC (.safetensors file or folder, or a "
                     ".pt / .pth / .ckpt / .bin read with torch.load(weights_only=True)); tensors without a slot are "
                     "kept in OUT_DIR/source_extras.safetensors and listed. --to LAYOUT CKPT OUT_DIR: a vlmerge "
@@ -96,7 +96,8 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="the checkpoint to convert")
     p.add_argument("out", metavar="OUT_DIR", help="output folder (new or empty, or --overwrite)")
     p.add_argument("--num-heads", type=count(1, 1 << 16), default=None,
-                   help="attention heads, where the weights cannot tell (BEiT-3; default: width / 64)")
+                   help="attention heads, where the weights cannot tell (BEiT-3, a FLAVA without config.json; default: "
+                        "width / 64)")
     p.add_argument("--image-size", type=count(1, 1 << 16), default=None,
                    help="image size in pixels, where the weights cannot tell (VLMo; default: 224)")
     p.add_argument("--extras", default=None, metavar="FILE",

@@ -1,4 +1,4 @@
-"""Other codebases' multimodal checkpoints in and out: VLMo, the merging paper's own (vl-merging), BEiT-3.
+"""Other codebases' multimodal checkpoints in and out: VLMo, the merging paper's own (vl-merging), BEiT-3, FLAVA.
 
 Each layout is one :class:`Layout` in :data:`LAYOUTS`: ``to_vlmerge`` turns the source's state dict into a
 :class:`Converted` (a :class:`~vlmerge.models.vlmo.ModelConfig`, a state dict whose names follow the role map
@@ -19,13 +19,21 @@ heads without a slot and tables the source saves but its forward never reads.
 ``beit3``      torchscale ``BEiT3``: every sublayer a multiway pair ``A`` (vision) / ``B`` (text), separate
                q/k/v/out projections with biases, Sub-LN, a final LayerNorm per modality, Fairseq positions
                (rows from 2); no VL expert (M = 0); fusion route: early. Arch ``msa``.
+``flava``      transformers ``FlavaModel`` (or ``FlavaForPreTraining``'s ``flava.*``): the image and text
+               encoders (pre-LN ViT layers, separate q/k/v) become the ``v`` / ``l`` experts of every layer,
+               the multimodal encoder ``mm_depth`` shared fusion layers after them, with the two
+               ``*_to_mm_projection`` and the multimodal [CLS] (fusion route ``encoder``). Arch ``msa``.
+               Reads the source folder's ``config.json`` (heads, epsilon, activation) when there is one.
 ============== ======================================================================================
 
 Exactness: each import reproduces the source's hidden states on every route (tested against torchscale
 itself for BEiT-3 and against forwards written from the papers for VLMo / vl-merging). Rewrites that keep
 the function but not the tensors: VLMo's k bias becomes an explicit zero bias (a k bias shifts every logit of
 a query by the same amount, which softmax ignores, so export drops it); VLMo's own token-type row for text,
-added after BERT's embedding LayerNorm, is folded into that LayerNorm's bias (export writes it back as zero).
+added after BERT's embedding LayerNorm, is folded into that LayerNorm's bias (export writes it back as zero);
+FLAVA's multimodal [CLS] comes last on vlmerge's fusion route, not first (its encoder has no positions, so
+every token's output is the same), and vlmerge's image type row, which FLAVA lacks, is exported folded into
+the image positions.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ class Layout:
     description: str
     to_vlmerge: Callable[..., Converted]
     from_vlmerge: Callable[[Mapping[str, torch.Tensor], ModelConfig, Mapping[str, torch.Tensor], str], Tensors]
+    reads_config: bool = False  # the importer takes ``source_config``: the source folder's HF config.json
 
 
 class _Source:
@@ -528,6 +537,179 @@ def _beit3_from_vlmerge(sd: Mapping[str, torch.Tensor], config: ModelConfig, kep
     return out
 
 
+# ---------------------------------------------------------------------------------------------- FLAVA
+_FLAVA_TOWER = {"v": "image_model", "l": "text_model"}
+_FLAVA_SUBCONFIG = {"v": "image_config", "l": "text_config", "mm": "multimodal_config"}
+_FLAVA_LAYER = {  # vlmerge (module, suffix) -> FlavaLayer key (pre-LN ViT blocks in all three encoders)
+    ("norm1", "weight"): "layernorm_before.weight", ("norm1", "bias"): "layernorm_before.bias",
+    ("attn", "proj.weight"): "attention.output.dense.weight", ("attn", "proj.bias"): "attention.output.dense.bias",
+    ("norm2", "weight"): "layernorm_after.weight", ("norm2", "bias"): "layernorm_after.bias",
+    ("mlp", "fc1.weight"): "intermediate.dense.weight", ("mlp", "fc1.bias"): "intermediate.dense.bias",
+    ("mlp", "fc2.weight"): "output.dense.weight", ("mlp", "fc2.bias"): "output.dense.bias",
+}
+_FLAVA_QKV = ("query", "key", "value")
+_FLAVA_FIXED = {  # vlmerge tensor -> FlavaModel tensor, one to one
+    "word_embed.weight": "text_model.embeddings.word_embeddings.weight",
+    "text_pos_embed.weight": "text_model.embeddings.position_embeddings.weight",
+    "text_embed_norm.weight": "text_model.embeddings.LayerNorm.weight",
+    "text_embed_norm.bias": "text_model.embeddings.LayerNorm.bias",
+    "cls_token": "image_model.embeddings.cls_token",
+    "patch_embed.proj.weight": "image_model.embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "image_model.embeddings.patch_embeddings.projection.bias",
+    "norm.v.weight": "image_model.layernorm.weight", "norm.v.bias": "image_model.layernorm.bias",
+    "norm.l.weight": "text_model.layernorm.weight", "norm.l.bias": "text_model.layernorm.bias",
+    "mm_proj.v.weight": "image_to_mm_projection.weight", "mm_proj.v.bias": "image_to_mm_projection.bias",
+    "mm_proj.l.weight": "text_to_mm_projection.weight", "mm_proj.l.bias": "text_to_mm_projection.bias",
+    "mm_cls_token": "multimodal_model.cls_token",
+    "mm_norm.weight": "multimodal_model.layernorm.weight", "mm_norm.bias": "multimodal_model.layernorm.bias",
+}
+_FLAVA_ITC = {"heads.itc.image_proj.weight": "image_projection.weight",
+              "heads.itc.image_proj.bias": "image_projection.bias",
+              "heads.itc.text_proj.weight": "text_projection.weight",
+              "heads.itc.text_proj.bias": "text_projection.bias", "heads.itc.logit_scale": "logit_scale"}
+_FLAVA_NOTES = {
+    r"(image_model|text_model|multimodal_model)\.pooler\..*": "a pooler (tanh head) without a vlmerge slot",
+    r"image_model\.embeddings\.mask_token": "FLAVA's [MASK] patch for masked image modelling: no slot",
+    r"text_model\.embeddings\.token_type_embeddings\.weight": "BERT's type table: row 0 is in type_embed; "
+                                                              "the rest unused by FLAVA's text route",
+    r"(mim_head|mlm_head|itm_head|mmm_image_head|mmm_text_head)\..*": "a pre-training head without a vlmerge slot",
+    r"image_codebook\..*": "FLAVA's image codebook (the MIM target tokenizer): not part of the model",
+}
+
+
+def _flava_layer(tower: str, i: int) -> str:
+    return f"{tower}.encoder.layer.{i}."
+
+
+def _flava_setting(source_config: Mapping[str, Any] | None, key: str, default: Any, where: str) -> Any:
+    """One setting the three FLAVA encoders must share (vlmerge has one value), from an HF ``config.json``."""
+    if not source_config:
+        return default
+    values = {}
+    for part, sub in _FLAVA_SUBCONFIG.items():
+        cfg = source_config.get(sub)
+        if isinstance(cfg, Mapping) and key in cfg:
+            values[part] = cfg[key]
+    if len({repr(v) for v in values.values()}) > 1:
+        raise CheckpointError(f"{where}: config.json {key} differs between FLAVA's encoders ({values}); vlmerge "
+                              "needs one value for all three")
+    return next(iter(values.values()), default)
+
+
+def _flava_to_vlmerge(state_dict: Mapping[str, torch.Tensor], where: str = "source", *,
+                      image_size: int | None = None, num_heads: int | None = None, ln_eps: float | None = None,
+                      source_config: Mapping[str, Any] | None = None) -> Converted:
+    src = _Source(strip_prefix(state_dict, ("module.", "model.", "flava.")), where)
+    for key in ("image_model.encoder.layer.0.attention.attention.query.weight",
+                "text_model.encoder.layer.0.attention.attention.query.weight",
+                "multimodal_model.encoder.layer.0.attention.attention.query.weight"):
+        if not src.has(key):
+            raise CheckpointError(f"{where}: no {key}; not a FLAVA (transformers FlavaModel) checkpoint with image, "
+                                  "text and multimodal encoders")
+    if not src.has("multimodal_model.cls_token"):
+        raise CheckpointError(f"{where}: FLAVA without a multimodal [CLS] (use_cls_token=false) is not supported")
+    vocab, d = src.shape("text_model.embeddings.word_embeddings.weight")
+    depth = {m: _count(src, rf"{t}\.encoder\.layer\.(\d+)\.") for m, t in _FLAVA_TOWER.items()}
+    mm_depth = _count(src, r"multimodal_model\.encoder\.layer\.(\d+)\.")
+    widths = {"image": src.shape("image_model.embeddings.cls_token")[-1], "text": d,
+              "multimodal": src.shape("multimodal_model.cls_token")[-1]}
+    hidden = {t: src.shape(_flava_layer(t, 0) + "intermediate.dense.weight")[0]
+              for t in ("image_model", "text_model", "multimodal_model")}
+    for what, found in (("widths", widths), ("FFN widths", hidden), ("depths", {"image": depth["v"],
+                                                                               "text": depth["l"]})):
+        if len(set(found.values())) > 1:
+            raise CheckpointError(f"{where}: FLAVA encoders of different {what} {found} are not supported (vlmerge's "
+                                  "experts share one shape)")
+    bias = {t: src.has(_flava_layer(t, 0) + "attention.attention.query.bias")
+            for t in ("image_model", "text_model", "multimodal_model")}
+    if len(set(bias.values())) > 1:
+        raise CheckpointError(f"{where}: q/k/v biases in some FLAVA encoders only ({bias}) are not supported")
+    act = _flava_setting(source_config, "hidden_act", "gelu", where)
+    if act != "gelu":
+        raise CheckpointError(f"{where}: config.json hidden_act is {act!r}; vlmerge's blocks use exact GELU ('gelu')")
+    heads = num_heads or _flava_setting(source_config, "num_attention_heads", None, where) or (
+        d // 64 if d % 64 == 0 else 0)
+    if not heads or d % heads:
+        raise CheckpointError(f"{where}: cannot tell the number of attention heads for width {d}; pass --num-heads "
+                              "(a divisor of the width)")
+    eps = ln_eps or _flava_setting(source_config, "layer_norm_eps", 1e-12, where)
+    _, in_c, patch, _ = src.shape("image_model.embeddings.patch_embeddings.projection.weight")
+    grid = math.isqrt(src.shape("image_model.embeddings.position_embeddings")[1] - 1)
+    if image_size is not None and image_size != grid * patch:
+        raise CheckpointError(f"--image-size {image_size}: the checkpoint's position table is for {grid * patch}px")
+    itc = all(src.has(k) for k in _FLAVA_ITC.values())
+    config = ModelConfig(
+        arch="msa", image_size=grid * patch, patch_size=patch, in_chans=in_c, embed_dim=d, depth=depth["v"],
+        num_heads=heads, mlp_ratio=hidden["text_model"] / d, num_vl_layers=0, vocab_size=vocab,
+        max_text_len=src.shape("text_model.embeddings.position_embeddings.weight")[0], qkv_bias=bias["text_model"],
+        ln_eps=eps, text_embed_norm=True, heads=("itc",) if itc else (), fusion="encoder", mm_depth=mm_depth,
+        modality_final_norm=True, itc_bias=itc, proj_dim=src.shape("image_projection.weight")[0] if itc else None,
+    )
+    shapes = param_shapes(config)
+    sd: Tensors = {}
+
+    def put(name: str, value: torch.Tensor) -> None:
+        _assign(sd, shapes, name, value, where)
+
+    for name, key in _FLAVA_FIXED.items():
+        put(name, src.take(key))
+    put("image_pos_embed", src.take("image_model.embeddings.position_embeddings"))
+    # FLAVA's text route adds BERT's type row 0 (token_type_ids default to 0); its image route has no type
+    # embedding, so vlmerge's image row is zero. The whole table is kept aside too: export restores it.
+    types = src.take("text_model.embeddings.token_type_embeddings.weight")
+    src.used.discard("text_model.embeddings.token_type_embeddings.weight")
+    type_table = torch.zeros(shapes["type_embed.weight"])
+    type_table[0] = types[0]
+    put("type_embed.weight", type_table)
+    layers = [(i, m, _flava_layer(t, i)) for m, t in _FLAVA_TOWER.items() for i in range(config.depth)]
+    layers += [(config.depth + j, SHARED, _flava_layer("multimodal_model", j)) for j in range(mm_depth)]
+    for i, expert, p in layers:
+        suffixes = ("weight", "bias") if config.qkv_bias else ("weight",)
+        for t in suffixes:
+            qkv = torch.cat([src.take(f"{p}attention.attention.{n}.{t}") for n in _FLAVA_QKV])
+            put(block_param_name(i, "attn", expert, f"qkv.{t}"), qkv)
+        for (module, suffix), key in _FLAVA_LAYER.items():
+            put(block_param_name(i, module, expert, suffix), src.take(p + key))
+    if itc:
+        for name, key in _FLAVA_ITC.items():
+            put(name, src.take(key))
+    return _finish(config, shapes, sd, src, _FLAVA_NOTES, "flava")
+
+
+def _flava_from_vlmerge(sd: Mapping[str, torch.Tensor], config: ModelConfig, kept: Mapping[str, torch.Tensor],
+                        source_arch: str = "msa") -> Tensors:
+    c = config
+    if (c.fusion != "encoder" or not c.modality_final_norm or not c.text_embed_norm or c.subln
+            or c.layer_scale is not None):
+        raise CheckpointError("this checkpoint is not FLAVA-shaped (it needs encoder fusion, a final norm per "
+                              "modality, a text embedding norm, no Sub-LN and no LayerScale: one imported with "
+                              "convert --from flava)")
+    out: Tensors = dict(kept)
+    for name, key in _FLAVA_FIXED.items():
+        out[key] = sd[name]
+    # vlmerge's image type row (zero on import) has no FLAVA slot: it is a constant added to every image
+    # token, the same as adding it to every image position.
+    out["image_model.embeddings.position_embeddings"] = sd["image_pos_embed"] + sd["type_embed.weight"][1]
+    types = out.get("text_model.embeddings.token_type_embeddings.weight", torch.zeros(2, c.embed_dim)).clone()
+    types[0] = sd["type_embed.weight"][0]
+    out["text_model.embeddings.token_type_embeddings.weight"] = types
+    layers = [(i, m, _flava_layer(t, i)) for m, t in _FLAVA_TOWER.items() for i in range(c.depth)]
+    layers += [(c.depth + j, SHARED, _flava_layer("multimodal_model", j)) for j in range(c.mm_depth)]
+    for i, modality, p in layers:
+        for t in ("weight", "bias") if c.qkv_bias else ("weight",):
+            qkv = sd[block_param_name(i, "attn", _expert_for(c, i, "attn", modality), f"qkv.{t}")]
+            for n, part in zip(_FLAVA_QKV, qkv.chunk(3), strict=True):
+                out[f"{p}attention.attention.{n}.{t}"] = part
+        for (module, suffix), key in _FLAVA_LAYER.items():
+            out[p + key] = sd[block_param_name(i, module, _expert_for(c, i, module, modality), suffix)]
+    for name, key in _FLAVA_ITC.items():
+        if name in sd:
+            out[key] = sd[name]
+        elif name.endswith("_proj.bias") and name.replace(".bias", ".weight") in sd:
+            out[key] = torch.zeros(sd[name.replace(".bias", ".weight")].shape[0])  # a bias-free vlmerge ITC
+    return out
+
+
 LAYOUTS: dict[str, Layout] = {
     "vlmo": Layout("vlmo", "microsoft/unilm VLMo (MoME: shared attention, per-modality FFN)",
                    _vlmo_to_vlmerge("vlmo"), _vlmo_from_vlmerge("vlmo")),
@@ -535,6 +717,8 @@ LAYOUTS: dict[str, Layout] = {
                          _vlmo_to_vlmerge("vl-merging"), _vlmo_from_vlmerge("vl-merging")),
     "beit3": Layout("beit3", "torchscale BEiT-3 (multiway A = vision / B = text, Sub-LN)",
                     _beit3_to_vlmerge, _beit3_from_vlmerge),
+    "flava": Layout("flava", "transformers FlavaModel (image / text encoders as v / l, the multimodal encoder as "
+                             "fusion layers)", _flava_to_vlmerge, _flava_from_vlmerge, reads_config=True),
 }
 """Checkpoint layout name -> its importer and exporter (``vlmerge convert --from / --to``)."""
 
@@ -579,6 +763,21 @@ def read_source(path: str | os.PathLike[str]) -> Tensors:
         return reader.state_dict()
 
 
+def _source_config(src: str | os.PathLike[str], layout: str) -> dict[str, Any] | None:
+    """The Hugging Face ``config.json`` of a source folder (None without one); it must name ``layout``'s
+    ``model_type``."""
+    from .checkpoint import read_json
+
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        return None
+    cfg = read_json(path)
+    if not isinstance(cfg, dict) or cfg.get("model_type") != layout:
+        found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise CheckpointError(f"{path}: model_type is {found!r}; expected {layout!r} for convert --from {layout}")
+    return cfg
+
+
 # ------------------------------------------------------------------------------------------- files
 KEPT_NAME = "source_extras.safetensors"  # source tensors without a slot, under their source names
 RECORD_NAME = "convert.json"
@@ -592,8 +791,10 @@ def convert_from(layout: str, src: str | os.PathLike[str], out_dir: str | os.Pat
     from ..files import guard_output_dir, staged_dir
     from .checkpoint import atomic_write_json, save_checkpoint, save_tensors
 
-    get_layout(layout)
+    spec = get_layout(layout)
     out = guard_output_dir(out_dir, [src], overwrite, flag="OUT_DIR", clean_stale=True)
+    if spec.reads_config:
+        options["source_config"] = _source_config(src, layout)
     conv = import_state_dict(layout, read_source(src), str(src), **options)
     record = {**conv.report(), "from": str(src), "layout": layout, "source_arch": conv.config.arch}
     with staged_dir(out, overwrite, "converting", "OUT_DIR") as tmp:

@@ -35,10 +35,10 @@ class ITCHead(nn.Module):
     ``logit_scale`` holds log(1/τ), initialised to log(1/0.07) as in CLIP/VLMo.
     """
 
-    def __init__(self, dim: int, proj_dim: int) -> None:
+    def __init__(self, dim: int, proj_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.image_proj = nn.Linear(dim, proj_dim, bias=False)
-        self.text_proj = nn.Linear(dim, proj_dim, bias=False)
+        self.image_proj = nn.Linear(dim, proj_dim, bias=bias)
+        self.text_proj = nn.Linear(dim, proj_dim, bias=bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
@@ -100,7 +100,7 @@ def _classifier(c: ModelConfig) -> nn.Module:
 
 
 HEADS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "itc": lambda c: ITCHead(c.embed_dim, c.proj_dim or c.embed_dim),
+    "itc": lambda c: ITCHead(c.embed_dim, c.proj_dim or c.embed_dim, c.itc_bias),
     "itm": lambda c: ITMHead(c.embed_dim),
     "mlm": lambda c: MLMHead(c.embed_dim, c.vocab_size),
     "mim": lambda c: PixelHead(c.embed_dim, c.patch_size**2 * c.in_chans),

@@ -14,7 +14,8 @@ Every transformer-block weight of a vlmerge model is named
 Every other parameter has a role too (:data:`OUTSIDE_BLOCKS`): ``embed`` (with the modality it embeds:
 ``v`` patch / [I_CLS] / image positions, ``l`` words / text positions / the BERT-import embedding norm,
 ``shared`` the modality-type table and VLMo's relative-position table), ``final_norm`` (the LayerNorm after
-the last block, on both routes; ``norm.v`` / ``norm.l`` when a model has one per modality, BEiT-3)
+the last block, on both routes; ``norm.v`` / ``norm.l`` when a model has one per modality, BEiT-3; FLAVA's
+multimodal encoder's ``mm_norm``), FLAVA's connector ``mm_proj.{v,l}`` / ``mm_cls_token`` (``embed``)
 and ``head`` (``heads.{name}.*``, with the head's name). None of these is *mergeable*: the paper keeps
 embeddings per modality and never merges heads. A name that matches nothing is ``other``.
 
@@ -47,6 +48,10 @@ OUTSIDE_BLOCKS: dict[str, tuple[str, str, str]] = {
     "type_embed": ("embed", SHARED, "table"),
     "rel_pos_bias": ("embed", SHARED, "position"),  # VLMo's relative-position table, every layer's heads
     "norm": ("final_norm", SHARED, "norm"),  # ``norm.{v,l}.*`` when there is one per modality (BEiT-3)
+    # FLAVA's connector to its multimodal encoder (fusion "encoder"): kept per modality like the embeddings
+    "mm_proj": ("embed", SHARED, "projection"),  # ``mm_proj.{v,l}.*``: each modality's last states -> encoder
+    "mm_cls_token": ("embed", SHARED, "cls"),  # the fusion [CLS]
+    "mm_norm": ("final_norm", SHARED, "norm"),  # the multimodal encoder's final LayerNorm
 }
 """The parameters outside the blocks, by their first name component. ``part`` says what kind of tensor it
 is: lookup ``table`` / ``position`` / ``cls`` tensors are not weight-decayed (BEiT's ``no_weight_decay``)."""
@@ -102,7 +107,7 @@ def parse_param_name(name: str) -> ParamRole:
         first, _, rest = name.partition(".")
         if first in OUTSIDE_BLOCKS:
             kind, modality, part = OUTSIDE_BLOCKS[first]
-            if kind == "final_norm" and rest.partition(".")[0] in ("v", "l"):
+            if first in ("norm", "mm_proj") and rest.partition(".")[0] in ("v", "l"):
                 modality = rest.partition(".")[0]
             return ParamRole(name=name, kind=kind, expert=modality, suffix=rest or None, part=part)
         return ParamRole(name=name, kind="other")

@@ -18,6 +18,10 @@ layers (``num_vl_layers``). Two routes (Fig. 2):
   [CLS] -> final norm -> ITC projection -> L2-normalised embedding.
 * **fusion**: the first N−M layers per modality, then text and image tokens concatenated
   (``[T_CLS] text [T_SEP] [I_CLS] patches``) through the top M layers as ``vl``.
+
+Imported families add fusion layouts (:data:`FUSIONS`): ``early`` (VLMo / BEiT-3: the concatenation
+through all N layers) and ``encoder`` (FLAVA: both full routes, then a separate multimodal encoder of
+``mm_depth`` shared layers).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ FUSIONS: dict[str, str] = {
     "late": "the bottom N−M layers per modality, then the top M on [text; image] (the merging paper, Fig. 2)",
     "early": "[text; image] through all N layers; below the VL layers each token uses its own modality's "
              "experts and attends to every token (VLMo's and BEiT-3's fusion route)",
+    "encoder": "text and image through all N layers each; their last states, projected per modality, and a "
+               "fusion [CLS] through ``mm_depth`` further shared layers (FLAVA's multimodal encoder)",
 }
 """Fusion-route layouts (``ModelConfig.fusion``)."""
 
@@ -87,6 +93,8 @@ class ModelConfig:
     rel_pos_text_len: int = 0  # > 0: VLMo's shared relative-position-bias table (text span); 0: none
     modality_final_norm: bool = False  # one final LayerNorm per modality (BEiT-3's multiway layer_norm)
     text_embed_norm_eps: float | None = None  # the text embedding norm's epsilon (VLMo's BERT: 1e-12); None = ln_eps
+    mm_depth: int = 0  # fusion "encoder": layers of the multimodal encoder after the N unimodal ones (FLAVA: 6)
+    itc_bias: bool = False  # biases in the ITC projections (FLAVA's image_projection / text_projection)
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, list):  # a list from Python code: stored as the tuple the field is
@@ -105,10 +113,19 @@ class ModelConfig:
     def fusion_start(self) -> int:
         """First layer of the fusion route that sees text and image tokens together: N−M for ``late``
         fusion (the paper's Fig. 2), 0 for ``early`` (VLMo / BEiT-3)."""
-        return 0 if self.fusion == "early" else self.depth - self.num_vl_layers
+        return {"early": 0, "encoder": self.depth}.get(self.fusion, self.depth - self.num_vl_layers)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in ``VLMo.blocks``: the N layers of both routes, then the ``mm_depth`` multimodal-encoder
+        layers of an ``encoder`` fusion (used by the fusion route only)."""
+        return self.depth + self.mm_depth
 
     def experts(self, layer: int) -> dict[str, tuple[str, ...]]:
-        """Experts of each module of block ``layer`` (0-based)."""
+        """Experts of each module of block ``layer`` (0-based); a multimodal-encoder layer (``layer ≥ depth``)
+        is one shared transformer."""
+        if layer >= self.depth:
+            return {m: (SHARED,) for m in MODULES}
         modalities = ("v", "l", "vl") if layer >= self.depth - self.num_vl_layers else ("v", "l")
         specific = ARCHS[self.arch]
         return {m: (modalities if m in specific else (SHARED,)) for m in MODULES}
@@ -155,6 +172,7 @@ _EXPECTED_TYPE: dict[str, str] = {
 
 _GEOMETRY = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "max_text_len",
              "type_vocab_size")
+_ENCODER_FUSION = "encoder"
 _MAX_DIM = 1 << 16  # widths, depth, positions, pixels
 _MAX_HIDDEN = 1 << 20  # FFN hidden width
 _MAX_ROWS = 1 << 24  # vocabulary and label-set sizes
@@ -225,6 +243,16 @@ def check_model_config(values: Mapping[str, Any], source: str = "model config") 
     if values["rel_pos_text_len"] and not values["max_text_len"] <= values["rel_pos_text_len"] <= _MAX_DIM:
         raise bad("rel_pos_text_len", f"0 (no relative position bias) or an integer in [max_text_len="
                                       f"{values['max_text_len']}, {_MAX_DIM}]")
+    if not 0 <= values["mm_depth"] <= _MAX_DIM:
+        raise bad("mm_depth", f"an integer in [0, {_MAX_DIM}]")
+    if (values["fusion"] == _ENCODER_FUSION) != (values["mm_depth"] > 0):
+        raise bad("mm_depth", "≥ 1 with fusion='encoder' (its multimodal encoder) and 0 otherwise")
+    if values["fusion"] == _ENCODER_FUSION:
+        for name in ("num_vl_layers", "rel_pos_text_len"):
+            if values[name]:
+                raise bad(name, "0 with fusion='encoder' (the fusion layers are the multimodal encoder's)")
+        if not values["prenorm"]:
+            raise bad("prenorm", "true with fusion='encoder'")
     if values["modality_final_norm"] and not values["prenorm"]:
         raise bad("modality_final_norm", "false for a post-LN model (prenorm=false has no final norm)")
     heads = values["heads"]
@@ -344,7 +372,7 @@ class VLMo(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, c.num_heads, c.mlp_hidden, c.experts(i), c.qkv_bias, c.prenorm, c.ln_eps, c.subln,
                   c.layer_scale)
-            for i in range(c.depth)
+            for i in range(c.num_blocks)
         )
         if c.modality_final_norm:
             self.norm: nn.Module = nn.ModuleDict({m: nn.LayerNorm(d, eps=c.ln_eps) for m in ("v", "l")})
@@ -354,6 +382,12 @@ class VLMo(nn.Module):
             # One table for every layer (VLMo): rows are relative distances (image 2-D offsets, [CLS] specials,
             # text offsets, the two cross-modal constants), columns layer-major heads.
             self.rel_pos_bias = nn.Parameter(torch.zeros(rel_pos_rows(c), c.num_heads * c.depth))
+        if c.mm_depth:
+            # FLAVA's connector: each modality's last states projected into the multimodal encoder, a fusion
+            # [CLS] (the encoder has no positions), and the encoder's own final LayerNorm.
+            self.mm_proj = nn.ModuleDict({m: nn.Linear(d, d) for m in ("v", "l")})
+            self.mm_cls_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.mm_norm = nn.LayerNorm(d, eps=c.ln_eps)
         self.heads = nn.ModuleDict({name: HEADS[name](c) for name in c.heads})
         self.reset_parameters()
 
@@ -370,7 +404,7 @@ class VLMo(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.cls_token, self.image_pos_embed):
+        for p in (self.cls_token, self.image_pos_embed, *([self.mm_cls_token] if self.config.mm_depth else [])):
             nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
         with torch.no_grad():
             for m in self.modules():
@@ -453,8 +487,9 @@ class VLMo(nn.Module):
         """Fusion route: bottom layers per modality, then the rest on ``[text; image]`` (:attr:`fusion`).
 
         Late fusion: the bottom N−M layers per modality, the top M on the concatenation; early fusion: all N
-        on the concatenation. Returns normed hidden states [B, L + 1 + P, D]; index 0 is [T_CLS], index L is
-        [I_CLS].
+        on the concatenation; encoder fusion: all N per modality, then the multimodal encoder. Returns normed
+        hidden states [B, L + 1 + P, D] (encoder fusion: one more, the fusion [CLS], last); index 0 is
+        [T_CLS], index L is [I_CLS].
         """
         bottom = range(self.config.fusion_start)
         x_img = self._run(self.embed_image(image), "v", bottom, None, self._rel_bias("v"))
@@ -466,14 +501,22 @@ class VLMo(nn.Module):
              ) -> torch.Tensor:
         """The fusion layers on bottom-layer states: x_txt [B, L, D] and x_img [B, 1 + P, D] after the first
         :attr:`ModelConfig.fusion_start` layers (``*_bottom`` of :meth:`routes`) -> normed states
-        [B, L + 1 + P, D]."""
+        [B, L + 1 + P, D], or [B, L + 1 + P + 1, D] for ``encoder`` fusion, whose last token is the fusion
+        [CLS] (FLAVA's multimodal [CLS], which FLAVA puts first: the encoder has no positions, so the order
+        changes no output)."""
         c = self.config
         n_txt = x_txt.shape[1]
-        x = torch.cat([x_txt, x_img], dim=1)
+        extra = []
+        if c.fusion == _ENCODER_FUSION:
+            x_txt, x_img = self.mm_proj["l"](x_txt), self.mm_proj["v"](x_img)
+            extra = [self.mm_cls_token.expand(x_txt.shape[0], -1, -1)]
+        x = torch.cat([x_txt, x_img, *extra], dim=1)
         mask = None
         if attention_mask is not None:
-            ones = attention_mask.new_ones(attention_mask.shape[0], x_img.shape[1])
+            ones = attention_mask.new_ones(attention_mask.shape[0], x.shape[1] - n_txt)
             mask = self._attn_mask(torch.cat([attention_mask, ones], dim=1))
+        if c.fusion == _ENCODER_FUSION:
+            return self.mm_norm(self._run(x, "vl", range(c.depth, c.num_blocks), mask))
         split = n_txt if c.fusion == "early" else None
         x = self._run(x, "vl", range(c.fusion_start, c.depth), mask, self._rel_bias("vl", n_txt), split)
         return self.final_norm(x, "vl", n_txt)
@@ -533,6 +576,8 @@ class VLMo(nn.Module):
                 part = f"blocks.{role.expert}"
             elif role.kind == "head":
                 part = f"heads.{role.head}"
+            elif name.startswith("mm_"):
+                part = "fusion_encoder"  # FLAVA's connector: projections, fusion [CLS], final norm
             elif role.kind == "embed":
                 shared = "embed.rel_pos" if name.startswith("rel_pos_bias") else "embed.type"
                 part = {"v": "embed.vision", "l": "embed.text", SHARED: shared}[role.expert or SHARED]

@@ -44,6 +44,9 @@ def forward_flops(c: ModelConfig, kind: str, batch: int, text_len: int, mlm_prob
         raise ValueError(f"kind must be 'vl', 'image' or 'text', got {kind!r}")
     fusion = patch_embed + (n - m) * (block_flops(img_seq, d, h) + block_flops(text_len, d, h)) + m * block_flops(
         img_seq + text_len, d, h)
+    # FLAVA-style multimodal encoder (fusion "encoder"): its projections and layers on [text; image; CLS]
+    fusion += c.mm_depth * block_flops(img_seq + text_len + 1, d, h) + (2.0 * (img_seq + text_len) * d * d
+                                                                         if c.mm_depth else 0.0)
     return batch * (image_route + text_route + 4 * fusion + mlm_head)
 
 
