@@ -9,6 +9,8 @@ BEiT-3, torchscale's own ``BEiT3`` (``refs/beit3_ref.py``); for FLAVA, ``transfo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from refs.beit3_ref import beit3_routes, build_beit3, torchscale_available
@@ -372,14 +374,11 @@ def test_flava_merged_export_loads_into_transformers_with_one_encoder_copy(tmp_p
 @needs_flava
 def test_cli_flava_folder_through_distance_merge_eval_finetune_and_out(tmp_path, capsys) -> None:
     """A ``save_pretrained`` folder (its config.json gives the 4 heads a width of 32 cannot tell) through the
-    CLI: convert, distance, merge, the study's zero-shot retrieval, a VQA fine-tune, and back to FLAVA."""
+    CLI: convert, distance, merge, eval, and back to FLAVA."""
     from safetensors.torch import load_file
 
     from vlmerge.cli import main
     from vlmerge.data import default_tokenizer
-    from vlmerge.finetune.data import embedded_dataset
-    from vlmerge.pretrain import evaluate_retrieval
-    from vlmerge.study.stats import retrieval_scores
 
     vocab = default_tokenizer().vocab_size
     ref = build_flava(6, heads=HEADS, image_size=32, patch_size=P, vocab_size=vocab, max_positions=40)
@@ -393,13 +392,7 @@ def test_cli_flava_folder_through_distance_merge_eval_finetune_and_out(tmp_path,
     assert main(["merge", str(tmp_path / "vlm"), str(tmp_path / "merged"), "--method", "interpolation",
                  "--alpha", "0.5"]) == 0
     merged = load_model(tmp_path / "merged").eval()
-    # the study's zero-shot scoring: its evaluation set, per-query ranks, bootstrap replicates over images
-    r = evaluate_retrieval(merged, embedded_dataset("retrieval", "test", 12, 0, 32), default_tokenizer(), ranks=True)
-    scores = retrieval_scores(r["ranks"], r["images"], "retrieval/test")
-    assert r["images"] == 12 and 0 <= scores["r_mean"] <= 100 and len(scores.boot["r_mean"]) > 100
     assert main(["eval", "retrieval", str(tmp_path / "merged"), "--set", "data.max_eval=40", "--json"]) == 0
-    assert main(["finetune", "vqa", "--init", str(tmp_path / "merged"), "--out", str(tmp_path / "ft"),
-                 "--set", "max_steps=2", "--set", "data.max_train=32", "--set", "data.max_eval=16"]) == 0
     assert main(["convert", "--to", "flava", str(tmp_path / "merged"), str(tmp_path / "back"),
                  "--extras", str(tmp_path / "vlm" / "source_extras.safetensors")]) == 0
     back = load_file(tmp_path / "back" / "model.safetensors")
@@ -482,3 +475,56 @@ def test_cli_flava_folder_of_another_model_type_is_refused(tmp_path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert "config.json: model_type is 'clip'; expected 'flava'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- the study's evaluations on imports
+def _source_at_study_size(layout: str, vocab: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """A random ``layout`` checkpoint for 32 px images and the world's vocabulary, and the import options."""
+    if layout in ("vlmo", "vl-merging"):
+        return vlmo_state_dict(layout, dim=32, depth=DEPTH, heads=HEADS, vl_layers=2, image_size=32, patch_size=P,
+                               vocab_size=vocab, max_text_len=40, max_text_len_of_initckpt=40, seed=5), \
+            {"image_size": 32}
+    if layout == "beit3":  # unilm's BEiT3ForRetrieval: the encoder under beit3.*, its contrastive heads beside
+        ref = build_beit3(embed_dim=32, heads=HEADS, layers=2, ffn_dim=64, img_size=32, patch_size=P,
+                          vocab_size=vocab, max_source_positions=42, seed=5)
+        g = torch.Generator().manual_seed(5)
+        heads = {"vision_head.weight": torch.randn(24, 32, generator=g),
+                 "language_head.weight": torch.randn(24, 32, generator=g), "logit_scale": torch.tensor(2.0)}
+        return {**{f"beit3.{k}": v for k, v in ref.state_dict().items()}, **heads}, {"num_heads": HEADS}
+    ref = build_flava(5, heads=HEADS, image_size=32, patch_size=P, vocab_size=vocab, max_positions=40)
+    return ref.state_dict(), {"num_heads": HEADS}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_study_evaluations_run_on_every_imported_layout(layout: str, tmp_path) -> None:
+    """Imported, then merged: the study's zero-shot retrieval scoring (its evaluation set, per-query ranks,
+    bootstrap over images) and a VQA fine-tune with its evaluation, on the real computation."""
+    if layout == "beit3" and torchscale_available() is not None:
+        pytest.skip(f"BEiT-3 reference: {torchscale_available()}")
+    if layout == "flava" and transformers_flava_available() is not None:
+        pytest.skip(f"FLAVA reference: {transformers_flava_available()}")
+    from vlmerge.data import default_tokenizer
+    from vlmerge.finetune import finetune
+    from vlmerge.finetune.data import embedded_dataset
+    from vlmerge.pretrain import evaluate_retrieval
+    from vlmerge.study.stats import retrieval_scores
+
+    sd, options = _source_at_study_size(layout, default_tokenizer().vocab_size)
+    conv = import_state_dict(layout, sd, layout, **options)
+    assert conv.config.heads[:1] == ("itc",)
+    model = VLMo(conv.config).eval()
+    model.load_state_dict(conv.state_dict)
+    merged = _merged(model, tmp_path)
+    data = embedded_dataset("retrieval", "test", 12, 0, 32)
+    for net in (model, merged):
+        r = evaluate_retrieval(net, data, default_tokenizer(), ranks=True)
+        scores = retrieval_scores(r["ranks"], r["images"], "retrieval/test")
+        assert r["images"] == 12 and r["texts"] == 60
+        assert 0 <= scores["r_mean"] <= 100 and len(scores.boot["r_mean"]) >= 100
+    out = finetune("vqa", tmp_path / "out", tmp_path / "ft", {"max_steps": 2, "data": {"max_train": 32,
+                                                                                   "max_eval": 16}})
+    assert "vqa" in load_model(out).config.heads
+    assert 0 <= json.loads((out / "metrics.json").read_text())["vqa_score"] <= 100
+    headless = VLMo(conv.config.replace(heads=()))
+    with pytest.raises(ValueError, match="the model has no 'itc' head"):
+        evaluate_retrieval(headless, data)

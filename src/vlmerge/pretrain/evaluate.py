@@ -228,6 +228,9 @@ def evaluate_retrieval(
     mode.
     """
     tokenizer = tokenizer or default_tokenizer()
+    if "itc" not in model.config.heads:
+        raise ValueError("the model has no 'itc' head (contrastive projections): fine-tune it on retrieval first "
+                         "(vlmerge finetune retrieval ...)")
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}: pass the tokenizer the model was trained with")

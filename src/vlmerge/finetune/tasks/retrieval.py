@@ -104,6 +104,9 @@ class Retrieval(Task):
 
     @torch.no_grad()
     def evaluate(self, model: VLMo, dataset: Any, prep: Prep, config: FinetuneConfig) -> dict[str, Any]:
+        if "itc" not in model.heads:
+            raise ValueError("the model has no 'itc' head (contrastive projections): fine-tune it on retrieval "
+                             "first (vlmerge finetune retrieval ...)")
         model.eval()
         enc = encode_split(model, dataset, prep, config.eval_batch_size)
         sim = enc["img"] @ enc["txt"].t()
