@@ -497,8 +497,9 @@ def _source_at_study_size(layout: str, vocab: int) -> tuple[dict[str, torch.Tens
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_the_study_evaluations_run_on_every_imported_layout(layout: str, tmp_path) -> None:
-    """Imported, then merged: the study's zero-shot retrieval scoring (its evaluation set, per-query ranks,
-    bootstrap over images) and a VQA fine-tune with its evaluation, on the real computation."""
+    """Imported, then predicted and merged: ``vlmerge predict``'s report (with activation drift), the study's
+    zero-shot retrieval scoring (its evaluation set, per-query ranks, bootstrap over images) and a VQA fine-tune
+    with its evaluation, on the real computation."""
     if layout == "beit3" and torchscale_available() is not None:
         pytest.skip(f"BEiT-3 reference: {torchscale_available()}")
     if layout == "flava" and transformers_flava_available() is not None:
@@ -515,6 +516,14 @@ def test_the_study_evaluations_run_on_every_imported_layout(layout: str, tmp_pat
     model = VLMo(conv.config).eval()
     model.load_state_dict(conv.state_dict)
     merged = _merged(model, tmp_path)
+    # vlmerge predict before the merge: weights and activation features; equal copies nowhere, so every layer has
+    # a positive risk
+    from vlmerge.merge.gram_data import world_batches
+    from vlmerge.metrics.predict import layer_report
+
+    rep = layer_report(tmp_path / "in", batches=list(world_batches(model, 1, 0, batch_size=4)))
+    assert sorted(rep["ranked"]) == list(range(conv.config.depth))
+    assert all(r["risk"] > 0 for r in rep["per_layer"]) and rep["global"]["out_drift"] > 0
     data = embedded_dataset("retrieval", "test", 12, 0, 32)
     for net in (model, merged):
         r = evaluate_retrieval(net, data, default_tokenizer(), ranks=True)
