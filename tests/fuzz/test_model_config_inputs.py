@@ -68,6 +68,11 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("mm_depth", 2, "0 otherwise"),  # a multimodal encoder needs fusion "encoder"
     ("mm_depth", -1, "an integer in [0,"),
     ("fusion", "flava", "one of ['early', 'encoder', 'late']"),
+    ("merged_layers", [5], "distinct layer indices in [0, depth=2)"),
+    ("merged_layers", [1, 0], "ascending"),
+    ("merged_layers", [0, 0], "distinct layer indices"),
+    ("merged_layers", "0", "a list of integers"),
+    ("merged_layers", [True], "a list of integers"),
 ]
 
 

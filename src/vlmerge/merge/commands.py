@@ -55,6 +55,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _layers(text: str) -> list[int]:
+    parts = _items(text)
+    try:
+        return [int(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def _weights(text: str) -> dict[str, float] | list[float]:
     """``0.5,0.5`` (one per model) or ``v=0.75,l=0.25,vl=0.33`` (per modality)."""
     parts = _items(text)
@@ -104,6 +112,8 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
         save_grams=args.save_grams,
         overwrite=args.overwrite,
         hash_inputs=args.hash_inputs,
+        keep_specific=args.keep_specific,
+        budget=args.budget,
         **src,
     )
     if args.inputs and isinstance(args.grams, (str, Path)):
@@ -153,7 +163,24 @@ def _merge(args: argparse.Namespace) -> int:
         out = run_merge_config(cfg, progress=progress, config_path=config_path)
     _summarise_warnings(caught)
     print(f"merged ({cfg.method}) -> {out}")
+    if cfg.input is not None:
+        _print_param_counts(cfg.input, out)
     return 0
+
+
+def _print_param_counts(src: Path, out: Path) -> None:
+    """Parameters before and after a modality merge (a partial merge's trade of parameters for accuracy)."""
+    from ..models.checkpoint import load_model_config, read_json
+    from ..models.vlmo import count_params
+
+    try:
+        before, after = count_params(load_model_config(src)), count_params(load_model_config(out))
+    except (ValueError, OSError):  # a checkpoint without a vlmerge model config: nothing to count
+        return
+    partial = (read_json(out / "config.json").get("merge") or {}).get("partial")
+    kept = f"; kept modality-specific: layers {partial['keep_specific']}" if partial else ""
+    print(f"parameters: {before['total_params']:,} -> {after['total_params']:,} (modality experts "
+          f"{before['mergeable_params']:,} -> {after['mergeable_params']:,}){kept}")
 
 
 def _summarise_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -226,6 +253,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="regmean: collect Grams from this registered data source")
     p.add_argument("--batches", type=count(1), help="regmean: number of batches for --data")
     p.add_argument("--save-grams", help="regmean: also save the Grams collected with --data to this file")
+    p.add_argument("--keep-specific", type=_layers, metavar="L0,L1,...",
+                   help="partial merge: keep these layers modality-specific (0-based), merge the rest")
+    p.add_argument("--budget", type=float, metavar="P",
+                   help="partial merge: keep the riskiest round(P·n) of the n modality-specific layers (P in "
+                        "[0, 1]; risk: vlmerge predict's relative L2 of the copies)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--hash-inputs", action="store_true", help="record full SHA-256 of the inputs (slower)")
     p.add_argument("--missing-keys", choices=("error", "base"), default=None,

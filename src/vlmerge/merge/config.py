@@ -17,7 +17,8 @@ Whole-model soup (UnIVAL §5)::
 Keys: ``method``, ``params`` (the method's, validated against it), ``input`` xor ``inputs``, ``base``,
 ``output``, ``weights`` (per modality ``{v: .., l: ..}`` for ``input``; a list for ``inputs``), RegMean's
 ``grams`` (a Gram file; a list, one per model, for ``inputs``) or ``data`` + ``batches`` (collect Grams
-from a registered data source), ``save_grams``, ``overwrite``, ``hash_inputs``. Relative paths are taken
+from a registered data source), ``save_grams``, ``overwrite``, ``hash_inputs``; a partial merge of ``input``:
+``keep_specific`` (layers kept modality-specific) or ``budget`` (the riskiest fraction kept). Relative paths are taken
 relative to the current directory.
 """
 
@@ -51,6 +52,8 @@ class MergeConfig(BaseModel):
     save_grams: Path | None = None
     overwrite: bool = False
     hash_inputs: bool = False
+    keep_specific: list[int] | None = None
+    budget: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +109,11 @@ class MergeConfig(BaseModel):
                                  "already in a file (drop --save-grams)")
         if self.batches is not None and self.data is None:
             raise ValueError("'batches' goes with 'data'")
+        if self.inputs is not None and (self.keep_specific is not None or self.budget is not None):
+            raise ValueError("'keep_specific' / 'budget' choose layers of a modality merge ('input'), not of a "
+                             "soup of models ('inputs')")
+        if self.keep_specific is not None and self.budget is not None:
+            raise ValueError("give 'keep_specific' or 'budget', not both")
         return self
 
 
@@ -173,5 +181,7 @@ def run_merge_config(cfg: MergeConfig, progress: bool = False, config_path: str 
         overwrite=cfg.overwrite,
         progress=progress,
         hash_inputs=cfg.hash_inputs,
+        keep_layers=cfg.keep_specific,
+        budget=cfg.budget,
         **cfg.params,
     )

@@ -426,9 +426,16 @@ def merge_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     hash_inputs: bool = False,
+    keep_layers: Sequence[int] | None = None,
+    budget: float | None = None,
     **params: Any,
 ) -> Path:
     """Merge the modality copies of one modality-specific checkpoint into a modality-agnostic one.
+
+    A partial merge keeps some layers modality-specific: ``keep_layers`` names them (0-based), or ``budget``
+    P in [0, 1] keeps the round(P·n) riskiest of the n layers with copies, ranked by
+    :func:`~vlmerge.metrics.predict.layer_report` (relative L2 of the copies). The output's config then
+    keeps ``arch`` and lists the layers it merged in ``merged_layers``; its merge record says what was kept.
 
     Every group ``blocks.{i}.{module}.{v|l|vl}.{suffix}`` (see :func:`~vlmerge.models.roles.merge_groups`)
     becomes ``blocks.{i}.{module}.shared.{suffix}``; embeddings, the final norm, ITC projections, heads and
@@ -466,18 +473,56 @@ def merge_checkpoint(
         gsrc = open_grams(grams) if grams is not None else None
         if isinstance(gsrc, CheckpointReader):
             stack.enter_context(gsrc)
-        jobs = _plan_modality_merge(m, p, reader, base, gsrc, weights, in_dir, base_dir, grams)
+        keep, chosen = _kept_layers(reader, in_dir, keep_layers, budget)
+        jobs = _plan_modality_merge(m, p, reader, base, gsrc, weights, in_dir, base_dir, grams, keep)
         config = copy.deepcopy(reader.config) or {"format": FORMAT}
         if isinstance(config.get("model"), dict):
-            config["model"]["arch"] = "maa"  # every modality-specific slot was merged into a shared one
+            model = config["model"]
+            if keep:  # a partial merge: the merged layers become shared, the kept ones keep arch's experts
+                merged = {j.layer for j in jobs if j.merge} | set(model.get("merged_layers") or [])
+                model["merged_layers"] = sorted(merged)
+            else:
+                model["arch"] = "maa"  # every modality-specific slot was merged into a shared one
+                model.pop("merged_layers", None)
         _record_provenance(config, m, p, "modality", [in_dir], base_dir, grams,
                            dict(weights) if weights is not None else None, hash_inputs)
+        if keep_layers is not None or budget is not None:
+            config["merge"]["partial"] = {"keep_specific": keep, **chosen}
         return _execute(m, p, jobs, out, config, progress, overwrite)
+
+
+def _kept_layers(reader: CheckpointReader, in_dir: PathLike, keep_layers: Sequence[int] | None,
+                 budget: float | None) -> tuple[list[int], dict[str, Any]]:
+    """The layers a partial merge keeps modality-specific (checked against the layers that have copies), and
+    how they were chosen."""
+    if keep_layers is None and budget is None:
+        return [], {}
+    if keep_layers is not None and budget is not None:
+        raise ValueError("give --keep-specific or --budget, not both")
+    layers = sorted({g.layer for g in merge_groups(reader.keys())})
+    if budget is not None:
+        if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 <= budget <= 1):
+            raise ValueError(f"--budget {budget!r}: expected a fraction in [0, 1] of the {len(layers)} "
+                             "modality-specific layers to keep")
+        from ..metrics.predict import layer_report
+
+        ranked = [i for i in layer_report(in_dir)["ranked"] if i in layers]
+        keep = sorted(ranked[: round(budget * len(layers))])
+        return keep, {"budget": float(budget), "chosen_by": "rel_l2 risk (vlmerge predict)", "ranked": ranked}
+    bad = [i for i in keep_layers or [] if isinstance(i, bool) or not isinstance(i, int) or i not in layers]
+    if bad:
+        raise ValueError(f"--keep-specific {bad[0]!r}: not a layer with modality copies; {in_dir} has layers "
+                         f"{layers}")
+    keep = sorted(set(keep_layers or []))
+    if keep == layers:
+        raise ValueError(f"--keep-specific keeps every layer with copies ({layers}): nothing would be merged")
+    return keep, {"chosen_by": "given"}
 
 
 def _plan_modality_merge(
     m: MergeMethod, p: MergeParams, reader: CheckpointReader, base: CheckpointReader | None, gsrc: Any,
     weights: Mapping[str, float] | None, in_dir: PathLike, base_dir: PathLike | None, grams: GramsArg,
+    keep: Sequence[int] = (),
 ) -> list[Job]:
     """The jobs of a modality merge, from the headers alone: one per output tensor, every slot checked by
     :func:`~.base.slot_problem` (all problems listed at once), base keys, Grams, weights and per-layer
@@ -489,6 +534,7 @@ def _plan_modality_merge(
             f"{in_dir}: no modality-specific block weights (blocks.{{i}}.{{module}}.{{v|l|vl}}.*) to "
             "merge; is it already modality-agnostic?"
         )
+    groups = [g for g in groups if g.layer not in set(keep)]  # a partial merge passes the kept layers through
     grouped = {k for g in groups for k in g.sources.values()}
     jobs = [Job(k, reader.dtype(k), reader.shape(k), [(reader, k)], merge=False) for k in keys if k not in grouped]
     problems: list[str] = []

@@ -95,10 +95,12 @@ class ModelConfig:
     text_embed_norm_eps: float | None = None  # the text embedding norm's epsilon (VLMo's BERT: 1e-12); None = ln_eps
     mm_depth: int = 0  # fusion "encoder": layers of the multimodal encoder after the N unimodal ones (FLAVA: 6)
     itc_bias: bool = False  # biases in the ITC projections (FLAVA's image_projection / text_projection)
+    merged_layers: tuple[int, ...] = ()  # a partial merge's merged layers: every module shared there, arch elsewhere
 
     def __post_init__(self) -> None:
-        if isinstance(self.heads, list):  # a list from Python code: stored as the tuple the field is
-            object.__setattr__(self, "heads", tuple(self.heads))
+        for name in ("heads", "merged_layers"):
+            if isinstance(getattr(self, name), list):  # a list from Python code: stored as the tuple the field is
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         check_model_config({f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
@@ -123,8 +125,8 @@ class ModelConfig:
 
     def experts(self, layer: int) -> dict[str, tuple[str, ...]]:
         """Experts of each module of block ``layer`` (0-based); a multimodal-encoder layer (``layer ≥ depth``)
-        is one shared transformer."""
-        if layer >= self.depth:
+        is one shared transformer, and so is a layer a partial merge merged (``merged_layers``)."""
+        if layer >= self.depth or layer in self.merged_layers:
             return {m: (SHARED,) for m in MODULES}
         modalities = ("v", "l", "vl") if layer >= self.depth - self.num_vl_layers else ("v", "l")
         specific = ARCHS[self.arch]
@@ -133,6 +135,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["heads"] = list(self.heads)
+        d["merged_layers"] = list(self.merged_layers)
         return d
 
     @classmethod
@@ -151,8 +154,9 @@ class ModelConfig:
             raise ValueError(f"{source}: unknown keys {unknown}; allowed keys are {sorted(known)}")
         values = {f.name: d.get(f.name, f.default) for f in fields(cls)}
         check_model_config(values, source)
-        if isinstance(values["heads"], list):
-            values["heads"] = tuple(values["heads"])
+        for name in ("heads", "merged_layers"):
+            if isinstance(values[name], list):
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -167,6 +171,7 @@ _EXPECTED_TYPE: dict[str, str] = {
     "int | None": "an integer or null",
     "float | None": "a finite number or null",
     "tuple[str, ...]": "a list of strings",
+    "tuple[int, ...]": "a list of integers",
 }
 """ModelConfig field annotation -> what the error message says a value must be."""
 
@@ -199,6 +204,8 @@ def _type_ok(annotation: str, value: Any) -> bool:
         return value is None or _type_ok("float", value)
     if annotation == "tuple[str, ...]":
         return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if annotation == "tuple[int, ...]":
+        return isinstance(value, (list, tuple)) and all(_type_ok("int", v) for v in value)
     raise AssertionError(f"ModelConfig: no type check for annotation {annotation!r}")  # a new field's type
 
 
@@ -253,6 +260,9 @@ def check_model_config(values: Mapping[str, Any], source: str = "model config") 
                 raise bad(name, "0 with fusion='encoder' (the fusion layers are the multimodal encoder's)")
         if not values["prenorm"]:
             raise bad("prenorm", "true with fusion='encoder'")
+    merged = list(values["merged_layers"])
+    if merged != sorted(set(merged)) or any(not 0 <= i < depth for i in merged):
+        raise bad("merged_layers", f"distinct layer indices in [0, depth={depth}), ascending")
     if values["modality_final_norm"] and not values["prenorm"]:
         raise bad("modality_final_norm", "false for a post-LN model (prenorm=false has no final norm)")
     heads = values["heads"]
