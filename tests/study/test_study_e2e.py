@@ -88,6 +88,38 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
         assert f"]({png})" in report
 
 
+def test_every_evaluated_merge_is_a_calibration_point_and_the_predictor_is_reported(study: Path) -> None:
+    """Runs before the re-run test below, whose ``--only table2`` run rewrites results.json and the calibration
+    file with that run's merges only."""
+    from vlmerge.metrics.predict import CALIBRATION_NAME, layer_report, load_calibration
+
+    res = json.loads((study / "results.json").read_text())
+    points = load_calibration(study / CALIBRATION_NAME)
+    base = {"alpha": res["meta"]["config"]["baseline_alpha"]}
+    # Figure 3's merges are among them, with its drops (from the report's own before / after scores)
+    f3 = [p for p in points if p["method"] == "interpolation" and p["params"] == base
+          and p["group"].startswith("msa/kseed=")]
+    want = {f"msa/kseed={k}": b["r_mean"] - a["r_mean"] for k, b, a in
+            zip(res["figure3"]["k_seed"], res["figure3"]["before"], res["figure3"]["after"], strict=True)}
+    assert {p["group"]: p["drop"] for p in f3} == pytest.approx(want)
+    assert all(p["drop_ci"][0] <= p["drop"] <= p["drop_ci"][1] for p in points)
+    table2 = sum(len(v) for v in res["table2"].values())
+    assert len(points) >= table2 + len(res["figure3"]["k_seed"])
+    # the features are the source checkpoint's, as vlmerge predict computes them
+    ck = next(p for p in points if p["group"] == "msa/kseed=0")
+    pr = res["predictor"]
+    assert pr["method"] == "interpolation" and pr["params"] == base
+    report = (study / "report.md").read_text()
+    assert "## Predicting the drop before merging" in report
+    if "error" not in pr:
+        assert pr["n"] == len([p for p in points if p["method"] == "interpolation" and p["params"] == base])
+        assert set(pr["per_feature"]) >= {"l2", "cosine", "ssd", "tssd", "rel_l2"}
+        assert -1 <= pr["loo_r"] <= 1 and f"Chosen: **{pr['feature']}**" in report
+    finals = [f for d in (study / "cells").glob("pretrain-*") if (f := d / "run" / "final").is_dir()
+              and json.loads((f / "config.json").read_text())["model"]["arch"] != "maa"]
+    assert any(layer_report(f)["global"] == pytest.approx(ck["features"]) for f in finals)
+
+
 def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys: pytest.CaptureFixture) -> None:
     res = json.loads((study / "results.json").read_text())
     results = sorted((study / "cells").glob("*/result.json"))
@@ -103,7 +135,7 @@ def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys
     assert again["meta"]["cells_computed"] == 1 and victim.is_file()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["table2"] == res["table2"]  # the recomputed merge gives the same numbers (determinism)
-    assert set(again) - {"meta", "cells", "baselines"} == {"table2"}
+    assert set(again) - {"meta", "cells", "baselines", "predictor"} == {"table2"}
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
@@ -205,4 +237,3 @@ def test_the_maa_run_passes_through_every_seed_stage(tmp_path: Path) -> None:
     resumed = pretrain(load_config(None, [*sets, "model.arch=maa"]), tmp_path / "maa", progress=False)
     c, d = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(c[k], d[k]) for k in c)
-

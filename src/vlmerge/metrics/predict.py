@@ -338,8 +338,8 @@ def fit_drop_model(points: Sequence[Mapping[str, Any]], method: str, params: Map
     """The drop predictor for ``method`` / ``params`` from calibration ``points`` (module docstring).
 
     Returns ``{"feature", "a", "b", "n", "groups", "s", "loo_r", "loo_rmse", "per_feature": {f: {loo_r,
-    loo_rmse}}, "points": [...]}``; ``ValueError`` when fewer than 3 points (2 groups) match or no feature
-    varies across them.
+    loo_rmse(, constant)}}}`` (a feature constant over the points has NaN scores and ``constant``);
+    ``ValueError`` when fewer than 3 points (2 groups) match or no feature varies across them.
     """
     pts = [p for p in points if p["method"] == method and _same_params(p["params"], params)]
     if len(pts) < 3 or len(set(_groups(pts))) < 2:
@@ -348,9 +348,11 @@ def fit_drop_model(points: Sequence[Mapping[str, Any]], method: str, params: Map
     names = [f for f in (features or FEATURES) if all(f in p["features"] for p in pts)]
     scored = {}
     ys = [p["drop"] for p in pts]
+    unfit = {}
     for f in names:
         preds = _loo_predictions(pts, f)
-        if preds is None:
+        if preds is None:  # constant over the points (or over a fold's): no line to fit (e.g. TSSD = 0)
+            unfit[f] = {"loo_r": float("nan"), "loo_rmse": float("nan"), "constant": True}
             continue
         rmse = math.sqrt(sum((a - b) ** 2 for a, b in zip(preds, ys, strict=True)) / len(ys))
         r = pearson(preds, ys) if len(set(ys)) > 1 and len(set(preds)) > 1 else float("nan")
@@ -366,7 +368,7 @@ def fit_drop_model(points: Sequence[Mapping[str, Any]], method: str, params: Map
     mx = sum(xs) / len(xs)
     return {"method": method, "params": dict(params), "feature": best, "a": a, "b": b, "n": len(pts),
             "groups": len(set(_groups(pts))), "s": s, "x_mean": mx, "sxx": sum((x - mx) ** 2 for x in xs),
-            "loo_r": scored[best]["loo_r"], "loo_rmse": scored[best]["loo_rmse"], "per_feature": scored}
+            "loo_r": scored[best]["loo_r"], "loo_rmse": scored[best]["loo_rmse"], "per_feature": {**scored, **unfit}}
 
 
 def predict_drop(model: Mapping[str, Any], features: Mapping[str, float]) -> dict[str, Any]:

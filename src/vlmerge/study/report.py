@@ -222,10 +222,32 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
                   "Paper: Pearson " + ", ".join(f"{k} {v}" for k, v in PAPER["table5"]["pearson"].items()) + ". "
                   f"Pearson r over {len(t5['k_seed'])} K_seed points; its interval covers the test queries' noise "
                   "in the drops, not the run-to-run noise of the K_seed models (use --seeds for that).", ""]
+    parts += _predictor(results.get("predictor"))
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     parts += _provenance(results)
     return "\n".join(parts)
+
+
+def _predictor(pr: Mapping[str, Any] | None) -> list[str]:
+    """The ``vlmerge predict`` drop model over every merge the study evaluated (Table 5's extension)."""
+    if not pr:
+        return []
+    head = ["## Predicting the drop before merging (`vlmerge predict`)", ""]
+    what = f"{pr['method']} {pr['params']}"
+    if "error" in pr:
+        return [*head, f"No predictor for {what}: {pr['error']}.", ""]
+    ci = pr.get("loo_r_ci")
+    lines = ["| feature | held-out r (line on this feature alone) | r (all points) |", "|---|---|---|"]
+    for f, v in pr["per_feature"].items():
+        mark = " (chosen)" if f == pr["feature"] else ""
+        lines.append(f"| {f}{mark} | {format_r(v['loo_r'])} | {format_r(v['r'])} |")
+    return [*head, f"A line drop ≈ a + b·f on the feature f with the smallest leave-one-run-out error, fitted on the "
+                   f"{pr['n']} {what} merges the study evaluated ({pr['groups']} source runs; points of one run are "
+                   f"held out together). Chosen: **{pr['feature']}**, held-out Pearson r = {format_r(pr['loo_r'])}"
+                   + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}, Fisher z over the {pr['n']} points]" if ci else "")
+                   + f", held-out RMSE {pr['loo_rmse']:.2f} points. The points are in `predict-calibration.json`; "
+                   "`vlmerge predict CKPT --calibration predict-calibration.json` uses them.", "", *lines, ""]
 
 
 def _baselines(results: Mapping[str, Any]) -> list[str]:

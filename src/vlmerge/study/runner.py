@@ -18,6 +18,8 @@ retrieval ``ood_avg_tr`` / ``ood_avg_ir`` / ``ood_r_mean``; in ``results.json`` 
     table5:    {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, pearson_ci: {..},
                 spearman: {..}}
     baselines: {retrieval: chance per key (test split), retrieval_ood, vqa | nlvr2 | cls | seg: best constant}
+    predictor: {method, params, feature, n, groups, loo_r, loo_r_ci, loo_rmse, line, per_feature: {f: {loo_r, r}}}
+               -- vlmerge predict's drop model fitted on every evaluated merge (predict-calibration.json)
     meta:      {preset, seeds, wall_time_s, command, config, config_hash, device, cpu}
     cells:     {name: {hash, spec}} -- the provenance of every number
 """
@@ -150,6 +152,8 @@ class Study:
         self.cells: dict[str, dict[str, Any]] = {}
         self._eval_sets: dict[tuple[str, int], Any] = {}
         self.baselines: dict[str, dict[str, float]] = {}
+        self.merges: dict[str, tuple[Mapping[str, Any], Mapping[str, Any], str, dict[str, Any]]] = {}
+        self._features: dict[str, dict[str, float]] = {}
 
     # -- cells -----------------------------------------------------------------------------------------
     def rel(self, path: str | Path) -> str:
@@ -278,7 +282,29 @@ class Study:
             out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", overwrite=True, **kwargs)
             return {"final": self.rel(out), "retrieval": self.retrieval(out, "test")}
 
-        return {**self.store.run("merge", cell.spec, run), "label": label}
+        merged = {**self.store.run("merge", cell.spec, run), "label": label}
+        self.merges[label] = (src, merged, method, dict(params))
+        return merged
+
+    def calibration_points(self) -> list[dict[str, Any]]:
+        """Every evaluated merge as a ``vlmerge predict`` calibration point: the source checkpoint's weight
+        features, the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval. The group
+        is the source run's label (architecture and K_seed), so a held-out fit never sees the held-out run."""
+        from ..metrics.predict import calibration_point, layer_report
+        from .stats import percentile_interval
+
+        points = []
+        for src, merged, method, params in self.merges.values():
+            if src["final"] not in self._features:
+                self._features[src["final"]] = layer_report(self.path(src["final"]))["global"]
+            before, after = self.scores(src), self.scores(merged)
+            ci = None
+            if "r_mean" in before.boot and "r_mean" in after.boot:
+                ci = list(percentile_interval(before.boot["r_mean"] - after.boot["r_mean"]))
+            points.append(calibration_point(self._features[src["final"]], method, params,
+                                            before["r_mean"] - after["r_mean"], group=src["label"],
+                                            checkpoint=f"seed={self.seed}/{src['label']}", drop_ci=ci))
+        return points
 
     def grams(self, src: Mapping[str, Any]) -> Any:
         from ..merge import collect_grams, load_grams, save_grams
@@ -472,6 +498,37 @@ def finish_table5(results: dict[str, Any]) -> None:
         t5["pearson_ci"] = {m: list(ci) if all(map(math.isfinite, ci)) else None for m, ci in cis.items()}
 
 
+def predictor_summary(points: Sequence[Mapping[str, Any]], method: str, params: Mapping[str, Any]
+                      ) -> dict[str, Any]:
+    """``vlmerge predict``'s drop model for ``method`` / ``params`` over the study's merges: the feature it
+    picks, its held-out (leave-one-group-out) Pearson r with a 95 % Fisher-z interval over the n points, and
+    each single feature's held-out r and plain r on the same points; ``{"error": why}`` when it cannot fit."""
+    from ..metrics.correlation import pearson
+    from ..metrics.predict import fit_drop_model
+
+    try:
+        model = fit_drop_model(points, method, params)
+    except ValueError as e:
+        return {"method": method, "params": dict(params), "error": str(e)}
+    pts = [p for p in points if p["method"] == method and p["params"] == dict(params)]
+    drops = [p["drop"] for p in pts]
+
+    def fisher(r: float, n: int) -> list[float] | None:
+        if not math.isfinite(r) or n <= 3 or abs(r) >= 1:
+            return None
+        z, half = math.atanh(r), 1.959964 / math.sqrt(n - 3)
+        return [math.tanh(z - half), math.tanh(z + half)]
+
+    per = {}
+    for f, score in model["per_feature"].items():
+        xs = [p["features"][f] for p in pts]
+        plain = pearson(xs, drops) if len(set(xs)) > 1 and len(set(drops)) > 1 else float("nan")
+        per[f] = {"loo_r": _finite(score["loo_r"]), "r": _finite(plain)}
+    return {"method": method, "params": dict(params), "feature": model["feature"], "n": model["n"],
+            "groups": model["groups"], "loo_r": _finite(model["loo_r"]), "loo_r_ci": fisher(model["loo_r"], model["n"]),
+            "loo_rmse": model["loo_rmse"], "line": {"a": model["a"], "b": model["b"]}, "per_feature": per}
+
+
 def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequence[str] | None = None,
                   seeds: Sequence[int] = (0,), overrides: Sequence[str] = ()) -> str:
     """The ``vlmerge study`` command line that reproduces a run with these arguments."""
@@ -518,17 +575,23 @@ def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[s
     """:func:`run_study` once its arguments are checked and ``out_dir`` is locked."""
     import torch
 
+    from ..metrics.predict import CALIBRATION_NAME, save_calibration
+
     out = Path(out_dir)
-    per_seed, cells, computed = [], {}, 0
+    per_seed, cells, computed, points = [], {}, 0, []
     for seed in seeds:
         study = Study(cfg, out, seed, progress)
         per_seed.append(study.run(parts))
         cells.update({f"seed={seed}/{k}": v for k, v in study.cells.items()})
         computed += len(study.store.computed)
+        points += study.calibration_points()
         if on_seed:
             on_seed(seed, per_seed[-1])
     results = aggregate_seeds(per_seed)
     finish_table5(results)
+    if points:
+        save_calibration(points, out / CALIBRATION_NAME)
+        results["predictor"] = predictor_summary(points, "interpolation", {"alpha": cfg.baseline_alpha})
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
         "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
