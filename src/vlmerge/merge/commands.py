@@ -55,6 +55,10 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _schedule(text: str) -> list[float] | str:
+    return "learned" if text.strip() == "learned" else _floats(text)
+
+
 def _layers(text: str) -> list[int]:
     parts = _items(text)
     try:
@@ -79,6 +83,13 @@ def _weights(text: str) -> dict[str, float] | list[float]:
 
 def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     params: dict[str, Any] = {}
+    learn_flags = {k: getattr(args, f"learn_{k}") for k in ("objective", "batches", "steps", "seed")
+                   if getattr(args, f"learn_{k}") is not None}
+    learn = None
+    if args.alpha_schedule == "learned":
+        learn, args.alpha_schedule = learn_flags, None
+    elif learn_flags:
+        raise ValueError(f"--learn-{next(iter(learn_flags))}: goes with --alpha-schedule learned")
     for flag, name in _PARAM_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -114,6 +125,7 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
         hash_inputs=args.hash_inputs,
         keep_specific=args.keep_specific,
         budget=args.budget,
+        learn_alpha=learn,
         **src,
     )
     if args.inputs and isinstance(args.grams, (str, Path)):
@@ -223,8 +235,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--alpha", type=float, help="interpolation: vision share α in [0, 1] (default 0.5)")
     p.add_argument(
-        "--alpha-schedule", type=_floats, metavar="A0,A1,...", help="interpolation: one α per layer"
+        "--alpha-schedule", type=_schedule, metavar="A0,A1,...|learned",
+        help="interpolation: one α per layer, or 'learned' on the world's validation split (--learn-*)"
     )
+    p.add_argument("--learn-objective", choices=("supervised", "entropy"), default=None,
+                   help="--alpha-schedule learned: contrastive loss on paired captions (default) or AdaMerging's "
+                        "prediction entropy (no labels)")
+    p.add_argument("--learn-batches", type=count(1, 10_000), default=None, help="learned: batches (default 4)")
+    p.add_argument("--learn-steps", type=count(1, 100_000), default=None, help="learned: Adam steps (default 30)")
+    p.add_argument("--learn-seed", type=count(0), default=None, help="learned: data seed (default 0)")
     p.add_argument(
         "--vl-ratio", type=float, help="interpolation: W_vl share in the top M layers (default 1/3)"
     )

@@ -18,7 +18,8 @@ Keys: ``method``, ``params`` (the method's, validated against it), ``input`` xor
 ``output``, ``weights`` (per modality ``{v: .., l: ..}`` for ``input``; a list for ``inputs``), RegMean's
 ``grams`` (a Gram file; a list, one per model, for ``inputs``) or ``data`` + ``batches`` (collect Grams
 from a registered data source), ``save_grams``, ``overwrite``, ``hash_inputs``; a partial merge of ``input``:
-``keep_specific`` (layers kept modality-specific) or ``budget`` (the riskiest fraction kept). Relative paths are taken
+``keep_specific`` (layers kept modality-specific) or ``budget`` (the riskiest fraction kept); ``learn_alpha``
+(interpolation's per-layer α learned on the world's validation split: :class:`LearnAlpha`). Relative paths are taken
 relative to the current directory.
 """
 
@@ -26,12 +27,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import read_yaml, validate
 from .base import METHODS, check_numbers, get_method
+
+
+class LearnAlpha(BaseModel):
+    """``learn_alpha``: learn interpolation's per-layer α on data (:mod:`vlmerge.merge.learned`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    objective: Literal["supervised", "entropy"] = "supervised"
+    split: Literal["train", "val", "test"] = "val"
+    batches: int = Field(4, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=2, le=4096)
+    steps: int = Field(30, ge=1, le=100_000)
+    lr: float = Field(0.1, gt=0)
+    init: float = Field(0.5, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class MergeConfig(BaseModel):
@@ -54,6 +70,7 @@ class MergeConfig(BaseModel):
     hash_inputs: bool = False
     keep_specific: list[int] | None = None
     budget: float | None = Field(None, ge=0, le=1)
+    learn_alpha: LearnAlpha | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +131,12 @@ class MergeConfig(BaseModel):
                              "soup of models ('inputs')")
         if self.keep_specific is not None and self.budget is not None:
             raise ValueError("give 'keep_specific' or 'budget', not both")
+        if self.learn_alpha is not None:
+            if self.method != "interpolation" or self.inputs is not None:
+                raise ValueError("'learn_alpha' learns interpolation's per-layer α of a modality merge: method "
+                                 "interpolation with 'input'")
+            if "alpha" in self.params:
+                raise ValueError("'learn_alpha' chooses alpha: drop params.alpha (--alpha / --alpha-schedule)")
         return self
 
 
@@ -160,6 +183,19 @@ def run_merge_config(cfg: MergeConfig, progress: bool = False, config_path: str 
             **cfg.params,
         )
     grams: Any = cfg.grams
+    params, learned = dict(cfg.params), None
+    if cfg.learn_alpha is not None:
+        from ..models import load_model
+        from .learned import learn_alpha_schedule, world_split_batches
+
+        la = cfg.learn_alpha
+        model = load_model(cfg.input)
+        batches = world_split_batches(model, la.batches, la.seed, la.split, la.batch_size)
+        learned = learn_alpha_schedule(model, batches, la.objective, steps=la.steps, lr=la.lr, init=la.init,
+                                       vl_ratio=params.get("vl_ratio", 1 / 3), progress=progress)
+        learned = {**la.model_dump(), "data": f"world/{la.split}", **{k: v for k, v in learned.items()
+                                                                        if k != "history"}}
+        params["alpha"] = learned["alpha"]
     if cfg.data is not None:
         from ..models import load_model
 
@@ -183,5 +219,6 @@ def run_merge_config(cfg: MergeConfig, progress: bool = False, config_path: str 
         hash_inputs=cfg.hash_inputs,
         keep_layers=cfg.keep_specific,
         budget=cfg.budget,
-        **cfg.params,
+        learned=learned,
+        **params,
     )

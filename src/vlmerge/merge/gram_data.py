@@ -17,10 +17,10 @@ from .grams import GRAM_DATA, register_gram_data  # noqa: F401
 
 @register_gram_data("world")
 def world_batches(model: Any, batches: int, seed: int = 0, batch_size: int = 32,
-                  world: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Image-caption pairs of the embedded world's train split (``seed`` = world seed; ``world``: WorldConfig
-    fields, e.g. the CPU world a model was trained on), at the model's image size, tokenized with the world
-    tokenizer (the model's vocabulary must match it)."""
+                  world: dict[str, Any] | None = None, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Image-caption pairs of the embedded world's ``split`` (default train; ``seed`` = world seed; ``world``:
+    WorldConfig fields, e.g. the CPU world a model was trained on), at the model's image size, tokenized with the
+    world tokenizer (the model's vocabulary must match it)."""
     from ..data import Collate, ImageTextDataset, World, WorldConfig, default_tokenizer, normalize
 
     cfg = model.config
@@ -28,7 +28,7 @@ def world_batches(model: Any, batches: int, seed: int = 0, batch_size: int = 32,
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"--data world: the model's vocab_size is {cfg.vocab_size} but the world tokenizer has "
                          f"{tok.vocab_size} tokens; pass --grams FILE collected with the model's own data")
-    source = World(WorldConfig.from_dict({**(world or {}), "image_size": cfg.image_size}), "train", seed)
+    source = World(WorldConfig.from_dict({**(world or {}), "image_size": cfg.image_size}), split, seed)
     loader = DataLoader(ImageTextDataset(source, batches * batch_size, pairs=False), batch_size=batch_size,
                         collate_fn=Collate(tok, min(cfg.max_text_len, 40)))
     for i, batch in enumerate(loader):

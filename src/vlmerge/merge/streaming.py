@@ -428,6 +428,7 @@ def merge_checkpoint(
     hash_inputs: bool = False,
     keep_layers: Sequence[int] | None = None,
     budget: float | None = None,
+    learned: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> Path:
     """Merge the modality copies of one modality-specific checkpoint into a modality-agnostic one.
@@ -436,6 +437,7 @@ def merge_checkpoint(
     P in [0, 1] keeps the round(P·n) riskiest of the n layers with copies, ranked by
     :func:`~vlmerge.metrics.predict.layer_report` (relative L2 of the copies). The output's config then
     keeps ``arch`` and lists the layers it merged in ``merged_layers``; its merge record says what was kept.
+    ``learned``: how a learned α schedule was chosen (:mod:`~vlmerge.merge.learned`), stored in the record.
 
     Every group ``blocks.{i}.{module}.{v|l|vl}.{suffix}`` (see :func:`~vlmerge.models.roles.merge_groups`)
     becomes ``blocks.{i}.{module}.shared.{suffix}``; embeddings, the final norm, ITC projections, heads and
@@ -488,6 +490,8 @@ def merge_checkpoint(
                            dict(weights) if weights is not None else None, hash_inputs)
         if keep_layers is not None or budget is not None:
             config["merge"]["partial"] = {"keep_specific": keep, **chosen}
+        if learned is not None:  # how a learned schedule was chosen (merge.learned), to reproduce it
+            config["merge"]["learned"] = dict(learned)
         return _execute(m, p, jobs, out, config, progress, overwrite)
 
 
