@@ -350,3 +350,15 @@ def test_refusals_name_the_problem(ckpts: Path, tmp_path: Path, capsys: pytest.C
                                          "-o", out)
     assert "density" in refused("--method", "dare_linear", "--density", "-0.1", "--base", base, msa, out)
     assert not (tmp_path / "bad").exists()
+
+
+def test_multislerp_of_inputs_that_all_equal_the_base_is_the_base() -> None:
+    """Three copies equal to W0 (an imported layer scale that never trained): every direction is zero, and the
+    barycentre is W0 itself, not an 'antipodal inputs' error."""
+    from vlmerge.merge import merge_tensors
+
+    w0 = torch.full((8,), 0.1)
+    out = merge_tensors("multislerp", [w0.clone(), w0.clone(), w0.clone()], base=w0)
+    assert torch.equal(out, w0)
+    with pytest.raises(ValueError, match="antipodal"):  # genuinely opposed directions stay an error
+        merge_tensors("multislerp", [w0 + 1, w0 - 1, w0], base=w0, weights=[1.0, 1.0, 1.0])

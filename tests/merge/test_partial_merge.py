@@ -116,3 +116,20 @@ def test_partial_merge_from_a_yaml_config(tmp_path) -> None:
                                    "output": str(tmp_path / "out"), "keep_specific": [0]}))
     assert main(["merge", str(cfg)]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model"]["merged_layers"] == [1, 2, 3]
+
+
+def test_regmean_takes_grams_of_the_layers_a_partial_merge_keeps(tmp_path) -> None:
+    """Grams collected on the whole model (as ``vlmerge merge --data`` and the collector write them) include the
+    kept layers' weights: a partial RegMean uses the others and leaves the kept layers bit for bit."""
+    from vlmerge.merge import collect_grams, save_grams
+
+    src = _msa(tmp_path)
+    model = load_model(src).eval()
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 40, (24, 6), generator=g),
+             torch.ones(24, 6, dtype=torch.long))
+    grams = save_grams(collect_grams(model, [batch]), tmp_path / "grams.safetensors")
+    out = merge_checkpoint("regmean", src, tmp_path / "out", grams=grams, keep_layers=[1], gamma=0.5)
+    sd_in, sd_out = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(sd_out[k], v) for k, v in sd_in.items() if k.startswith("blocks.1."))
+    assert "blocks.0.attn.shared.qkv.weight" in sd_out and "blocks.1.attn.v.qkv.weight" in sd_out

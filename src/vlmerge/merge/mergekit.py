@@ -596,7 +596,8 @@ def merge_multislerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: S
 
     One input: itself. Else, on the flattened ``v_i = x_i − b`` (or ``x_i`` without a base): weights ``ŵ =
     w / Σ w`` (``normalize_weights``) or ``w``; ``u_i = v_i / (‖v_i‖ + eps)``; ``μ = Σ ŵ_i u_i``; when ``‖μ‖
-    < eps``: two inputs fall back to ``ŵ_0 v_0 + ŵ_1 v_1``, more are an error. Else ``μ ← μ / ‖μ‖``, tangents
+    < eps``: inputs that all equal the base give the base, two inputs fall back to ``ŵ_0 v_0 + ŵ_1 v_1``, more
+    are an error. Else ``μ ← μ / ‖μ‖``, tangents
     ``g_i = u_i − (u_i·μ) μ``, ``g = Σ ŵ_i g_i``, ``θ = ‖g‖ + eps``, ``r = cos θ · μ + sin θ / θ · g``;
     ``out = b + (Σ ŵ_i ‖v_i‖) r``.
     """
@@ -613,6 +614,8 @@ def merge_multislerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: S
     mu = (ww[:, None] * u).sum(0)
     mu_norm = mu.norm()
     if mu_norm < eps:
+        if float(norms.max()) == 0:  # every input equals the base: the mean is the base (mergekit raises here)
+            return xs[0].clone()
         if len(xs) != 2:
             raise ValueError("multislerp: the weighted mean of the directions is zero (antipodal inputs whose "
                              "weights balance out); change the weights")

@@ -362,9 +362,12 @@ def _gram_errors(missing: list[str], bad: list[str], where: str, sources: Sequen
         )
     if bad:
         raise ValueError(f"regmean: Gram shapes do not match the weights in {where}: {_listing(bad, 4)}")
+    # Grams of weights the checkpoint has but does not merge (VLMo's shared attention, the layers a partial merge
+    # keeps) are the collector's normal output; only Grams of weights it lacks betray another model.
+    present = {key for job in jobs for _, key in job.sources}
     for src in sources:
         used = {key for job in jobs for s, key in job.grams or [] if s is src}
-        extra = sorted(set(src.keys()) - used)
+        extra = sorted(set(src.keys()) - used - present)
         if extra:
             raise ValueError(f"regmean: {where} holds Grams of {len(extra)} weights this merge has no linear "
                              f"weight for (collected on another model?): {_listing(extra)}")
