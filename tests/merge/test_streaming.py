@@ -89,6 +89,35 @@ def test_interpolation_alpha_one_gives_vision_weights(msa_pair, tmp_path: Path) 
             assert torch.equal(r.get(g.target), sd[g.sources["v"]])
 
 
+def test_per_module_schedules_apply_per_slot_and_a_missing_slot_is_refused(msa_pair, tmp_path: Path) -> None:
+    """Oracle: each merged tensor computed by hand from its own layer's and module's coefficient."""
+    in_dir, base_dir, sd, base = msa_pair
+    depth = 1 + max(g.layer for g in merge_groups(sd))
+    alpha = [{"norm1": 0.1, "attn": 0.2, "norm2": 0.3, "mlp": 0.9}, *[0.6] * (depth - 1)]
+    lam = {layer: {"norm1": 0.5, "attn": 0.1 * (layer + 1), "norm2": 0.5, "mlp": 0.7} for layer in range(depth)}
+    a_out = merge_checkpoint("interpolation", in_dir, tmp_path / "a", alpha=alpha, vl_ratio=0.25)
+    m_out = merge_checkpoint("modality_arithmetic", in_dir, tmp_path / "m", base_dir=base_dir, lam=lam)
+    with CheckpointReader(a_out) as ra, CheckpointReader(m_out) as rm:
+        for g in merge_groups(sd):
+            a = alpha[g.layer][g.module] if g.layer == 0 else 0.6
+            want = a * sd[g.sources["v"]] + (1 - a) * sd[g.sources["l"]]
+            if "vl" in g.sources:
+                want = 0.75 * want + 0.25 * sd[g.sources["vl"]]
+            torch.testing.assert_close(ra.get(g.target), want, rtol=0, atol=1e-6)
+            w0 = base[g.sources["v"]]
+            tau = sum(sd[k] - w0 for k in g.sources.values())
+            torch.testing.assert_close(rm.get(g.target), w0 + lam[g.layer][g.module] * tau, rtol=0, atol=1e-5)
+    no_mlp = [{"attn": 0.5, "norm1": 0.5, "norm2": 0.5}, *[0.5] * (depth - 1)]
+    with pytest.raises(ValueError, match=r"interpolation: alpha: layer 0's entry has no value for module 'mlp'"):
+        merge_checkpoint("interpolation", in_dir, tmp_path / "x", alpha=no_mlp)
+    with pytest.raises(ValueError, match=r"lam: the schedule has no entry for layer 1"):
+        merge_checkpoint("modality_arithmetic", in_dir, tmp_path / "x", base_dir=base_dir, lam={0: 0.5})
+    with pytest.raises(ValueError, match=r"unknown module 'ffn'"):
+        merge_checkpoint("interpolation", in_dir, tmp_path / "x", alpha=[{"ffn": 0.5}] * depth)
+    with pytest.raises(ValueError, match=r"each value must be ≥ 0"):
+        merge_checkpoint("modality_arithmetic", in_dir, tmp_path / "x", base_dir=base_dir, lam=[-0.1] * depth)
+    assert not (tmp_path / "x").exists()
+
 def test_shared_slots_pass_through_and_maa_seed_base(tmp_path: Path) -> None:
     """A custom-ffn-like checkpoint (mlp shared) and a base with MAA (shared) names."""
     seed = msa_state_dict(seed=4, shared_modules=("norm1", "attn", "norm2", "mlp"))
@@ -132,7 +161,7 @@ def test_bad_inputs(msa_pair, tmp_path: Path) -> None:
         merge_checkpoint("regmean", in_dir, out, grams=Grams({}, {}))
     with pytest.raises(ValueError, match="params: alpha"):
         merge_checkpoint("interpolation", in_dir, out, alpha=2)
-    with pytest.raises(ValueError, match="alpha schedule has 2 values; the model has 3 layers"):
+    with pytest.raises(ValueError, match="schedule has 2 values; the model has 3 layers"):
         merge_checkpoint("interpolation", in_dir, out, alpha=[0.5, 0.5])
     with pytest.raises(ValueError, match="weights has no entry for modality 'vl'"):
         merge_checkpoint("average", in_dir, out, weights={"v": 1, "l": 1})

@@ -18,7 +18,8 @@ from vlmerge.study.runner import PARTS, load_study_config, run_study
 from vlmerge.study.stats import aggregate_seeds as aggregate
 
 # micro (2 layers, width 32, 16-px images) with K = 40 steps and fine-tunes of 4 steps: about a minute.
-SHRINK = ["steps=40", "eval_images=20", "regmean_batches=1", "pretrain_set=[train.log_every=20, train.ckpt_every=40,"
+SHRINK = ["steps=40", "eval_images=20", "regmean_batches=1", "layerwise.steps=5",
+          "pretrain_set=[train.log_every=20, train.ckpt_every=40,"
           " data.train_images=100, data.eval_images=10, optim.warmup_steps=4]",
           *[f"finetune_set.{t}=[max_steps=4, data.train_size=40, data.eval_size=20]"
             for t in ("vqa", "nlvr2", "cls", "seg")]]
@@ -76,16 +77,80 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
 
     report = (study / "report.md").read_text()
     for title in ("## Findings", "## Table 1", "## Figure 3", "## Table 2", "## Figure 4", "## Table 3", "## Table 5",
-                  "## Configuration", "## Provenance"):
+                  "## Table 2, layer-wise", "## Partial merges", "## Configuration", "## Provenance"):
         assert title in report
     findings = json.loads((study / "findings.json").read_text())
     assert len(findings) >= 10 and {f["outcome"] for f in findings} <= {"reproduced", "contradicted", "inconclusive"}
     assert sum(report.count(f"{o} |") for o in ("✅ reproduced", "❌ contradicted", "➖ inconclusive")) == len(findings)
     assert all(f["interval"] is not None for f in findings if f["id"] != "tssd_predicts_best")
-    for png in ("figure3.png", "table2.png", "figure4.png", "table5.png"):
+    for png in ("figure3.png", "table2.png", "figure4.png", "table5.png", "pareto.png"):
         data = (study / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in report
+
+
+def test_layerwise_rows_compare_learned_alpha_with_the_best_global_alpha_of_the_same_grid(study: Path) -> None:
+    from vlmerge.models import load_model
+
+    res = json.loads((study / "results.json").read_text())
+    lw = res["layerwise"]
+    # the recipe's global grid is Table 2's interpolation row: the same cells, so the same numbers
+    assert {a: s["r_mean"] for a, s in lw["recipe"]["global"].items()} == {
+        a: s["r_mean"] for a, s in res["table2"]["interpolation"].items()}
+    for src in ("recipe", "msa"):
+        r = lw[src]
+        best = max(r["global"], key=lambda a: r["global"][a]["r_mean"])
+        assert r["best_global"] == float(best)
+        assert set(r["learned"]) == {"supervised", "entropy"}
+        for objective, sc in r["learned"].items():
+            d = r["vs_best_global"][objective]
+            assert d["r_mean"] == pytest.approx(sc["r_mean"] - r["global"][best]["r_mean"])
+            assert d["ci"]["r_mean"][0] <= d["r_mean"] <= d["ci"]["r_mean"][1]
+            assert len(r["schedules"][objective]) == 2 and all(0 < a < 1 for a in r["schedules"][objective])
+    # the learned merge was written with its schedule: the merged weights are α_i W^v + (1 − α_i) W^l
+    sched = lw["recipe"]["schedules"]["supervised"]
+    cell = next(d for d in (study / "cells").glob("merge-*")
+                if json.loads((d / "result.json").read_text())["spec"]["params"].get("alpha") == sched)
+    src = json.loads((cell / "result.json").read_text())["spec"]["src"]
+    sd, merged = load_model(study / src).state_dict(), load_model(cell / "merged").state_dict()
+    k = "blocks.1.mlp.v.fc1.weight"
+    want = sched[1] * sd[k] + (1 - sched[1]) * sd[k.replace(".v.", ".l.")]
+    if k.replace(".v.", ".vl.") in sd:
+        want = (2 / 3) * want + (1 / 3) * sd[k.replace(".v.", ".vl.")]
+    torch.testing.assert_close(merged[k.replace(".v.", ".shared.")], want, rtol=0, atol=1e-5)
+
+
+def test_pareto_enumerates_every_kept_layer_set_and_scores_the_predictors_choice(study: Path) -> None:
+    from vlmerge.metrics.predict import layer_report
+
+    res = json.loads((study / "results.json").read_text())
+    f3 = res["figure3"]
+    for src, pr in res["pareto"].items():
+        n = len(pr["layers"])
+        assert pr["exhaustive"] and len(pr["points"]) == 2**n and [r["k"] for r in pr["by_k"]] == list(range(n + 1))
+        by_keep = {p["keep"]: p for p in pr["points"]}
+        assert len(by_keep) == 2**n
+        # keeping nothing is the full merge, keeping every layer is the source itself
+        if src == "msa":
+            assert by_keep[""]["scores"]["r_mean"] == pytest.approx(f3["after"][0]["r_mean"])
+            assert by_keep["0,1"]["scores"]["r_mean"] == pytest.approx(f3["before"][0]["r_mean"])
+        # a kept layer keeps its copies: more parameters the more layers are kept
+        size = {p["keep"]: len([x for x in p["keep"].split(",") if x]) for p in pr["points"]}
+        params = [min(p["params"] for p in pr["points"] if size[p["keep"]] == k) for k in (1, 2)]
+        assert by_keep[""]["params"] < params[0] < params[1]
+        for r in pr["by_k"]:
+            sets = [p for p in pr["points"] if size[p["keep"]] == r["k"]]
+            assert r["n_random"] == len(sets) == math.comb(n, r["k"])
+            assert r["random"]["r_mean"] == pytest.approx(sum(p["scores"]["r_mean"] for p in sets) / len(sets))
+            d = r["predictor_vs_random"]
+            assert d["r_mean"] == pytest.approx(r["predictor"]["scores"]["r_mean"] - r["random"]["r_mean"])
+            assert r["depth"]["keep"] == ",".join(map(str, pr["layers"][n - r["k"]:]))
+        # the predictor's choice is the k riskiest layers of vlmerge predict's ranking of the source
+        label = {"msa": "msa/kseed=0", "recipe": f"msa/kseed={round(res['meta']['config']['recipe_k_seed'] * 40)}"}
+        cell = res["cells"][f"seed=0/pretrain/{label[src]}"]
+        ranked = layer_report(study / "cells" / f"pretrain-{cell['hash']}" / "run" / "final")["ranked"]
+        for r in pr["by_k"]:
+            assert r["predictor"]["keep"] == ",".join(map(str, sorted(ranked[: r["k"]])))
 
 
 def test_every_evaluated_merge_is_a_calibration_point_and_the_predictor_is_reported(study: Path) -> None:

@@ -128,7 +128,7 @@ def merge_states(method: str, states: Sequence[State], *, base: State | None = N
             out[k] = ts[0].clone()
             continue
         out[k] = merge_tensors(method, ts, base=None if base is None else base[k], weights=weights, name=k,
-                               layer=parse_param_name(k).layer, **params)
+                               layer=parse_param_name(k).layer, module=parse_param_name(k).module, **params)
     return out
 
 

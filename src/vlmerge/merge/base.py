@@ -72,6 +72,7 @@ class MergeContext:
     ``name``        the output tensor's name (error messages; random methods seed each tensor with
                     ``tensor_seed(seed, name)``, in a checkpoint merge and in :func:`merge_tensors` alike).
     ``layer``       0-based block index, for per-layer schedules (``None`` outside transformer blocks).
+    ``module``      the block module (``norm1`` / ``attn`` / ``norm2`` / ``mlp``), for per-module schedules.
     ``modalities``  the modality of each input (``("v", "l")`` or ``("v", "l", "vl")``) in a modality merge;
                     ``None`` when the inputs are whole models (a soup).
     ``base``        W0 as float32, same shape as the inputs, or ``None``.
@@ -86,6 +87,7 @@ class MergeContext:
 
     name: str = "tensor"
     layer: int | None = None
+    module: str | None = None
     modalities: tuple[str, ...] | None = None
     base: torch.Tensor | None = None
     weights: tuple[float, ...] | None = None
@@ -119,6 +121,8 @@ class MergeMethod:
     min_inputs: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None  # most whole models :func:`merge_models` may combine
     summary: ClassVar[str] = ""
+    schedules: ClassVar[tuple[str, ...]] = ()
+    """Parameters that may be a per-layer / per-module schedule (:mod:`vlmerge.merge.schedule`)."""
     propagates_nonfinite: ClassVar[bool] = False
     """True when a NaN or Inf anywhere in an input or the base always leaves a NaN or Inf in the result: the
     result is a sum in which every input entry appears with some coefficient, even 0 (0·NaN and 0·Inf are
@@ -156,9 +160,13 @@ class MergeMethod:
     def allowed_params(self) -> list[str]:
         return sorted(self.Params.model_fields)
 
-    def check_layers(self, params: MergeParams, layers: Sequence[int | None]) -> None:
-        """Check per-layer parameters cover ``layers`` (``None``: a tensor outside the blocks) before a
-        checkpoint merge writes anything."""
+    def check_layers(self, params: MergeParams, slots: Sequence[tuple[int | None, str | None]]) -> None:
+        """Check that the schedules among :attr:`schedules` cover every merged slot ``(layer, module)`` (``None``:
+        a tensor outside the blocks) before a checkpoint merge writes anything."""
+        from .schedule import check_schedule
+
+        for param in self.schedules:
+            check_schedule(getattr(params, param), slots, f"{self.name}: {param}")
 
     def merge(self, tensors: list[torch.Tensor], params: MergeParams, ctx: MergeContext) -> torch.Tensor:
         """Merge float32 ``tensors`` (all one shape) into one float32 tensor of that shape."""
@@ -260,6 +268,7 @@ def merge_tensors(
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
     layer: int | None = None,
+    module: str | None = None,
     modalities: Sequence[str] | None = None,
     name: str = "tensor",
     **params: Any,
@@ -275,7 +284,8 @@ def merge_tensors(
     tensor by tensor with ``name=key`` writes what ``vlmerge merge`` writes for the same seed (and same-shaped tensors
     of different names get different masks). For ``interpolation`` the inputs are read as
     ``(W_v, W_l)`` or ``(W_v, W_l, W_vl)``; ``modalities`` says so explicitly. ``layer`` picks the value of a
-    per-layer schedule. RegMean takes ``grams=[G_1, ...]`` (one [in, in] Gram per input) for a 2-D weight.
+    per-layer schedule, ``module`` that of a per-module one. RegMean takes ``grams=[G_1, ...]`` (one [in, in]
+    Gram per input) for a 2-D weight.
     Raises ``ValueError`` on a shape / dtype mismatch, NaN / Inf, an unknown or out-of-range parameter,
     a missing or superfluous base, or weights of the wrong count.
     """
@@ -331,6 +341,7 @@ def merge_tensors(
     ctx = MergeContext(
         name=name,
         layer=layer,
+        module=module,
         modalities=tuple(modalities) if modalities else None,
         base=base32,
         weights=w,

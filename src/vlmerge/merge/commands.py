@@ -30,6 +30,7 @@ _PARAM_FLAGS: dict[str, str] = {
     "alpha_schedule": "alpha",
     "vl_ratio": "vl_ratio",
     "lam": "lam",
+    "lam_schedule": "lam",
     "gamma": "gamma",
     "density": "density",
     "drop": "drop",
@@ -83,18 +84,22 @@ def _weights(text: str) -> dict[str, float] | list[float]:
 
 def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     params: dict[str, Any] = {}
-    learn_flags = {k: getattr(args, f"learn_{k}") for k in ("objective", "batches", "steps", "seed")
+    learn_flags = {k: getattr(args, f"learn_{k}") for k in ("objective", "granularity", "batches", "steps", "seed")
                    if getattr(args, f"learn_{k}") is not None}
     learn = None
-    if args.alpha_schedule == "learned":
-        learn, args.alpha_schedule = learn_flags, None
+    learned = [f for f in ("alpha_schedule", "lam_schedule") if getattr(args, f) == "learned"]
+    if len(learned) > 1:
+        raise ValueError("--alpha-schedule learned and --lam-schedule learned: one method learns one coefficient")
+    if learned:
+        learn = learn_flags
+        setattr(args, learned[0], None)
     elif learn_flags:
-        raise ValueError(f"--learn-{next(iter(learn_flags))}: goes with --alpha-schedule learned")
+        raise ValueError(f"--learn-{next(iter(learn_flags))}: goes with --alpha-schedule / --lam-schedule learned")
     for flag, name in _PARAM_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             if name in params:
-                raise ValueError("give --alpha or --alpha-schedule, not both")
+                raise ValueError(f"give --{name} or --{name}-schedule, not both")
             params[name] = value
     if args.normalize is not None:
         params["normalize"] = args.normalize
@@ -125,7 +130,7 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
         hash_inputs=args.hash_inputs,
         keep_specific=args.keep_specific,
         budget=args.budget,
-        learn_alpha=learn,
+        learn=learn,
         **src,
     )
     if args.inputs and isinstance(args.grams, (str, Path)):
@@ -239,8 +244,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="interpolation: one α per layer, or 'learned' on the world's validation split (--learn-*)"
     )
     p.add_argument("--learn-objective", choices=("supervised", "entropy"), default=None,
-                   help="--alpha-schedule learned: contrastive loss on paired captions (default) or AdaMerging's "
-                        "prediction entropy (no labels)")
+                   help="--alpha-schedule / --lam-schedule learned: contrastive loss on paired captions (default) "
+                        "or AdaMerging's prediction entropy (no labels)")
+    p.add_argument("--learn-granularity", choices=("layer", "module"), default=None,
+                   help="learned: one coefficient per layer (default) or per layer and module (norm1/attn/norm2/mlp)")
     p.add_argument("--learn-batches", type=count(1, 10_000), default=None, help="learned: batches (default 4)")
     p.add_argument("--learn-steps", type=count(1, 100_000), default=None, help="learned: Adam steps (default 30)")
     p.add_argument("--learn-seed", type=count(0), default=None, help="learned: data seed (default 0)")
@@ -249,6 +256,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lam", type=float, help="modality_arithmetic / ties / dare / task-vector methods: scaling λ "
                    "(mergekit's lambda)")
+    p.add_argument("--lam-schedule", type=_schedule, metavar="L0,L1,...|learned",
+                   help="modality_arithmetic: one λ per layer, or 'learned' on the world's validation split "
+                        "(--learn-*; needs --base)")
     p.add_argument("--gamma", type=float, help="regmean: off-diagonal scale γ in [0, 1] (default 1); breadcrumbs*: "
                    "fraction of largest entries dropped (default 0.01)")
     p.add_argument("--density", type=float, help="ties: kept fraction in (0, 1] (default 0.5); dare_* / "

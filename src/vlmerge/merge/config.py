@@ -18,9 +18,9 @@ Keys: ``method``, ``params`` (the method's, validated against it), ``input`` xor
 ``output``, ``weights`` (per modality ``{v: .., l: ..}`` for ``input``; a list for ``inputs``), RegMean's
 ``grams`` (a Gram file; a list, one per model, for ``inputs``) or ``data`` + ``batches`` (collect Grams
 from a registered data source), ``save_grams``, ``overwrite``, ``hash_inputs``; a partial merge of ``input``:
-``keep_specific`` (layers kept modality-specific) or ``budget`` (the riskiest fraction kept); ``learn_alpha``
-(interpolation's per-layer α learned on the world's validation split: :class:`LearnAlpha`). Relative paths are taken
-relative to the current directory.
+``keep_specific`` (layers kept modality-specific) or ``budget`` (the riskiest fraction kept); ``learn``
+(interpolation's α or modality arithmetic's λ learned per layer or module on the world's validation split:
+:class:`LearnSchedule`). Relative paths are taken relative to the current directory.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from ..config import read_yaml, validate
 from .base import METHODS, check_numbers, get_method
 
 
-class LearnAlpha(BaseModel):
-    """``learn_alpha``: learn interpolation's per-layer α on data (:mod:`vlmerge.merge.learned`)."""
+class LearnSchedule(BaseModel):
+    """``learn``: learn interpolation's α or modality arithmetic's λ per layer or module on data
+    (:mod:`vlmerge.merge.learned`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     objective: Literal["supervised", "entropy"] = "supervised"
+    granularity: Literal["layer", "module"] = "layer"
     split: Literal["train", "val", "test"] = "val"
     batches: int = Field(4, ge=1, le=10_000)
     batch_size: int = Field(32, ge=2, le=4096)
@@ -70,7 +72,7 @@ class MergeConfig(BaseModel):
     hash_inputs: bool = False
     keep_specific: list[int] | None = None
     budget: float | None = Field(None, ge=0, le=1)
-    learn_alpha: LearnAlpha | None = None
+    learn: LearnSchedule | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -131,12 +133,15 @@ class MergeConfig(BaseModel):
                              "soup of models ('inputs')")
         if self.keep_specific is not None and self.budget is not None:
             raise ValueError("give 'keep_specific' or 'budget', not both")
-        if self.learn_alpha is not None:
-            if self.method != "interpolation" or self.inputs is not None:
-                raise ValueError("'learn_alpha' learns interpolation's per-layer α of a modality merge: method "
-                                 "interpolation with 'input'")
-            if "alpha" in self.params:
-                raise ValueError("'learn_alpha' chooses alpha: drop params.alpha (--alpha / --alpha-schedule)")
+        if self.learn is not None:
+            from .learned import LEARNABLE
+
+            if self.method not in LEARNABLE or self.inputs is not None:
+                raise ValueError("'learn' learns the coefficients of a modality merge: method "
+                                 f"{' or '.join(LEARNABLE)} with 'input'")
+            param = LEARNABLE[self.method]
+            if param in self.params:
+                raise ValueError(f"'learn' chooses {param}: drop params.{param} (--{param} / --{param}-schedule)")
         return self
 
 
@@ -184,18 +189,23 @@ def run_merge_config(cfg: MergeConfig, progress: bool = False, config_path: str 
         )
     grams: Any = cfg.grams
     params, learned = dict(cfg.params), None
-    if cfg.learn_alpha is not None:
-        from ..models import load_model
-        from .learned import learn_alpha_schedule, world_split_batches
+    if cfg.learn is not None:
+        from ..models import CheckpointReader, load_model
+        from .learned import learn_schedule, world_split_batches
 
-        la = cfg.learn_alpha
+        la = cfg.learn
         model = load_model(cfg.input)
+        base = None
+        if cfg.base is not None:
+            with CheckpointReader(cfg.base) as r:
+                base = r.state_dict()
         batches = world_split_batches(model, la.batches, la.seed, la.split, la.batch_size)
-        learned = learn_alpha_schedule(model, batches, la.objective, steps=la.steps, lr=la.lr, init=la.init,
-                                       vl_ratio=params.get("vl_ratio", 1 / 3), progress=progress)
+        learned = learn_schedule(model, batches, la.objective, method=cfg.method, granularity=la.granularity,
+                                 base=base, steps=la.steps, lr=la.lr, init=la.init,
+                                 vl_ratio=params.get("vl_ratio", 1 / 3), progress=progress)
         learned = {**la.model_dump(), "data": f"world/{la.split}", **{k: v for k, v in learned.items()
                                                                         if k != "history"}}
-        params["alpha"] = learned["alpha"]
+        params[learned["param"]] = learned["schedule"]
     if cfg.data is not None:
         from ..models import load_model
 

@@ -1,11 +1,13 @@
-"""Layer-wise interpolation coefficients learned on data (``vlmerge merge --alpha-schedule learned``).
+"""Merge coefficients learned on data, per layer or per module (``vlmerge merge --alpha-schedule learned``,
+``--lam-schedule learned``).
 
 Interpolation (merging paper §4.1) merges layer i as ``W_i(α_i) = α_i W_i^v + (1 − α_i) W_i^l`` (and
-``(1 − r)·W_i(α_i) + r·W_i^vl`` in the top layers, r = ``vl_ratio``). Instead of one global α, this module learns
-one α_i per layer by gradient descent *through the merge*: the merged model's forward is a differentiable function
-of α (``torch.func.functional_call`` on the merged architecture with the α-combined weights), and α_i =
-sigmoid(z_i) stays in [0, 1]. Objectives, each over batches of image-caption pairs (the paired captions are used
-only by ``supervised``):
+``(1 − r)·W_i(α_i) + r·W_i^vl`` in the top layers, r = ``vl_ratio``); modality arithmetic as
+``W_i = W_i^0 + λ_i Σ_m (W_i^m − W_i^0)``. Instead of one global coefficient, this module learns one per layer (or
+per layer and module: norm1 / attn / norm2 / mlp) by gradient descent *through the merge*: the merged model's
+forward is a differentiable function of the coefficients (``torch.func.functional_call`` on the merged
+architecture with the combined weights), each sigmoid(z) in (0, 1). Objectives, each over batches of
+image-caption pairs (the paired captions are used only by ``supervised``):
 
 * ``supervised``: the symmetric image-text contrastive loss (InfoNCE with the model's own temperature) of the
   merged model on a validation split, the differentiable surrogate of its zero-shot retrieval score.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.roles import merge_groups
+from ..models.roles import MODULES, MergeGroup, merge_groups
 
 OBJECTIVES = ("supervised", "entropy")
 
@@ -74,28 +76,51 @@ LOSSES: dict[str, Callable[[tuple[torch.Tensor, ...], Any], torch.Tensor]] = {
     "supervised": contrastive_loss, "entropy": entropy_loss}
 
 
-def _merged_params(sd: Mapping[str, torch.Tensor], alpha: torch.Tensor, vl_ratio: float
-                   ) -> dict[str, torch.Tensor]:
-    """The interpolation-merged state dict as a differentiable function of the per-layer ``alpha`` [N]."""
+LEARNABLE: dict[str, str] = {"interpolation": "alpha", "modality_arithmetic": "lam"}
+"""The methods whose coefficient can be learned, and the name of that coefficient."""
+GRANULARITIES = ("layer", "module")
+
+
+def _base_weight(base: Mapping[str, torch.Tensor], g: MergeGroup) -> torch.Tensor:
+    """W0 of a group's slot: the base's merged (``shared``) name, or one of its modality copies."""
+    for k in (g.target, *g.sources.values()):
+        if k in base:
+            return base[k]
+    raise ValueError(f"learned lam: the base has no weight for {g.target} (nor its copies)")
+
+
+def _merged_params(sd: Mapping[str, torch.Tensor], coef: torch.Tensor, method: str, vl_ratio: float,
+                   base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The merged state dict as a differentiable function of the coefficients ``coef``: [N] (one per layer) or
+    [N, len(MODULES)] (one per layer and module). Interpolation: ``W = α W^v + (1 − α) W^l`` (then
+    ``(1 − r) W + r W^vl`` where a vl copy exists); modality arithmetic: ``W = W0 + λ Σ_m (W^m − W0)``."""
     out: dict[str, torch.Tensor] = {}
     grouped: set[str] = set()
     for g in merge_groups(sd):
         by = {m: sd[k] for m, k in g.sources.items()}
         grouped |= set(g.sources.values())
-        a = alpha[g.layer]
-        w = by["l"] + a * (by["v"] - by["l"])
-        if "vl" in by:
-            w = (1.0 - vl_ratio) * w + vl_ratio * by["vl"]
+        c = coef[g.layer] if coef.dim() == 1 else coef[g.layer, MODULES.index(g.module)]
+        if method == "interpolation":
+            w = by["l"] + c * (by["v"] - by["l"])
+            if "vl" in by:
+                w = (1.0 - vl_ratio) * w + vl_ratio * by["vl"]
+        else:
+            assert base is not None
+            w0 = _base_weight(base, g)
+            w = w0 + c * sum(x - w0 for x in by.values())
         out[g.target] = w
     out |= {k: v for k, v in sd.items() if k not in grouped}
     return out
 
 
-def learn_alpha_schedule(
+def learn_schedule(
     model: nn.Module,
     batches: Sequence[Any],
     objective: str | Callable[[tuple[torch.Tensor, ...], Any], torch.Tensor] = "supervised",
     *,
+    method: str = "interpolation",
+    granularity: str = "layer",
+    base: Mapping[str, torch.Tensor] | None = None,
     steps: int = 30,
     lr: float = 0.1,
     init: float = 0.5,
@@ -103,47 +128,67 @@ def learn_alpha_schedule(
     forward: Callable[[nn.Module, Any], tuple[torch.Tensor, ...]] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Learn one interpolation α per layer of ``model`` (a modality-specific VLMo) on ``batches``.
+    """Learn the coefficient schedule of a modality merge of ``model`` (a modality-specific VLMo) on ``batches``.
 
-    Full-batch Adam on z (α = sigmoid(z), z₀ = logit(``init``)) for ``steps`` steps over all ``batches`` each step.
-    ``forward(merged_model, batch)`` gives the objective's inputs (default: ITC embeddings and the logit scale).
-    Returns ``{"alpha": [α_0, ..., α_{N−1}], "objective", "loss_before", "loss_after", "loss_at_init_alpha",
-    "steps", "lr", "init", "history": [loss per step]}``; ``alpha`` feeds ``merge --alpha-schedule``.
+    ``method``: ``interpolation`` (its α) or ``modality_arithmetic`` (its λ; ``base`` is W0's state dict, merged
+    or modality-specific names). ``granularity``: one coefficient per ``layer``, or per layer and ``module``
+    (``norm1`` / ``attn`` / ``norm2`` / ``mlp``: those with modality copies). Both coefficients are sigmoid(z) in
+    (0, 1) (λ = 1 adds every modality vector in full); full-batch Adam on z, z₀ = logit(``init``), for ``steps``
+    steps over all ``batches`` each step. ``forward(merged_model, batch)`` gives the objective's inputs (default:
+    ITC embeddings and the logit scale).
+
+    Returns ``{"method", "param" (alpha / lam), "granularity", "schedule" (the
+    :mod:`~vlmerge.merge.schedule` form: N values, or N ``{module: value}`` dicts), "objective", "loss_at_init",
+    "loss_after", "steps", "lr", "init", "history": [loss per step]}``; ``schedule`` is the method's parameter.
     """
     from tqdm.auto import tqdm
 
     from ..models import VLMo
 
+    what = f"learned {LEARNABLE.get(method, 'schedule')}"
+    if method not in LEARNABLE:
+        raise ValueError(f"learned schedule: method {method!r} has no learnable coefficient; expected one of "
+                         f"{', '.join(LEARNABLE)}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{what}: granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+    if (base is None) != (method == "interpolation"):
+        raise ValueError(f"{what}: modality_arithmetic needs the base W0 and interpolation takes none")
     if not 0.0 < init < 1.0:
-        raise ValueError(f"learned alpha: init {init} must be in (0, 1) (α = sigmoid(z) never reaches 0 or 1)")
+        raise ValueError(f"{what}: init {init} must be in (0, 1) (sigmoid(z) never reaches 0 or 1)")
     if steps < 1 or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"learned alpha: steps ≥ 1 and lr > 0 expected, got steps={steps}, lr={lr}")
+        raise ValueError(f"{what}: steps ≥ 1 and lr > 0 expected, got steps={steps}, lr={lr}")
     if not batches:
-        raise ValueError("learned alpha: no batches")
-    loss_fn = LOSSES[objective] if isinstance(objective, str) else objective
-    if isinstance(objective, str) and objective not in LOSSES:
+        raise ValueError(f"{what}: no batches")
+    loss_fn = LOSSES[objective] if isinstance(objective, str) and objective in LOSSES else objective
+    if isinstance(loss_fn, str):
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     cfg = model.config  # type: ignore[attr-defined]
-    if not merge_groups(dict(model.named_parameters())):
-        raise ValueError("learned alpha: the model has no modality copies to merge")
+    groups = merge_groups(dict(model.named_parameters()))
+    if not groups:
+        raise ValueError(f"{what}: the model has no modality copies to merge")
     if forward is None and "itc" not in cfg.heads:
-        raise ValueError("learned alpha: the objectives need the model's 'itc' head (contrastive projections)")
+        raise ValueError(f"{what}: the objectives need the model's 'itc' head (contrastive projections)")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    with torch.device("meta"):  # the merged architecture only: its weights come from the α-combination
+    if base is not None:
+        base = {k: v.detach().to(torch.float32) for k, v in base.items()}
+        for g in groups:
+            _base_weight(base, g)  # every slot has its W0, before any step
+    with torch.device("meta"):  # the merged architecture only: its weights come from the combination
         merged = VLMo(cfg.replace(arch="maa", merged_layers=()))
     net = _Objective(merged.eval(), forward or itc_outputs)
 
     def total(z: torch.Tensor) -> torch.Tensor:
-        params = {f"model.{k}": v for k, v in _merged_params(sd, torch.sigmoid(z), vl_ratio).items()}
+        params = {f"model.{k}": v for k, v in _merged_params(sd, torch.sigmoid(z), method, vl_ratio, base).items()}
         losses = [loss_fn(torch.func.functional_call(net, params, (b,)), b) for b in batches]
         return torch.stack(losses).mean()
 
-    z = torch.full((cfg.depth,), math.log(init / (1 - init)), dtype=torch.float32, requires_grad=True)
+    shape = (cfg.depth,) if granularity == "layer" else (cfg.depth, len(MODULES))
+    z = torch.full(shape, math.log(init / (1 - init)), dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([z], lr=lr)
     history = []
     with torch.no_grad():
         before = float(total(z))
-    for _ in tqdm(range(steps), disable=not progress, desc="learn α", unit="step"):
+    for _ in tqdm(range(steps), disable=not progress, desc=what, unit="step"):
         opt.zero_grad()
         loss = total(z)
         loss.backward()
@@ -151,18 +196,27 @@ def learn_alpha_schedule(
         history.append(float(loss.detach()))
     with torch.no_grad():
         after = float(total(z))
-    alpha = [round(float(a), 6) for a in torch.sigmoid(z.detach())]
-    return {"alpha": alpha, "objective": objective if isinstance(objective, str) else "custom",
-            "loss_at_init_alpha": before, "loss_after": after, "steps": steps, "lr": lr, "init": init,
-            "history": history}
+    coef = torch.sigmoid(z.detach())
+    schedule: list[Any]
+    if granularity == "layer":
+        schedule = [round(float(c), 6) for c in coef]
+    else:  # only the modules that have copies: the schedule then names exactly the merged slots
+        merged_modules = {(g.layer, g.module) for g in groups}
+        schedule = [{m: round(float(coef[i, j]), 6) for j, m in enumerate(MODULES) if (i, m) in merged_modules}
+                    or 0.5 for i in range(cfg.depth)]
+    return {"method": method, "param": LEARNABLE[method], "granularity": granularity, "schedule": schedule,
+            "objective": objective if isinstance(objective, str) else "custom", "loss_at_init": before,
+            "loss_after": after, "steps": steps, "lr": lr, "init": init, "history": history}
 
 
 def world_split_batches(model: nn.Module, batches: int, seed: int = 0, split: str = "val",
-                        batch_size: int = 32) -> list[dict[str, Any]]:
-    """``batches`` image-caption batches of the embedded world's ``split`` (default: its validation split)."""
+                        batch_size: int = 32, world: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``batches`` image-caption batches of the embedded world's ``split`` (default: its validation split);
+    ``world``: WorldConfig fields (the world the model was trained on; default the full world)."""
     from .gram_data import world_batches
 
-    return list(world_batches(model, batches, seed, batch_size=batch_size, split=split))
+    return list(world_batches(model, batches, seed, batch_size=batch_size, split=split,
+                              world=dict(world) if world else None))
 
 
 def check_objective(name: str) -> str:
@@ -171,5 +225,5 @@ def check_objective(name: str) -> str:
     return name
 
 
-__all__ = ["LOSSES", "OBJECTIVES", "check_objective", "contrastive_loss", "entropy_loss", "itc_outputs",
-           "learn_alpha_schedule", "world_split_batches"]
+__all__ = ["GRANULARITIES", "LEARNABLE", "LOSSES", "OBJECTIVES", "check_objective", "contrastive_loss",
+           "entropy_loss", "itc_outputs", "learn_schedule", "world_split_batches"]

@@ -1119,8 +1119,8 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
 
 
 # Flags of ``vlmerge merge`` that belong to vlmerge's own merges, not to a mergekit config.
-_OTHER_FLAGS = ("base", "alpha", "alpha_schedule", "vl_ratio", "lam", "gamma", "density", "drop", "seed",
-                "normalize", "weights", "param", "grams", "data", "batches", "save_grams")
+_OTHER_FLAGS = ("base", "alpha", "alpha_schedule", "vl_ratio", "lam", "lam_schedule", "gamma", "density", "drop",
+                "seed", "normalize", "weights", "param", "grams", "data", "batches", "save_grams")
 
 
 def run_mergekit_cli(args: Any) -> int:

@@ -77,6 +77,7 @@ class Job:
     sources: list[tuple[Any, str]]  # (reader, key)
     merge: bool = True
     layer: int | None = None
+    module: str | None = None
     modalities: tuple[str, ...] | None = None
     base: list[tuple[Any, str]] = field(default_factory=list)
     grams: list[tuple[Any, str]] | None = None
@@ -295,6 +296,7 @@ def _merge_job(
     ctx = MergeContext(
         name=job.target,
         layer=job.layer,
+        module=job.module,
         modalities=job.modalities,
         base=base,
         weights=job.weights,
@@ -562,7 +564,7 @@ def _plan_modality_merge(
             problems.append(f"{g.target}: {problem}")
             continue
         shape, dtype = reader.shape(srcs[0]), reader.dtype(srcs[0])
-        job = Job(g.target, dtype, shape, [(reader, s) for s in srcs], layer=g.layer, modalities=mods,
+        job = Job(g.target, dtype, shape, [(reader, s) for s in srcs], layer=g.layer, module=g.module, modalities=mods,
                   base=[(base, b) for b in bkeys] if base is not None else [])
         if gsrc is not None and g.module in ("attn", "mlp") and g.suffix.endswith(".weight") and len(shape) == 2:
             for s in srcs:
@@ -584,7 +586,7 @@ def _plan_modality_merge(
         )
     _gram_errors(missing_g, bad_g, str(grams) if isinstance(grams, (str, os.PathLike)) else "the Grams given",
                  [gsrc] if gsrc is not None else [], jobs)
-    m.check_layers(p, sorted({g.layer for g in groups}))
+    m.check_layers(p, sorted({(g.layer, g.module) for g in groups}))
     return jobs
 
 
@@ -698,7 +700,7 @@ def _plan_model_merge(
             diffs.append(f"{k} ({problem})")
             continue
         role = parse_param_name(k)
-        job = Job(k, dtype, shape, srcs, layer=role.layer, weights=w,
+        job = Job(k, dtype, shape, srcs, layer=role.layer, module=role.module, weights=w,
                   base=[(base, k)] if base is not None else [])
         if gsrcs:
             is_block_linear = (role.kind == "block" and role.module in ("attn", "mlp") and len(shape) == 2
@@ -711,5 +713,5 @@ def _plan_model_merge(
     if diffs:
         raise ValueError(f"{m.name}: the models differ in {len(diffs)} keys: {_listing(diffs)}")
     _gram_errors(missing_g, bad_g, "the Gram sources", gsrcs, jobs)
-    m.check_layers(p, [j.layer for j in jobs if j.merge])
+    m.check_layers(p, [(j.layer, j.module) for j in jobs if j.merge])
     return jobs

@@ -114,8 +114,8 @@ def merged_state_dict(sd: Mapping[str, torch.Tensor], method: str, params: Mappi
         srcs = [g.sources[mod] for mod in g.modalities]
         grouped |= set(srcs)
         w0 = None if base is None else (base[g.target] if g.target in base else base[srcs[0]])
-        out[g.target] = merge_tensors(m, [sd[s] for s in srcs], base=w0, layer=g.layer, modalities=g.modalities,
-                                      name=g.target, **dict(params))
+        out[g.target] = merge_tensors(m, [sd[s] for s in srcs], base=w0, layer=g.layer, module=g.module,
+                                      modalities=g.modalities, name=g.target, **dict(params))
     out |= {k: v for k, v in sd.items() if k not in grouped}
     return out
 

@@ -115,6 +115,26 @@ def plot_all(results: Mapping[str, Any], out: Path) -> list[str]:
         ax.legend()
         _savefig(fig, out / "figure4.png")
         written.append("figure4.png")
+    pareto = results.get("pareto")
+    if pareto:
+        fig, axes = plt.subplots(1, len(pareto), figsize=(5 * len(pareto), 3.6), squeeze=False)
+        for ax, (src, pr) in zip(axes[0], pareto.items(), strict=True):
+            ax.scatter([p["params"] / 1e6 for p in pr["points"]], [retrieval(p["scores"]) for p in pr["points"]],
+                       s=14, color="0.65", label="every kept-layer set" if pr["exhaustive"] else "sampled sets")
+            rows = pr["by_k"]
+            for key, style, label in (("predictor", "o-", "predictor: riskiest k kept"),
+                                      ("depth", "s--", "deepest k kept")):
+                ax.errorbar([r[key]["params"] / 1e6 for r in rows], [retrieval(r[key]["scores"]) for r in rows],
+                            yerr=_yerr([r[key]["scores"] for r in rows]), fmt=style, capsize=3, label=label)
+            ax.plot([r["predictor"]["params"] / 1e6 for r in rows], [retrieval(r["random"]) for r in rows], ":",
+                    color="k", label="random k (mean)")
+            ax.set_xlabel("parameters after merging (M)")
+            ax.set_ylabel("retrieval")
+            ax.set_title(f"partial merges of {src}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Parameters vs retrieval", y=1.02)
+        _savefig(fig, out / "pareto.png")
+        written.append("pareto.png")
     t5 = results.get("table5")
     if t5 and t5.get("metrics"):
         metrics = t5["metrics"]
@@ -223,6 +243,8 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
                   f"Pearson r over {len(t5['k_seed'])} K_seed points; its interval covers the test queries' noise "
                   "in the drops, not the run-to-run noise of the K_seed models (use --seeds for that).", ""]
     parts += _predictor(results.get("predictor"))
+    parts += _layerwise(results.get("layerwise"))
+    parts += _pareto(results.get("pareto"))
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     parts += _provenance(results)
@@ -248,6 +270,72 @@ def _predictor(pr: Mapping[str, Any] | None) -> list[str]:
                    + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}, Fisher z over the {pr['n']} points]" if ci else "")
                    + f", held-out RMSE {pr['loo_rmse']:.2f} points. The points are in `predict-calibration.json`; "
                    "`vlmerge predict CKPT --calibration predict-calibration.json` uses them.", "", *lines, ""]
+
+
+def _verdict(diff: Mapping[str, Any], key: str = "r_mean") -> str:
+    """``better`` / ``worse`` when the 95 % interval of a paired difference excludes 0, else ``inconclusive``."""
+    ci = _interval(diff, key)
+    if ci is None:
+        return "no interval"
+    return "**better**" if ci[0] > 0 else "**worse**" if ci[1] < 0 else "inconclusive"
+
+
+def _diff(diff: Mapping[str, Any], key: str = "r_mean") -> str:
+    ci = _interval(diff, key)
+    return f"{diff[key]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+SOURCES = {"recipe": "recipe MSA (seed pre-training)", "msa": "MSA without seed pre-training"}
+
+
+def _layerwise(lw: Mapping[str, Any] | None) -> list[str]:
+    """Table 2's layer-wise rows: learned per-layer α against the best global α of the grid."""
+    if not lw:
+        return []
+    lines = ["## Table 2, layer-wise: learned per-layer α against the best global α", "",
+             "Interpolation with one α per layer, learned by gradient descent through the merge on the world's "
+             "validation split (`merge --alpha-schedule learned`): *supervised* minimises the merged model's "
+             "image-text contrastive loss, *entropy* (AdaMerging-style) the entropy of its image↔caption softmaxes "
+             "without labels. The global α is the grid's best **on the test split itself**, which favours it. Δ is "
+             "learned − best global with its paired 95 % interval; *better* / *worse* only beyond it.", "",
+             "| source | merge | α | retrieval [95 %] | Δ vs best global [95 %] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for src, r in lw.items():
+        best = f"{r['best_global']:g}"
+        key = next(k for k in r["global"] if float(k) == r["best_global"])
+        lines.append(f"| {SOURCES.get(src, src)} | best global α | {best} | {_cell(r['global'][key], 'r_mean')} | | |")
+        for objective, sc in r["learned"].items():
+            sched = ", ".join(f"{a:.2f}" if isinstance(a, float) else str(a) for a in r["schedules"][objective])
+            d = r["vs_best_global"][objective]
+            lines.append(f"| | layer-wise α ({objective}) | [{sched}] | {_cell(sc, 'r_mean')} | {_diff(d)} | "
+                         f"{_verdict(d)} |")
+    return [*lines, ""]
+
+
+def _pareto(pareto: Mapping[str, Any] | None) -> list[str]:
+    """Partial merges: parameters vs retrieval, the predictor's choice against random and depth."""
+    if not pareto:
+        return []
+    lines = ["## Partial merges: parameters vs retrieval", "",
+             "Interpolation at the baseline α, keeping k of the n layers with modality copies modality-specific "
+             "(`merge --keep-specific` / `--budget k/n`). *Random* is the mean over every set of k layers (a "
+             "seeded sample where there are too many), with the test set's interval; the predictor keeps the k "
+             "riskiest layers by relative L2 (`vlmerge predict`), *depth* the deepest k. Δ: predictor − random, "
+             "paired 95 % interval.", ""]
+    for src, pr in pareto.items():
+        lines += [f"**{SOURCES.get(src, src)}** (layers {pr['layers']}"
+                  + (", every subset evaluated)" if pr["exhaustive"] else ", sampled subsets)"), "",
+                  "| k kept | parameters (predictor's) | random [95 %] (sets) | predictor: kept | predictor [95 %] | "
+                  "depth [95 %] | Δ predictor − random | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for r in pr["by_k"]:
+            p, d = r["predictor"], r["depth"]
+            one = r["n_random"] == 1 and pr["exhaustive"]  # k = 0 or n: every choice is the same set
+            lines.append(f"| {r['k']} | {p['params']:,} | {_cell(r['random'], 'r_mean')} ({r['n_random']}) | "
+                         f"{p['keep'] or '–'} | {_cell(p['scores'], 'r_mean')} | {_cell(d['scores'], 'r_mean')} | "
+                         f"{_diff(r['predictor_vs_random'])} | "
+                         f"{'one choice' if one else _verdict(r['predictor_vs_random'])} |")
+        lines.append("")
+    return lines
 
 
 def _baselines(results: Mapping[str, Any]) -> list[str]:

@@ -17,6 +17,13 @@ retrieval ``ood_avg_tr`` / ``ood_avg_ir`` / ``ood_r_mean``; in ``results.json`` 
     table3:    {msa, maa, merging_baseline, ours: scores}
     table5:    {k_seed, metrics: {l2, cosine, ssd, tssd: [..]}, drop: [..], pearson: {..}, pearson_ci: {..},
                 spearman: {..}}
+    layerwise: {recipe | msa: {global: {α: scores}, best_global: α, learned: {objective: scores},
+                schedules: {objective: [α per layer]}, vs_best_global: {objective: paired difference scores}}}
+               -- learned per-layer α (supervised / AdaMerging-style entropy) against the best global α of the grid
+    pareto:    {msa | recipe: {layers, exhaustive, points: [{keep, params, scores}], by_k: [{k, random, n_random,
+                predictor: {keep, params, scores}, depth: {..}, predictor_vs_random, depth_vs_random}]}}
+               -- partial merges (interpolation, the baseline α) keeping k layers modality-specific: every subset
+                  (random = their mean), the predictor's riskiest k, the deepest k
     baselines: {retrieval: chance per key (test split), retrieval_ood, vqa | nlvr2 | cls | seg: best constant}
     predictor: {method, params, feature, n, groups, loo_r, loo_r_ci, loo_rmse, line, per_feature: {f: {loo_r, r}}}
                -- vlmerge predict's drop model fitted on every evaluated merge (predict-calibration.json)
@@ -48,7 +55,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 log = logging.getLogger("vlmerge.study")
 
-PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5")
+PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5", "layerwise", "pareto")
 EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
 
 
@@ -60,6 +67,17 @@ class Table2Grid(_Strict):
     interpolation: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="α values")
     modality_arithmetic: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="λ")
     regmean: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="γ values")
+
+
+class LayerwiseConfig(_Strict):
+    """How the ``layerwise`` part learns per-layer α (:func:`vlmerge.merge.learned.learn_schedule`)."""
+
+    objectives: list[Literal["supervised", "entropy"]] = Field(default_factory=lambda: ["supervised", "entropy"])
+    granularity: Literal["layer", "module"] = "layer"
+    batches: int = Field(4, ge=1, description="validation batches of world image-text pairs")
+    batch_size: int = Field(32, ge=2)
+    steps: int = Field(30, ge=1, description="full-batch Adam steps")
+    lr: float = Field(0.1, gt=0)
 
 
 class StudyConfig(_Strict):
@@ -75,6 +93,9 @@ class StudyConfig(_Strict):
     recipe_alpha: float = Field(0.75, ge=0, le=1, description="interpolation α of 'ours' in Table 3")
     table2: Table2Grid = Table2Grid()
     regmean_batches: int = Field(8, ge=1, description="batches of world image-text pairs for RegMean's Grams")
+    layerwise: LayerwiseConfig = LayerwiseConfig()
+    pareto_max_subsets: int = Field(64, ge=2, description="partial merges per source model in the pareto part: "
+                                    "every subset of layers when 2^n − 1 fit, else a seeded sample per size")
     archs: list[ArchName] = Field(default_factory=lambda: list(ARCHS))
     eval_images: int = Field(200, ge=10, description="test/OOD images for zero-shot retrieval (5 captions each)")
     world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields of the embedded world every "
@@ -260,14 +281,18 @@ class Study:
 
         return self.store.run("seed-stage", cell.spec, run)["checkpoint"]
 
-    def merge(self, src: Mapping[str, Any], method: str, **params: Any) -> dict[str, Any]:
-        """``src``'s modality copies merged by ``method``; scores of the merged model."""
+    def merge(self, src: Mapping[str, Any], method: str, keep: Sequence[int] | None = None, **params: Any
+              ) -> dict[str, Any]:
+        """``src``'s modality copies merged by ``method``; scores of the merged model. ``keep``: a partial merge
+        that keeps these layers modality-specific (not a calibration point: the predictor models full merges)."""
         from ..merge import merge_checkpoint
 
         if src.get("arch_is_maa"):
             return src
-        spec = {"src": src["final"], "method": method, "params": params, "eval": EVAL_VERSION}
-        label = f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
+        spec = {"src": src["final"], "method": method, "params": params, "eval": EVAL_VERSION,
+                **({"keep_specific": sorted(keep)} if keep is not None else {})}
+        label = (f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
+                 + (f"+keep={','.join(map(str, sorted(keep)))}" if keep is not None else ""))
         cell = self._record(f"merge/{label}", "merge", spec)
 
         def run(c: Cell) -> dict[str, Any]:
@@ -279,12 +304,89 @@ class Study:
             if method == "regmean":
                 kwargs["grams"] = self.grams(src)
             # overwrite: a merge killed before its cell finished may have left its output
+            if keep is not None:
+                kwargs["keep_layers"] = sorted(keep)
             out = merge_checkpoint(method, self.path(src["final"]), c.dir / "merged", overwrite=True, **kwargs)
             return {"final": self.rel(out), "retrieval": self.retrieval(out, "test")}
 
         merged = {**self.store.run("merge", cell.spec, run), "label": label}
-        self.merges[label] = (src, merged, method, dict(params))
+        if keep is None:
+            self.merges[label] = (src, merged, method, dict(params))
         return merged
+
+    def learned_alpha(self, src: Mapping[str, Any], objective: str) -> dict[str, Any]:
+        """Interpolation's per-layer α for ``src`` learned on the world's validation split (``layerwise``)."""
+        lw = self.cfg.layerwise
+        spec = {"src": src["final"], "method": "interpolation", "objective": objective,
+                **lw.model_dump(exclude={"objectives"}), "seed": self.seed, "world": self.cfg.world, "split": "val"}
+        cell = self._record(f"learn/{src['label']}/{objective}", "learn", spec)
+
+        def run(c: Cell) -> dict[str, Any]:
+            from ..merge.learned import learn_schedule, world_split_batches
+            from ..models import load_model
+
+            model = load_model(self.path(src["final"])).eval()
+            batches = world_split_batches(model, lw.batches, self.seed, "val", lw.batch_size, world=self.cfg.world)
+            return learn_schedule(model, batches, objective, granularity=lw.granularity, steps=lw.steps, lr=lw.lr,
+                                  progress=self.progress)
+
+        return self.store.run("learn", cell.spec, run)
+
+    def layerwise(self, src: Mapping[str, Any]) -> dict[str, Any]:
+        """Learned per-layer α against the best global α of Table 2's grid (chosen on the test split itself, so
+        the comparison favours the global α), with the paired bootstrap difference of each learned merge."""
+        grid = {str(a): self.scores(self.merge(src, "interpolation", alpha=a)) for a in self.cfg.table2.interpolation}
+        best = max(grid, key=lambda a: grid[a]["r_mean"])
+        out: dict[str, Any] = {"global": grid, "best_global": float(best), "learned": {}, "schedules": {},
+                               "vs_best_global": {}}
+        for objective in self.cfg.layerwise.objectives:
+            learned = self.learned_alpha(src, objective)
+            sc = self.scores(self.merge(src, "interpolation", alpha=learned["schedule"]))
+            out["learned"][objective] = sc
+            out["schedules"][objective] = learned["schedule"]
+            out["vs_best_global"][objective] = difference(sc, grid[best])
+        return out
+
+    def pareto(self, src: Mapping[str, Any]) -> dict[str, Any]:
+        """Partial merges of ``src`` (interpolation at the baseline α) keeping k of its n layers with copies
+        modality-specific, k = 0..n: every subset when there are at most ``pareto_max_subsets`` of them (the
+        random choice's expectation is then exact), else a seeded sample of each size; the predictor's choice
+        (the k riskiest layers, as ``merge --budget k/n`` picks them) and the deepest k."""
+        import itertools
+        import random
+
+        from ..metrics.predict import layer_report
+        from ..models import CheckpointReader
+        from ..models.roles import merge_groups
+
+        ckpt = self.path(src["final"])
+        with CheckpointReader(ckpt) as r:
+            layers = sorted({g.layer for g in merge_groups(r.keys())})
+        n, alpha = len(layers), self.cfg.baseline_alpha
+        exhaustive = 2**n - 1 <= self.cfg.pareto_max_subsets
+        rng = random.Random(f"pareto/{self.seed}/{src['label']}")
+        ranked = [i for i in layer_report(ckpt)["ranked"] if i in layers]
+
+        def point(keep: Sequence[int]) -> dict[str, Any]:
+            m = src if len(keep) == n else self.merge(src, "interpolation", keep=keep or None, alpha=alpha)
+            with CheckpointReader(self.path(m["final"])) as r:
+                numel = sum(math.prod(r.shape(k)) for k in r)
+            return {"keep": ",".join(map(str, sorted(keep))), "params": numel, "scores": self.scores(m)}
+
+        points, by_k = [], []
+        for k in range(n + 1):
+            subsets = list(itertools.combinations(layers, k))
+            if not exhaustive and len(subsets) > self.cfg.pareto_max_subsets // (n + 1):
+                subsets = rng.sample(subsets, max(1, self.cfg.pareto_max_subsets // (n + 1)))
+            pts = [point(s) for s in subsets]
+            points += pts
+            chosen = {name: next((p for p in pts if p["keep"] == ",".join(map(str, sorted(keep)))), None)
+                      or point(keep) for name, keep in (("predictor", ranked[:k]), ("depth", layers[n - k:]))}
+            random_mean = average_scores([p["scores"] for p in pts])
+            by_k.append({"k": k, "n_random": len(pts), "random": random_mean, **chosen,
+                         "predictor_vs_random": difference(chosen["predictor"]["scores"], random_mean),
+                         "depth_vs_random": difference(chosen["depth"]["scores"], random_mean)})
+        return {"layers": layers, "exhaustive": exhaustive, "points": points, "by_k": by_k}
 
     def calibration_points(self) -> list[dict[str, Any]]:
         """Every evaluated merge as a ``vlmerge predict`` calibration point: the source checkpoint's weight
@@ -427,6 +529,10 @@ class Study:
                     sc = sc.merged(self.task(v, t))
                 t3[k] = sc
             res["table3"] = t3
+        if "layerwise" in parts:
+            res["layerwise"] = {"recipe": self.layerwise(recipe), "msa": self.layerwise(msa0)}
+        if "pareto" in parts:
+            res["pareto"] = {"msa": self.pareto(msa0), "recipe": self.pareto(recipe)}
         if "table5" in parts:
             from ..metrics import checkpoint_distances
 
@@ -436,6 +542,22 @@ class Study:
                              "sign_flips": [d["sign_flips"] for d in dist], "numel": dist[0]["numel"]}
         res["baselines"] = dict(self.baselines)
         return res
+
+
+def difference(a: Scores, b: Scores) -> Scores:
+    """``a − b`` for every score both have, with paired replicates (the same test resamples): the interval of a
+    difference between two models on one split."""
+    keys = [k for k in a if k in b and not k.endswith("_std")]
+    return Scores({k: a[k] - b[k] for k in keys},
+                  {k: a.boot[k] - b.boot[k] for k in keys if k in a.boot and k in b.boot})
+
+
+def average_scores(rows: Sequence[Scores]) -> Scores:
+    """The mean of several models' scores on one split, replicate by replicate (an expectation over models,
+    e.g. over every random choice of kept layers, with the test set's uncertainty)."""
+    keys = [k for k in rows[0] if all(k in r for r in rows) and not k.endswith("_std")]
+    return Scores({k: sum(r[k] for r in rows) / len(rows) for k in keys},
+                  {k: sum(r.boot[k] for r in rows) / len(rows) for k in keys if all(k in r.boot for r in rows)})
 
 
 def _checkpoint_at(run_dir: Path, step: int) -> Path | None:
