@@ -146,7 +146,7 @@ def test_cli_learned_lam_per_module_is_stored_and_merged_with(tmp_path, capsys) 
     lam = rec["params"]["lam"]
     assert rec["learned"]["schedule"] == lam and rec["learned"]["granularity"] == "module"
     assert [sorted(c) for c in lam] == [sorted(c) for c in PLANTED_BY_MODULE]
-    assert len({c for layer in lam for c in layer.values()}) > 1  # the modules got their own λ
+    assert all(len(set(layer.values())) > 1 for layer in lam)  # the modules of one layer got their own λ
     sd, merged = student.state_dict(), load_model(tmp_path / "a").state_dict()
     for k in ("blocks.0.attn.v.qkv.weight", "blocks.1.mlp.v.fc2.weight"):
         layer, module = int(k.split(".")[1]), k.split(".")[2]
@@ -160,3 +160,48 @@ def test_cli_learned_lam_per_module_is_stored_and_merged_with(tmp_path, capsys) 
     assert "needs a base" in capsys.readouterr().err
     assert main([*argv, "--alpha-schedule", "learned", str(src), str(tmp_path / "c")]) == 2
     assert "one method learns one coefficient" in capsys.readouterr().err
+    for bad, message in ((["--method", "interpolation", "--lam-schedule", "learned"],
+                          "--lam-schedule learned: goes with --method modality_arithmetic, not interpolation"),
+                         (["--method", "modality_arithmetic", "--base", str(w0), "--alpha-schedule", "learned"],
+                          "--alpha-schedule learned: goes with --method interpolation, not modality_arithmetic"),
+                         ([*argv[1:], "--keep-specific", "1"], "learns the coefficients of a full merge")):
+        assert main(["merge", *bad, str(src), str(tmp_path / "d")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_supervised_loss_leaves_captions_true_of_another_image_out_of_the_negatives() -> None:
+    """Oracle: the masked InfoNCE by hand (a known-true pair dropped from both softmaxes), and the world's truth
+    mask checked on what it must hold: every caption is true of its own image, and an identical caption text is
+    true of both images it was written for."""
+    from vlmerge.merge.learned import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(3, 4, generator=g), dim=-1), F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    scale = torch.tensor(1.5)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0, 1] = True  # caption 1 is true of image 0 too
+    logits = scale.exp() * img @ txt.t()
+    i2t = [torch.logsumexp(torch.stack([logits[i, j] for j in range(3) if not mask[i, j] or i == j]), 0) - logits[i, i]
+           for i in range(3)]
+    t2i = [torch.logsumexp(torch.stack([logits[i, j] for i in range(3) if not mask[i, j] or i == j]), 0) - logits[j, j]
+           for j in range(3)]
+    want = (sum(i2t) / 3 + sum(t2i) / 3) / 2
+    got = contrastive_loss((img, txt, scale), {"not_negative": mask})
+    torch.testing.assert_close(got, want)
+    assert got < contrastive_loss((img, txt, scale), {})  # one term fewer in a log-sum-exp
+
+    _, student, _ = _planted()
+    batches = world_split_batches(student, 2, batch_size=32, world={"max_objects": 1, "shapes": ["circle", "square"],
+                                                                    "colors": ["red", "blue"]})
+    same_text = 0
+    for b in batches:
+        nn_ = b["not_negative"]
+        assert nn_.shape == (32, 32) and nn_.diagonal().all() and not nn_.all()
+        ids = b["input_ids"]
+        for i in range(32):
+            for j in range(32):
+                if i != j and torch.equal(ids[i], ids[j]):
+                    assert nn_[i, j] and nn_[j, i]
+                    same_text += 1
+    assert same_text > 0  # a world of 4 scenes repeats captions: the check above ran

@@ -100,7 +100,7 @@ def test_layerwise_rows_compare_learned_alpha_with_the_best_global_alpha_of_the_
     for src in ("recipe", "msa"):
         r = lw[src]
         best = max(r["global"], key=lambda a: r["global"][a]["r_mean"])
-        assert r["best_global"] == float(best)
+        assert r["best_global"] == best
         assert set(r["learned"]) == {"supervised", "entropy"}
         for objective, sc in r["learned"].items():
             d = r["vs_best_global"][objective]
@@ -118,6 +118,41 @@ def test_layerwise_rows_compare_learned_alpha_with_the_best_global_alpha_of_the_
     if k.replace(".v.", ".vl.") in sd:
         want = (2 / 3) * want + (1 / 3) * sd[k.replace(".v.", ".vl.")]
     torch.testing.assert_close(merged[k.replace(".v.", ".shared.")], want, rtol=0, atol=1e-5)
+
+
+def test_layerwise_and_pareto_results_aggregate_over_seeds_and_render() -> None:
+    """Two seeds whose best global α differ: the report names seed 0's, Δ is the mean of each seed's own."""
+    import numpy as np
+
+    from vlmerge.study.report import render_markdown
+    from vlmerge.study.runner import average_scores, difference
+    from vlmerge.study.stats import Scores, with_intervals
+
+    def sc(x: float, seed: int) -> Scores:
+        boot = x + np.random.default_rng(seed).normal(0, 1, 1000)
+        return Scores({"r_mean": x}, {"r_mean": boot})
+
+    def one(seed: int, best: str) -> dict:
+        grid = {a: sc(40 + 5 * (a == best), seed) for a in ("0.25", "0.5", "0.75")}
+        learned = sc(50 + seed, seed)
+        pts = [{"keep": k, "params": 10 + len(k), "scores": sc(30 + len(k), seed)} for k in ("", "0", "1", "0,1")]
+        rows = [{"k": k, "n_random": len(ps), "random": average_scores([p["scores"] for p in ps]),
+                 "predictor": ps[0], "depth": ps[-1],
+                 "predictor_vs_random": difference(ps[0]["scores"], average_scores([p["scores"] for p in ps])),
+                 "depth_vs_random": difference(ps[-1]["scores"], average_scores([p["scores"] for p in ps]))}
+                for k, ps in ((0, pts[:1]), (1, pts[1:3]), (2, pts[3:]))]
+        return {"layerwise": {"recipe": {"global": grid, "best_global": best, "learned": {"supervised": learned},
+                                         "schedules": {"supervised": [0.2 + seed, 0.4]},
+                                         "vs_best_global": {"supervised": difference(learned, grid[best])}}},
+                "pareto": {"msa": {"layers": [0, 1], "exhaustive": True, "points": pts, "by_k": rows}}}
+
+    res = aggregate([one(0, "0.5"), one(1, "0.75")])
+    r = res["layerwise"]["recipe"]
+    assert r["best_global"] == "0.5" and r["vs_best_global"]["supervised"]["r_mean"] == pytest.approx(5.5)
+    assert res["pareto"]["msa"]["by_k"][1]["predictor"]["keep"] == "0"
+    md = render_markdown(with_intervals({**res, "meta": {"seeds": [0, 1]}}), [])
+    assert "| best global α | 0.5 | 42.50" in md and "layer-wise α (supervised) | [0.70, 0.40]" in md
+    assert "| 1 | 11 |" in md and "one choice" in md
 
 
 def test_pareto_enumerates_every_kept_layer_set_and_scores_the_predictors_choice(study: Path) -> None:

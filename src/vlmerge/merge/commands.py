@@ -91,6 +91,15 @@ def _config_from_args(args: argparse.Namespace) -> MergeConfig:
     if len(learned) > 1:
         raise ValueError("--alpha-schedule learned and --lam-schedule learned: one method learns one coefficient")
     if learned:
+        from .learned import LEARNABLE
+
+        flag = "--" + learned[0].replace("_", "-")
+        if LEARNABLE.get(args.method) != _PARAM_FLAGS[learned[0]]:
+            want = next(m for m, p in LEARNABLE.items() if p == _PARAM_FLAGS[learned[0]])
+            raise ValueError(f"{flag} learned: goes with --method {want}, not {args.method}")
+        if args.keep_specific is not None or args.budget is not None:
+            raise ValueError(f"{flag} learned: learns the coefficients of a full merge; drop --keep-specific / "
+                             "--budget")
         learn = learn_flags
         setattr(args, learned[0], None)
     elif learn_flags:

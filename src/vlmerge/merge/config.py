@@ -137,11 +137,13 @@ class MergeConfig(BaseModel):
             from .learned import LEARNABLE
 
             if self.method not in LEARNABLE or self.inputs is not None:
-                raise ValueError("'learn' learns the coefficients of a modality merge: method "
-                                 f"{' or '.join(LEARNABLE)} with 'input'")
+                raise ValueError("'learn' (--alpha-schedule / --lam-schedule learned) learns the coefficients of a "
+                                 f"modality merge: method {' or '.join(LEARNABLE)} with one input checkpoint")
             param = LEARNABLE[self.method]
             if param in self.params:
-                raise ValueError(f"'learn' chooses {param}: drop params.{param} (--{param} / --{param}-schedule)")
+                raise ValueError(f"'learn' chooses {param}: drop params.{param} (on the command line: drop --{param})")
+            if self.keep_specific is not None or self.budget is not None:
+                raise ValueError("'learn' learns the coefficients of a full merge; drop 'keep_specific' / 'budget'")
         return self
 
 

@@ -57,10 +57,17 @@ def itc_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tenso
 
 
 def contrastive_loss(out: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
-    """Symmetric InfoNCE of paired (image i, caption i): the ``supervised`` objective."""
+    """Symmetric InfoNCE of paired (image i, caption i): the ``supervised`` objective. Where the batch holds
+    ``not_negative`` [B, B] (caption j known to be true of image i: :func:`world_split_batches`), those pairs
+    are left out of both softmaxes, as pre-training's ``loss.false_negatives: exclude`` does: a caption true of
+    two images is no error to rank high for either."""
     img, txt, scale = out
     logits = scale.exp() * img @ txt.t()
     target = torch.arange(len(img), device=img.device)
+    mask = batch.get("not_negative") if isinstance(batch, dict) else None
+    if mask is not None:
+        off_diagonal = ~torch.eye(len(img), dtype=torch.bool, device=img.device)
+        logits = logits.masked_fill(mask.to(img.device) & off_diagonal, float("-inf"))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
@@ -212,11 +219,12 @@ def learn_schedule(
 def world_split_batches(model: nn.Module, batches: int, seed: int = 0, split: str = "val",
                         batch_size: int = 32, world: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """``batches`` image-caption batches of the embedded world's ``split`` (default: its validation split);
-    ``world``: WorldConfig fields (the world the model was trained on; default the full world)."""
+    ``world``: WorldConfig fields (the world the model was trained on; default the full world). Each batch
+    holds ``not_negative`` [B, B], which captions are true of which images (the supervised objective's mask)."""
     from .gram_data import world_batches
 
     return list(world_batches(model, batches, seed, batch_size=batch_size, split=split,
-                              world=dict(world) if world else None))
+                              world=dict(world) if world else None, truth=True))
 
 
 def check_objective(name: str) -> str:

@@ -55,7 +55,7 @@ def value_at(schedule: Schedule, layer: int | None, module: str | None = None, *
         return float(schedule)
     if layer is None:
         raise ValueError(f"{param}: a schedule needs a layer, and {name!r} has none (a tensor outside the "
-                         "blocks: use one value)")
+                         "blocks: use one value; merge_tensors: pass layer=)")
     if isinstance(schedule, list):
         if layer >= len(schedule):
             raise ValueError(f"{param}: the schedule has {len(schedule)} values; layer {layer} has none")
@@ -67,8 +67,9 @@ def value_at(schedule: Schedule, layer: int | None, module: str | None = None, *
     if not isinstance(c, dict):
         return float(c)
     if module is None or module not in c:
+        hint = "; merge_tensors: pass module=" if module is None else ""
         raise ValueError(f"{param}: layer {layer}'s entry has no value for module {module!r} of {name!r} (has "
-                         f"{', '.join(sorted(c))})")
+                         f"{', '.join(sorted(c))}){hint}")
     return float(c[module])
 
 

@@ -297,15 +297,18 @@ def _layerwise(lw: Mapping[str, Any] | None) -> list[str]:
              "validation split (`merge --alpha-schedule learned`): *supervised* minimises the merged model's "
              "image-text contrastive loss, *entropy* (AdaMerging-style) the entropy of its image↔caption softmaxes "
              "without labels. The global α is the grid's best **on the test split itself**, which favours it. Δ is "
-             "learned − best global with its paired 95 % interval; *better* / *worse* only beyond it.", "",
+             "learned − best global with its paired 95 % interval; *better* / *worse* only beyond it. With several "
+             "seeds, each seed's Δ is against its own best α (the α shown is seed 0's) and the schedules shown are "
+             "the seed mean.", "",
              "| source | merge | α | retrieval [95 %] | Δ vs best global [95 %] | verdict |",
              "|---|---|---|---|---|---|"]
     for src, r in lw.items():
-        best = f"{r['best_global']:g}"
-        key = next(k for k in r["global"] if float(k) == r["best_global"])
-        lines.append(f"| {SOURCES.get(src, src)} | best global α | {best} | {_cell(r['global'][key], 'r_mean')} | | |")
+        best = r["best_global"]
+        lines.append(f"| {SOURCES.get(src, src)} | best global α | {best} | {_cell(r['global'][best], 'r_mean')} | | |")
         for objective, sc in r["learned"].items():
-            sched = ", ".join(f"{a:.2f}" if isinstance(a, float) else str(a) for a in r["schedules"][objective])
+            sched = ", ".join(f"{a:.2f}" if not isinstance(a, Mapping) else
+                              "{" + ", ".join(f"{m}: {v:.2f}" for m, v in a.items()) + "}"
+                              for a in r["schedules"][objective])
             d = r["vs_best_global"][objective]
             lines.append(f"| | layer-wise α ({objective}) | [{sched}] | {_cell(sc, 'r_mean')} | {_diff(d)} | "
                          f"{_verdict(d)} |")
@@ -321,7 +324,9 @@ def _pareto(pareto: Mapping[str, Any] | None) -> list[str]:
              "(`merge --keep-specific` / `--budget k/n`). *Random* is the mean over every set of k layers (a "
              "seeded sample where there are too many), with the test set's interval; the predictor keeps the k "
              "riskiest layers by relative L2 (`vlmerge predict`), *depth* the deepest k. Δ: predictor − random, "
-             "paired 95 % interval.", ""]
+             "paired 95 % interval (over test images; where the sets are sampled, the sampling error of the random "
+             "mean is not in it). With several seeds each seed's predictor ranks its own model's layers; the kept "
+             "layers shown are seed 0's.", ""]
     for src, pr in pareto.items():
         lines += [f"**{SOURCES.get(src, src)}** (layers {pr['layers']}"
                   + (", every subset evaluated)" if pr["exhaustive"] else ", sampled subsets)"), "",

@@ -317,7 +317,9 @@ class Study:
     def learned_alpha(self, src: Mapping[str, Any], objective: str) -> dict[str, Any]:
         """Interpolation's per-layer α for ``src`` learned on the world's validation split (``layerwise``)."""
         lw = self.cfg.layerwise
-        spec = {"src": src["final"], "method": "interpolation", "objective": objective,
+        # "known_true": the supervised loss leaves captions the world knows to be true of an image out of its
+        # negatives (merge.learned.contrastive_loss), as the tiny pre-training does
+        spec = {"src": src["final"], "method": "interpolation", "objective": objective, "known_true": "exclude",
                 **lw.model_dump(exclude={"objectives"}), "seed": self.seed, "world": self.cfg.world, "split": "val"}
         cell = self._record(f"learn/{src['label']}/{objective}", "learn", spec)
 
@@ -337,7 +339,8 @@ class Study:
         the comparison favours the global α), with the paired bootstrap difference of each learned merge."""
         grid = {str(a): self.scores(self.merge(src, "interpolation", alpha=a)) for a in self.cfg.table2.interpolation}
         best = max(grid, key=lambda a: grid[a]["r_mean"])
-        out: dict[str, Any] = {"global": grid, "best_global": float(best), "learned": {}, "schedules": {},
+        # a key of the grid (a string: with several seeds it is seed 0's best, each seed's Δ against its own)
+        out: dict[str, Any] = {"global": grid, "best_global": best, "learned": {}, "schedules": {},
                                "vs_best_global": {}}
         for objective in self.cfg.layerwise.objectives:
             learned = self.learned_alpha(src, objective)
@@ -364,7 +367,7 @@ class Study:
             layers = sorted({g.layer for g in merge_groups(r.keys())})
         n, alpha = len(layers), self.cfg.baseline_alpha
         exhaustive = 2**n - 1 <= self.cfg.pareto_max_subsets
-        rng = random.Random(f"pareto/{self.seed}/{src['label']}")
+        rng = random.Random(f"pareto/{src['label']}")  # the same sample of kept sets for every training seed
         ranked = [i for i in layer_report(ckpt)["ranked"] if i in layers]
 
         def point(keep: Sequence[int]) -> dict[str, Any]:
