@@ -496,9 +496,9 @@ class Study:
                     sc = sc.merged(self.task(v, t))
                 res["table1"][k] = sc
         fracs = sorted(c.k_seed)
-        runs = {f: self.pretrain("msa", f) for f in fracs}
-        merged = {f: self.merge(r, "interpolation", alpha=c.baseline_alpha) for f, r in runs.items()}
-        if "figure3" in parts or "table5" in parts:
+        if "figure3" in parts or "table5" in parts:  # the K_seed runs: only where a part reads them
+            runs = {f: self.pretrain("msa", f) for f in fracs}
+            merged = {f: self.merge(r, "interpolation", alpha=c.baseline_alpha) for f, r in runs.items()}
             res["figure3"] = {"k_seed": [runs[f]["k_seed"] for f in runs], "k_seed_frac": fracs,
                               "before": [self.scores(r) for r in runs.values()],
                               "after": [self.scores(m) for m in merged.values()]}
