@@ -127,8 +127,9 @@ def merge_states(method: str, states: Sequence[State], *, base: State | None = N
                 raise ValueError(f"{k}: integer tensors differ between the models; cannot merge")
             out[k] = ts[0].clone()
             continue
+        role = parse_param_name(k)
         out[k] = merge_tensors(method, ts, base=None if base is None else base[k], weights=weights, name=k,
-                               layer=parse_param_name(k).layer, module=parse_param_name(k).module, **params)
+                               layer=role.layer, module=role.module, **params)
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.checkpoint import atomic_write_bytes, atomic_write_json
-from .findings import PAPER, check_findings, format_r, retrieval
+from .findings import PAPER, check_findings, decide, format_r, retrieval
 from .stats import Scores, with_intervals
 
 TASK_LABELS = {"vqa": "VQA", "avg_tr": "Avg TR", "avg_ir": "Avg IR", "r_mean": "retrieval", "nlvr2": "NLVR2",
@@ -277,7 +277,7 @@ def _verdict(diff: Mapping[str, Any], key: str = "r_mean") -> str:
     ci = _interval(diff, key)
     if ci is None:
         return "no interval"
-    return "**better**" if ci[0] > 0 else "**worse**" if ci[1] < 0 else "inconclusive"
+    return {"reproduced": "**better**", "contradicted": "**worse**"}.get(decide(ci), "inconclusive")
 
 
 def _diff(diff: Mapping[str, Any], key: str = "r_mean") -> str:

@@ -292,7 +292,7 @@ class Study:
         spec = {"src": src["final"], "method": method, "params": params, "eval": EVAL_VERSION,
                 **({"keep_specific": sorted(keep)} if keep is not None else {})}
         label = (f"{src['label']}+{method}({','.join(f'{k}={v}' for k, v in params.items())})"
-                 + (f"+keep={','.join(map(str, sorted(keep)))}" if keep is not None else ""))
+                 + (f"+keep={layers_key(keep)}" if keep is not None else ""))
         cell = self._record(f"merge/{label}", "merge", spec)
 
         def run(c: Cell) -> dict[str, Any]:
@@ -374,7 +374,7 @@ class Study:
             m = src if len(keep) == n else self.merge(src, "interpolation", keep=keep or None, alpha=alpha)
             with CheckpointReader(self.path(m["final"])) as r:
                 numel = sum(math.prod(r.shape(k)) for k in r)
-            return {"keep": ",".join(map(str, sorted(keep))), "params": numel, "scores": self.scores(m)}
+            return {"keep": layers_key(keep), "params": numel, "scores": self.scores(m)}
 
         points, by_k = [], []
         for k in range(n + 1):
@@ -383,8 +383,9 @@ class Study:
                 subsets = rng.sample(subsets, max(1, self.cfg.pareto_max_subsets // (n + 1)))
             pts = [point(s) for s in subsets]
             points += pts
-            chosen = {name: next((p for p in pts if p["keep"] == ",".join(map(str, sorted(keep)))), None)
-                      or point(keep) for name, keep in (("predictor", ranked[:k]), ("depth", layers[n - k:]))}
+            by_keep = {p["keep"]: p for p in pts}
+            chosen = {name: by_keep.get(layers_key(keep)) or point(keep)
+                      for name, keep in (("predictor", ranked[:k]), ("depth", layers[n - k:]))}
             random_mean = average_scores([p["scores"] for p in pts])
             by_k.append({"k": k, "n_random": len(pts), "random": random_mean, **chosen,
                          "predictor_vs_random": difference(chosen["predictor"]["scores"], random_mean),
@@ -396,16 +397,14 @@ class Study:
         features, the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval. The group
         is the source run's label (architecture and K_seed), so a held-out fit never sees the held-out run."""
         from ..metrics.predict import calibration_point, layer_report
-        from .stats import percentile_interval
 
         points = []
         for src, merged, method, params in self.merges.values():
             if src["final"] not in self._features:
                 self._features[src["final"]] = layer_report(self.path(src["final"]))["global"]
             before, after = self.scores(src), self.scores(merged)
-            ci = None
-            if "r_mean" in before.boot and "r_mean" in after.boot:
-                ci = list(percentile_interval(before.boot["r_mean"] - after.boot["r_mean"]))
+            interval = difference(before, after).interval("r_mean")  # paired: the same test resamples
+            ci = list(interval) if interval is not None else None
             points.append(calibration_point(self._features[src["final"]], method, params,
                                             before["r_mean"] - after["r_mean"], group=src["label"],
                                             checkpoint=f"seed={self.seed}/{src['label']}", drop_ci=ci))
@@ -545,6 +544,11 @@ class Study:
                              "sign_flips": [d["sign_flips"] for d in dist], "numel": dist[0]["numel"]}
         res["baselines"] = dict(self.baselines)
         return res
+
+
+def layers_key(layers: Sequence[int]) -> str:
+    """``"0,2,3"``: a set of layers as one sorted string (a label, and a key that seed aggregation keeps)."""
+    return ",".join(map(str, sorted(layers)))
 
 
 def difference(a: Scores, b: Scores) -> Scores:
