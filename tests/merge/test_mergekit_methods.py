@@ -531,3 +531,36 @@ def test_selection_masks_equal_the_stable_sort_they_replace() -> None:
     mag = torch.randint(0, 4, (6, 9), generator=g).float()
     ranks = torch.argsort(torch.argsort(mag, dim=1, stable=True), dim=1).float()  # the two sorts replaced
     assert torch.allclose(_della_probabilities(mag, 0.5, 0.1), 0.4 + ranks / 8 * 0.2)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 50])
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_karcher_iterates_as_the_reference_step_by_step(max_iter: int, chunk: int, monkeypatch) -> None:
+    """Each iterate, not only the fixed point: after 1-3 steps merge_karcher (run on N coefficients with a
+    Gram matrix) equals the tensor-space reference; chunked dot products (``chunk`` 7) give the same Gram;
+    an input of norm below ``tol`` is left out of the mean direction but counted in the mean norm."""
+    import vlmerge.merge.mergekit as mk
+
+    monkeypatch.setattr(mk, "_DOT_CHUNK", chunk)
+    g = np.random.default_rng(max_iter)
+    xs = [g.normal(size=(6, 5)) * s + 0.8 for s in (1.0, 2.0, 0.5, 3.0)]
+    xs.append(np.full((6, 5), 1e-9))
+    got = mk.merge_karcher([torch.tensor(x, dtype=torch.float32) for x in xs], max_iter, 1e-6).numpy()
+    flat = [x.ravel() for x in xs]
+    norms = [np.linalg.norm(f) for f in flat]
+    units = [f / n for f, n in zip(flat, norms, strict=True) if n > 1e-6]
+    mu = sum(units) / len(units)
+    mu = mu / np.linalg.norm(mu)
+    for _ in range(max_iter):
+        grad = np.zeros_like(mu)
+        for u in units:
+            d = np.clip(mu @ u, -1, 1)
+            th = np.arccos(d)
+            if th >= 1e-6:
+                grad += th / np.sin(th) * (u - d * mu) / len(units)
+        gn = np.linalg.norm(grad)
+        if gn < 1e-6:
+            break
+        mu = np.cos(gn) * mu + np.sin(gn) * grad / gn
+        mu = mu / np.linalg.norm(mu)
+    np.testing.assert_allclose(got, (np.mean(norms) * mu).reshape(6, 5), atol=2e-6, rtol=1e-5)

@@ -515,6 +515,10 @@ def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> An
 
 
 # ----------------------------------------------------------------------------------------------- methods
+#: entries per float64 chunk of a dot product (bounds the temporaries of a large tensor's Gram entries)
+_DOT_CHUNK = 1 << 22
+
+
 def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool) -> torch.Tensor:
     """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape.
 
@@ -638,37 +642,58 @@ def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torc
     arccos(clamp(μ·u_i, −1, 1))``; ``g = Σ_{θ_i ≥ tol} α'_i θ_i / sin θ_i (u_i − (μ·u_i) μ)``; stop when ``‖g‖ <
     tol``, else ``μ ← cos‖g‖ μ + sin‖g‖ g / ‖g‖``, renormalised when its norm exceeds ``tol``.
     ``out = (Σ_i α_i n_i) μ``. One input: itself.
+
+    Every iterate ``μ`` and ``g`` is a linear combination ``Σ_i c_i u_i`` of the used unit vectors, so the
+    iteration runs on the ``N`` coefficients with the Gram matrix ``G_ij = u_i·u_j`` (``μ·u = G c``, ``‖μ‖² =
+    cᵀ G c``), in float64; only the Gram matrix and the final combination touch the tensors (mergekit runs
+    every step on them: the same result up to rounding, ~10× the work).
     """
     if len(xs) == 1:
         return xs[0]
     n = len(xs)
     flat = [x.reshape(-1) for x in xs]
-    norms = [float(f.norm()) for f in flat]
-    used = [(f / nrm, 1.0 / n) for f, nrm in zip(flat, norms, strict=True) if nrm > tol]
+    norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flat]
+    used = [i for i, nrm in enumerate(norms) if nrm > tol]
     if not used:
         return torch.zeros_like(xs[0])
-    a_sum = sum(a for _, a in used)
-    units = [u for u, _ in used]
-    alphas = [a / a_sum for _, a in used]
-    mu = sum((a * u for a, u in zip(alphas, units, strict=True)), torch.zeros_like(flat[0]))
-    mu_norm = float(mu.norm())
-    mu = units[0].clone() if mu_norm < tol else mu / mu_norm
+    m = len(used)
+    gram = torch.empty(m, m, dtype=torch.float64)
+    for a, i in enumerate(used):
+        for b in range(a, m):
+            j = used[b]
+            d = float(torch.dot(flat[i].double(), flat[j].double())) if flat[i].numel() <= _DOT_CHUNK else \
+                sum(float(torch.dot(p.double(), q.double()))
+                    for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK), strict=True))
+            gram[a, b] = gram[b, a] = d / (norms[i] * norms[j])
+    alphas = torch.full((m,), 1.0 / m, dtype=torch.float64)  # 1/n each, renormalised over the used inputs
+
+    def norm_of(c: torch.Tensor) -> float:
+        return math.sqrt(max(float(c @ gram @ c), 0.0))
+
+    c = alphas.clone()
+    mu_norm = norm_of(c)
+    if mu_norm < tol:
+        c = torch.zeros(m, dtype=torch.float64)
+        c[0] = 1.0
+    else:
+        c = c / mu_norm
     for _ in range(max_iter):
-        g = torch.zeros_like(mu)
-        for a, u in zip(alphas, units, strict=True):
-            dot = float(torch.dot(mu, u).clamp(-1.0, 1.0))
-            theta = math.acos(dot)
-            if theta < tol:
-                continue
-            g += a * (theta / math.sin(theta)) * (u - dot * mu)
-        g_norm = float(g.norm())
+        dots = (gram @ c).clamp(-1.0, 1.0)  # μ·u_i
+        theta = torch.acos(dots)
+        w = torch.where(theta >= tol, alphas * theta / torch.sin(theta).clamp(min=1e-300), 0.0)
+        g = w - float((w * dots).sum()) * c  # Σ w_i (u_i − (μ·u_i) μ)
+        g_norm = norm_of(g)
         if g_norm < tol:
             break
-        mu = math.cos(g_norm) * mu + math.sin(g_norm) * (g / g_norm)
-        m_norm = float(mu.norm())
+        c = math.cos(g_norm) * c + math.sin(g_norm) / g_norm * g
+        m_norm = norm_of(c)
         if m_norm > tol:
-            mu = mu / m_norm
-    return (sum(norms) / n * mu).reshape(xs[0].shape)
+            c = c / m_norm
+    scale = sum(norms) / n
+    out = torch.zeros_like(flat[0])
+    for coef, i in zip(c.tolist(), used, strict=True):
+        out.add_(flat[i], alpha=scale * coef / norms[i])
+    return out.reshape(xs[0].shape)
 
 
 def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
