@@ -343,3 +343,35 @@ def test_merge_models_mismatch_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="non-float tensor 'step' differs"):
         merge_models("average", [dirs[0], write(tmp_path, "ints", ints, plain=True)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_read_ahead_keeps_order_bounds_work_in_flight_and_raises_in_turn() -> None:
+    """The look-ahead behind every streaming merge (vlmerge's own and mergekit configs): results in item order
+    whatever order workers finish in, never more than ``ahead`` items started beyond the one being consumed,
+    and a failing item raises only when its turn comes (earlier results are all delivered first)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmerge.merge.streaming import read_ahead
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        if i == 7:
+            raise ValueError("item 7")
+        return i * i
+
+    got: list[int] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        gen = read_ahead(pool, fn, list(range(10)), ahead=2)
+        with pytest.raises(ValueError, match="item 7"):
+            for r in gen:
+                with lock:
+                    assert max(started) <= len(got) + 2  # consuming item len(got): at most 2 beyond it
+                got.append(r)
+    assert got == [i * i for i in range(7)]

@@ -127,6 +127,7 @@ import stat
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -144,7 +145,7 @@ from ..files import guard_output_dir, make_temp_dir
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .base import is_finite
 from .io import TORCH_SUFFIXES, ShardedWeightsWriter, StreamingReader, TorchReader, open_weights, parse_size
-from .streaming import _listing, _publish, fingerprint  # as vlmerge's merges list, publish and fingerprint
+from .streaming import _WORKERS, _listing, _publish, fingerprint, read_ahead  # as vlmerge's own merges do
 from .taskvector import (
     Consensus,
     Sparsification,
@@ -1046,13 +1047,18 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
                      else ref.reader.dtype(k), ref.reader.shape(k)) for k in keys}
         tmp = make_temp_dir(out)
         try:
-            with ShardedWeightsWriter(tmp, specs, out_shard_size, metadata={"format": "pt"}) as writer:
-                for k in keys:
-                    if k in from_base:
-                        assert base is not None
-                        writer.write(k, _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev))
-                    else:
-                        writer.write(k, _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev))
+            def produce(k: str) -> torch.Tensor:
+                if k in from_base:
+                    assert base is not None
+                    return _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev)
+                return _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev)
+
+            # workers read and merge the next tensors while this thread writes the current one, in key order
+            with (ShardedWeightsWriter(tmp, specs, out_shard_size, metadata={"format": "pt"}) as writer,
+                  ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="vlmerge-mergekit") as pool):
+                for k, t in zip(keys, read_ahead(pool, produce, keys), strict=True):
+                    writer.write(k, t)
+                    del t
             assert _key(cfg_dir) == _key((base or merged[0]).path)
             for src, name in (*side, *tok_files):
                 shutil.copyfile(src, tmp / name)  # a symlink's content (a Hugging Face cache links into blobs/)

@@ -169,6 +169,19 @@ class _OutputBuffers:
             self._free.append(flat)
 
 
+def read_ahead(pool: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead: int = _WORKERS) -> Any:
+    """``fn(item)`` for each of ``items``, yielded in order, with up to ``ahead`` later items running on
+    ``pool`` meanwhile: the caller writes result i while workers read and merge i + 1 .. i + ``ahead`` (pread,
+    torch and numpy ops and file writes release the GIL). A worker's exception is raised when its item's turn
+    comes, so errors surface in item order."""
+    queue = deque(pool.submit(fn, x) for x in items[:ahead])
+    for i in range(len(items)):
+        result = queue.popleft().result()
+        if i + ahead < len(items):
+            queue.append(pool.submit(fn, items[i + ahead]))
+        yield result
+
+
 def _execute(
     method: MergeMethod,
     params: MergeParams,
@@ -201,13 +214,11 @@ def _execute(
             SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, {"format": "pt"}) as writer,
             ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="vlmerge-merge") as pool,
         ):
-            ahead = deque(pool.submit(produce, j) for j in order[:_WORKERS])
-            for i, job in enumerate(
-                tqdm(order, disable=not progress, desc=f"merge:{method.name}", unit="tensor")
+            results = read_ahead(pool, produce, order)
+            for job, (merged, flat) in zip(
+                tqdm(order, disable=not progress, desc=f"merge:{method.name}", unit="tensor"), results,
+                strict=True,
             ):
-                merged, flat = ahead.popleft().result()
-                if i + _WORKERS < len(order):
-                    ahead.append(pool.submit(produce, order[i + _WORKERS]))
                 writer.write(job.target, merged)
                 del merged
                 if flat is not None:  # written: its buffer may take the next result
