@@ -653,19 +653,19 @@ def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torc
         return xs[0]
     n = len(xs)
     flat = [x.reshape(-1) for x in xs]
-    norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flat]
+    dots = torch.empty(n, n, dtype=torch.float64)  # x_i·x_j, in float64 chunks (bounded temporaries)
+    for i in range(n):
+        for j in range(i, n):
+            dots[i, j] = dots[j, i] = sum(float(torch.dot(p.double(), q.double()))
+                                          for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK),
+                                                          strict=True))
+    norms = dots.diagonal().sqrt().tolist()
     used = [i for i, nrm in enumerate(norms) if nrm > tol]
     if not used:
         return torch.zeros_like(xs[0])
     m = len(used)
-    gram = torch.empty(m, m, dtype=torch.float64)
-    for a, i in enumerate(used):
-        for b in range(a, m):
-            j = used[b]
-            d = float(torch.dot(flat[i].double(), flat[j].double())) if flat[i].numel() <= _DOT_CHUNK else \
-                sum(float(torch.dot(p.double(), q.double()))
-                    for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK), strict=True))
-            gram[a, b] = gram[b, a] = d / (norms[i] * norms[j])
+    unit_norms = torch.tensor([norms[i] for i in used], dtype=torch.float64)
+    gram = dots[used][:, used] / torch.outer(unit_norms, unit_norms)  # u_i·u_j
     alphas = torch.full((m,), 1.0 / m, dtype=torch.float64)  # 1/n each, renormalised over the used inputs
 
     def norm_of(c: torch.Tensor) -> float:
