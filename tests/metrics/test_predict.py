@@ -183,3 +183,138 @@ def test_cli_predict_refusals_are_one_line(tmp_path, capsys, argv, message) -> N
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "p.png").exists()
+
+
+# ------------------------------------------------------------------------------------ merge-aware, pooled
+def _flat(tensors) -> np.ndarray:
+    return np.concatenate([t.double().numpy().ravel() for t in tensors])
+
+
+def test_merge_features_are_the_relative_distances_of_the_merged_weights_to_each_copy(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from vlmerge.metrics.predict import merge_features
+    from vlmerge.models.roles import merge_groups
+
+    sd = load_file(str(_ckpt(tmp_path, layers=(0, 1)) / "model.safetensors"))
+    groups = [g for g in merge_groups(sd) if "v" in g.sources and "l" in g.sources]
+    kept = {g.target for g in groups if g.layer == 0}  # a partial merge: layer 0 stays modality-specific
+    c = 0.3  # W* = W^v + c (W^l − W^v): the vision copy moves by c, the language copy by 1 − c
+    merged = {g.target: sd[g.sources["v"]] + c * (sd[g.sources["l"]] - sd[g.sources["v"]])
+              for g in groups if g.target not in kept}
+    got = merge_features(sd, merged)
+    for mod in ("v", "l"):
+        w = _flat(sd[g.sources[mod]] for g in merge_groups(sd) if mod in g.sources)
+        star = _flat(merged.get(g.target, sd[g.sources[mod]]) for g in merge_groups(sd) if mod in g.sources)
+        want = np.linalg.norm(star - w) / math.sqrt((star @ star + w @ w) / 2)
+        assert got[f"merge_rel_{mod}"] == pytest.approx(want, rel=1e-9)
+    assert got["merge_rel_max"] == max(got["merge_rel_v"], got["merge_rel_l"]) > 0
+    assert got["merge_rel_v"] < got["merge_rel_l"]  # c = 0.3 < 1 − c
+    same = merge_features(sd, {g.target: sd[g.sources["v"]] for g in groups})
+    assert same["merge_rel_v"] == 0.0 and same["merge_rel_l"] > 0
+
+
+def _pooled(n_runs: int = 6, noise: float = 0.05, seed: int = 0) -> list[dict]:
+    """Merges of several methods and coefficients per run: drop = 1 + 20·merge_rel_v + 40·merge_rel_l (+ noise);
+    the checkpoint's own features are unrelated random numbers shared by a run's merges."""
+    rng = np.random.default_rng(seed)
+    pts = []
+    for g in range(n_runs):
+        run = {"tssd": float(rng.uniform(0, 0.1)), "l2": float(rng.uniform(1, 5)), "rel_l2": float(rng.uniform(0, 1))}
+        for method, params in (("interpolation", {"alpha": 0.25}), ("interpolation", {"alpha": 0.75}),
+                               ("ties", {"density": 0.5})):
+            mv, ml = float(rng.uniform(0, 0.3)), float(rng.uniform(0, 0.3))
+            feats = {**run, "merge_rel_v": mv, "merge_rel_l": ml, "merge_rel_max": max(mv, ml)}
+            pts.append(calibration_point(feats, method, params, 1 + 20 * mv + 40 * ml + noise * rng.normal(),
+                                         group=f"run={g}"))
+    return pts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_pooled_predictor_finds_the_planted_plane_across_methods(seed: int) -> None:
+    pts = _pooled(seed=seed)
+    model = fit_drop_model(pts)  # no method: every point
+    assert model["features"] == ["merge_rel_v", "merge_rel_l"] and model["n"] == 18 and model["groups"] == 6
+    assert model["coef"] == pytest.approx([1, 20, 40], abs=0.5)
+    assert model["loo_r"] > 0.99
+    assert all(model["per_feature"][f]["loo_r"] < 0.9 for f in ("tssd", "l2", "rel_l2"))
+    est = predict_drop(model, {"merge_rel_v": 0.1, "merge_rel_l": 0.2})
+    lo, hi = est["interval"]
+    assert lo < 11.0 < hi and hi - lo < 0.6 and est["drop"] == pytest.approx(11.0, abs=0.15)
+    # the prediction interval of a single feature reduces to the textbook line formula
+    line = fit_drop_model(pts, features=["merge_rel_l"])
+    xs = np.array([p["features"]["merge_rel_l"] for p in pts])
+    ys = np.array([p["drop"] for p in pts])
+    b, a = np.polyfit(xs, ys, 1)
+    s = math.sqrt(np.sum((ys - a - b * xs) ** 2) / (len(xs) - 2))
+    half = 2.120 * s * math.sqrt(  # t_0.975 with 16 degrees of freedom
+        1 + 1 / len(xs) + (0.2 - xs.mean()) ** 2 / np.sum((xs - xs.mean()) ** 2))
+    got = predict_drop(line, {"merge_rel_l": 0.2})
+    assert got["drop"] == pytest.approx(a + b * 0.2, rel=1e-9)
+    assert got["interval"][1] - got["drop"] == pytest.approx(half, rel=1e-9)
+
+
+def test_recommend_uses_the_pooled_predictor_for_an_uncalibrated_merge() -> None:
+    pts = _pooled()
+    moves = {0.25: (0.05, 0.15), 0.75: (0.15, 0.05), 0.6: (0.12, 0.08)}
+
+    def merge_feats(method: str, params) -> dict[str, float]:
+        if method != "interpolation":
+            raise ValueError("not in memory")
+        mv, ml = moves[params["alpha"]]
+        return {"merge_rel_v": mv, "merge_rel_l": ml, "merge_rel_max": max(mv, ml)}
+
+    report = {"global": {"tssd": 0.05, "l2": 2.0, "rel_l2": 0.3}}
+    advice = recommend(report, pts, merge_feats, extra=[("interpolation", {"alpha": 0.6})])
+    by = {(o["method"], json.dumps(o["params"])): o for o in advice["options"]}
+    uncal = by[("interpolation", '{"alpha": 0.6}')]
+    assert uncal["from"] == "pooled" and uncal["drop"] == pytest.approx(1 + 20 * 0.12 + 40 * 0.08, abs=0.2)
+    assert by[("ties", '{"density": 0.5}')]["from"] == "own"  # not mergeable here: its own 6 points
+    assert advice["best"]["params"] == {"alpha": 0.75}  # 1 + 3 + 2 = 6, the smallest planted drop
+    assert [o["drop"] for o in advice["options"]] == sorted(o["drop"] for o in advice["options"])
+
+
+def test_cli_predict_estimates_an_uncalibrated_coefficient_from_the_pooled_fit(tmp_path, capsys) -> None:
+    from vlmerge.metrics.predict import _t975
+
+    ck = _ckpt(tmp_path, layers=(0, 1))
+    cal = save_calibration(_pooled(), tmp_path / "cal.json")
+    assert main(["predict", str(ck), "--calibration", str(cal), "--alpha", "0.6", "--json"]) == 0
+    advice = json.loads(capsys.readouterr().out)["advice"]
+    mine = next(o for o in advice["options"] if o["params"] == {"alpha": 0.6})
+    assert mine["from"] == "pooled" and mine["feature"] == "merge_rel_v + merge_rel_l"
+    mv, ml = mine["values"]["merge_rel_v"], mine["values"]["merge_rel_l"]
+    assert 0 < mv < ml  # α = 0.6 keeps more of the vision copy than of the language one
+    assert mine["drop"] == pytest.approx(1 + 20 * mv + 40 * ml, abs=0.3)
+    assert main(["predict", str(ck), "--calibration", str(cal), "--alpha", "0.6"]) == 0
+    assert "pooled over methods and coefficients" in capsys.readouterr().out
+    assert (_t975(16), _t975(40), _t975(120)) == pytest.approx((2.120, 2.021, 1.980), abs=1e-3)
+
+
+def test_the_reports_drift_describes_its_own_merge_only() -> None:
+    """``drift`` in a report is that of the report's merge (--method / --alpha): another calibrated merge's
+    estimate must not read it (it would predict α = 0.75's drop from α = 0.5's drift)."""
+    rng = np.random.default_rng(0)
+    pts = []
+    for g in range(6):
+        for alpha in (0.5, 0.75):
+            d, t = float(rng.uniform(0, 0.2)), float(rng.uniform(0, 0.1))
+            pts.append(calibration_point({"drift": d, "tssd": t}, "interpolation", {"alpha": alpha}, 2 + 30 * d,
+                                         group=f"run={g}"))
+    report = {"method": "interpolation", "params": {"alpha": 0.5}, "global": {"drift": 0.1, "tssd": 0.05}}
+    by = {o["params"]["alpha"]: o for o in recommend(report, pts)["options"]}
+    assert by[0.5]["feature"] == "drift" and by[0.5]["drop"] == pytest.approx(5.0, abs=0.1)
+    assert by[0.75]["feature"] == "tssd" and by[0.75]["from"] == "own"
+
+
+def test_merge_drift_is_the_reports_drift_of_the_same_merge(tmp_path) -> None:
+    from vlmerge.metrics.predict import state_merge_features
+
+    ck = _ckpt(tmp_path, layers=(0, 1))
+    batches = _batches()
+    rep = layer_report(ck, batches=batches, params={"alpha": 0.3})
+    feats = state_merge_features(ck, None, batches)("interpolation", {"alpha": 0.3})
+    assert feats["out_drift"] == pytest.approx(rep["global"]["out_drift"], rel=1e-9) and feats["out_drift"] > 0
+    assert feats["drift"] == pytest.approx(rep["global"]["drift"], rel=1e-9)
+    with pytest.raises(ValueError, match="regmean"):
+        state_merge_features(ck, None, batches)("regmean", {"gamma": 0.5})

@@ -73,7 +73,10 @@ def test_report_json_and_plots_hold_finite_numbers_from_real_runs(study: Path) -
     assert res["table5"]["drop"] == pytest.approx(drop)
     assert set(res["table5"]["pearson_ci"]) == {"l2", "cosine", "ssd", "tssd"}
     assert res["meta"]["command"].startswith("vlmerge study --preset micro --out ")
-    assert res["meta"]["cells_computed"] == len({c["hash"] for c in res["cells"].values()})
+    meta = res["meta"]
+    assert meta["cells_computed"] == meta["cells_total"] == len({c["hash"] for c in res["cells"].values()})
+    recorded = [json.loads(p.read_text())["seconds"] for p in (study / "cells").glob("*/result.json")]
+    assert meta["cell_seconds"] == pytest.approx(sum(recorded))
 
     report = (study / "report.md").read_text()
     for title in ("## Findings", "## Table 1", "## Figure 3", "## Table 2", "## Figure 4", "## Table 3", "## Table 5",
@@ -191,7 +194,13 @@ def test_pareto_enumerates_every_kept_layer_set_and_scores_the_predictors_choice
 def test_every_evaluated_merge_is_a_calibration_point_and_the_predictor_is_reported(study: Path) -> None:
     """Runs before the re-run test below, whose ``--only table2`` run rewrites results.json and the calibration
     file with that run's merges only."""
-    from vlmerge.metrics.predict import CALIBRATION_NAME, layer_report, load_calibration
+    from vlmerge.metrics.predict import (
+        CALIBRATION_NAME,
+        MERGE_DEPENDENT,
+        MERGE_FEATURES,
+        layer_report,
+        load_calibration,
+    )
 
     res = json.loads((study / "results.json").read_text())
     points = load_calibration(study / CALIBRATION_NAME)
@@ -215,9 +224,28 @@ def test_every_evaluated_merge_is_a_calibration_point_and_the_predictor_is_repor
         assert pr["n"] == len([p for p in points if p["method"] == "interpolation" and p["params"] == base])
         assert set(pr["per_feature"]) >= {"l2", "cosine", "ssd", "tssd", "rel_l2"}
         assert -1 <= pr["loo_r"] <= 1 and f"Chosen: **{pr['feature']}**" in report
+    # pooled over every merge (methods and coefficients), which the merge's own features make possible
+    pooled = res["predictor_pooled"]
+    assert pooled["method"] is None and "**Pooled over every merge**" in report
+    assert pooled["n"] == len(points) and {"interpolation", "regmean"} <= set(pooled["methods"])
+    assert "merge_rel_v + merge_rel_l" in pooled["per_feature"] and -1 <= pooled["loo_r"] <= 1
+    assert all({*MERGE_FEATURES, "drift", "out_drift"} <= set(p["features"]) for p in points)
+    grids: dict[str, dict[float, dict]] = {}
+    for p in points:
+        if p["method"] == "interpolation" and not isinstance(p["params"]["alpha"], list):  # not learned
+            grids.setdefault(p["group"], {})[p["params"]["alpha"]] = p["features"]
+    alphas = max(grids.values(), key=len)  # Table 2's α grid
+    assert len(alphas) >= 3
+    # interpolation moves the vision copy by (1 − α)·‖W^v − W^l‖ and the language copy by α·‖W^v − W^l‖
+    # (in the layers below the VL ones, which is most of the weights): the order follows α
+    order = sorted(alphas)
+    assert [alphas[a]["merge_rel_v"] for a in order] == sorted((alphas[a]["merge_rel_v"] for a in order),
+                                                                 reverse=True)
+    assert [alphas[a]["merge_rel_l"] for a in order] == sorted(alphas[a]["merge_rel_l"] for a in order)
     finals = [f for d in (study / "cells").glob("pretrain-*") if (f := d / "run" / "final").is_dir()
               and json.loads((f / "config.json").read_text())["model"]["arch"] != "maa"]
-    assert any(layer_report(f)["global"] == pytest.approx(ck["features"]) for f in finals)
+    own = {k: v for k, v in ck["features"].items() if k not in MERGE_DEPENDENT}
+    assert any(layer_report(f)["global"] == pytest.approx(own) for f in finals)
 
 
 def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys: pytest.CaptureFixture) -> None:
@@ -233,9 +261,11 @@ def test_rerun_after_a_kill_recomputes_only_unfinished_cells(study: Path, capsys
     assert capsys.readouterr().out.strip() == str(study / "report.md")
     again = json.loads((study / "results.json").read_text())
     assert again["meta"]["cells_computed"] == 1 and victim.is_file()
+    # a mostly cached run says so beside its wall time, with the cells' own compute time
+    assert f"1 of {again['meta']['cells_total']} cells computed in it" in (study / "report.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["table2"] == res["table2"]  # the recomputed merge gives the same numbers (determinism)
-    assert set(again) - {"meta", "cells", "baselines", "predictor"} == {"table2"}
+    assert set(again) - {"meta", "cells", "baselines", "predictor", "predictor_pooled"} == {"table2"}
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def _predict(args: argparse.Namespace) -> int:
     from ..config import parse_value
     from ..files import guard_output_file
     from ..merge import get_method
-    from .predict import format_report, layer_report, load_calibration, plot_risk, recommend
+    from .predict import format_report, layer_report, load_calibration, plot_risk, recommend, state_merge_features
 
     check_distance_source(args.ckpt_dir)
     method = get_method(args.method)  # an unknown method is refused before anything is read
@@ -112,7 +112,10 @@ def _predict(args: argparse.Namespace) -> int:
         check_gram_data(args.data)
         batches = list(gram_batches(args.data, load_model(args.ckpt_dir), args.batches or 2, args.seed))
     report = layer_report(args.ckpt_dir, base=args.base, batches=batches, method=args.method, params=params)
-    advice = recommend(report, points) if points is not None else None
+    advice = None
+    if points is not None:
+        moved = state_merge_features(args.ckpt_dir, args.base, batches)
+        advice = recommend(report, points, moved, extra=[(args.method, params)])
     if plot is not None:
         plot_risk(report, plot)
     if args.json:
@@ -131,8 +134,9 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
         description="Per layer: the paper's four distances and the relative L2 between W^v and W^l (with --base: "
                     "of the task vectors too); with --data: each layer's activation drift under the merge, on its "
                     "own modality's inputs. Layers ranked by risk. With --calibration (the study's "
-                    "predict-calibration.json): the estimated drop of each calibrated merge, with its 95 %% "
-                    "prediction interval, and a recommendation.",
+                    "predict-calibration.json): the estimated drop of each calibrated merge and of --method / "
+                    "--alpha / --param, with its 95 %% prediction interval (pooled over every calibrated method and "
+                    "coefficient where the merge can be computed in memory), and a recommendation.",
     )
     p.add_argument("ckpt_dir", metavar="CKPT", help="a modality-specific checkpoint directory")
     p.add_argument("--base", default=None, metavar="W0", help="the seed weights W0 (task-vector features)")

@@ -16,22 +16,33 @@ after merging, over 4 checkpoints. This module goes further, before any merge is
   to end effect, which needs no evaluation set.
 * **Risk** of a layer: its ``drift`` when data was given, else its ``rel_l2``; the layers are ranked by it
   (a layer whose copies are equal has zero risk in both).
-* **Drop estimate**: a least-squares line ``drop ≈ a + b·f`` fitted on measured (checkpoint features, merge,
-  drop) points of the same method and parameter (the study writes them: :data:`CALIBRATION_NAME`), using the
-  global feature ``f`` with the smallest leave-one-group-out error (a group is a seed or a K_seed: points that
-  share a training run are held out together). The interval is the 95 % prediction interval of that line,
-  ``t_{n−2} · s · sqrt(1 + 1/n + (f − f̄)² / S_ff``) with ``s`` the residual standard deviation.
+* **Merge features** (:func:`merge_features`): how far one merge moves each modality's weights,
+  ``merge_rel_v = ‖W* − W^v‖ / sqrt((‖W*‖² + ‖W^v‖²) / 2)`` over every grouped parameter (W* the merged tensor;
+  a layer kept modality-specific counts with distance 0), the same for ``l``, and their maximum. Unlike the
+  checkpoint's distances they depend on the method and its coefficient (interpolation at α moves the vision
+  copy by (1 − α)·‖W^v − W^l‖), so one predictor can serve every merge.
+* **Drop estimate**: a least-squares fit ``drop ≈ a + Σ_j b_j·f_j`` on measured (checkpoint features, merge,
+  drop) points (the study writes them: :data:`CALIBRATION_NAME`). Per merge (``method`` and ``params`` given)
+  it uses the points of that merge and the single global feature with the smallest leave-one-group-out error
+  (a group is a source run: points that share a training run are held out together). *Pooled* (no method) it
+  uses every point, of any method and coefficient, and picks among the single features and the pair
+  (``merge_rel_v``, ``merge_rel_l``) the same way. The interval is the 95 % prediction interval of the fit,
+  ``t_{n−p−1} · s · sqrt(1 + x₀ᵀ(XᵀX)⁻¹x₀)`` with ``s`` the residual standard deviation and ``x₀ = (1, f)``;
+  for one feature that is ``t_{n−2} · s · sqrt(1 + 1/n + (f − f̄)² / S_ff)``. The held-out r of the chosen
+  fit is slightly optimistic: the choice among the candidates saw the same held-out errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..models.roles import merge_groups
@@ -43,8 +54,13 @@ CALIBRATION_FORMAT = "vlmerge-predict-calibration"
 WEIGHT_FEATURES = ("l2", "cosine", "ssd", "tssd", "rel_l2")
 BASE_FEATURES = ("tv_rel_l2", "tv_cosine")
 DATA_FEATURES = ("drift", "out_drift")
-FEATURES = (*WEIGHT_FEATURES, *BASE_FEATURES, *DATA_FEATURES)
-"""Every global feature a report can carry (the predictor picks among those every calibration point has)."""
+MERGE_FEATURES = ("merge_rel_v", "merge_rel_l", "merge_rel_max")
+FEATURES = (*WEIGHT_FEATURES, *BASE_FEATURES, *DATA_FEATURES, *MERGE_FEATURES)
+"""Every global feature a calibration point can carry (the predictor picks among those every point has)."""
+MERGE_DEPENDENT = (*DATA_FEATURES, *MERGE_FEATURES)
+"""The features that describe one merge rather than the checkpoint (they change with method and coefficient)."""
+PAIRED_FEATURES = (("merge_rel_v", "merge_rel_l"),)
+"""Feature sets the pooled predictor tries besides every single feature."""
 
 
 # -------------------------------------------------------------------------------------------- features
@@ -118,6 +134,66 @@ def merged_state_dict(sd: Mapping[str, torch.Tensor], method: str, params: Mappi
                                       modalities=g.modalities, name=g.target, **dict(params))
     out |= {k: v for k, v in sd.items() if k not in grouped}
     return out
+
+
+def merge_features(sd: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``merge_rel_v``, ``merge_rel_l``, ``merge_rel_max`` (module docstring) of the merge ``merged`` of the
+    modality-specific state dict ``sd`` (a group whose ``shared`` name ``merged`` lacks was kept specific)."""
+    pairs = {"v": _Pair(), "l": _Pair()}
+    for g in merge_groups(sd):
+        for mod, pair in pairs.items():
+            if mod not in g.sources:
+                continue
+            w = sd[g.sources[mod]]
+            pair.add(merged.get(g.target, w), w)
+    if pairs["v"].xx == 0 and pairs["l"].xx == 0:
+        raise ValueError("merge features: the checkpoint has no modality-specific (v / l) weights")
+    out = {f"merge_rel_{mod}": p.rel_l2() for mod, p in pairs.items()}
+    return out | {"merge_rel_max": max(out.values())}
+
+
+def merge_drift(model: Any, merged_sd: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> dict[str, float]:
+    """``drift`` and ``out_drift`` (module docstring) of the merge ``merged_sd`` of ``model`` on ``batches``."""
+    from ..models import VLMo
+
+    merged = VLMo(model.config.replace(arch="maa"))
+    merged.load_state_dict(dict(merged_sd))
+    drift = activation_drift(model, merged, batches)
+    return {"drift": drift["drift"], "out_drift": drift["out_drift"]}
+
+
+def state_merge_features(ckpt: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
+                         batches: Sequence[Any] | None = None
+                         ) -> Callable[[str, Mapping[str, Any]], dict[str, float]]:
+    """A function ``(method, params) -> features of that merge of ckpt``: :func:`merge_features` and, with
+    ``batches``, :func:`merge_drift`, computed in memory (with the seed weights ``base`` where the method
+    uses them), each merge once; ``ValueError`` for a merge that needs more (Gram matrices, a missing base)."""
+    from ..models.checkpoint import CheckpointReader, load_model
+
+    state: dict[str, Any] = {}
+    cache: dict[str, dict[str, float]] = {}
+
+    def moved(method: str, params: Mapping[str, Any]) -> dict[str, float]:
+        key = json.dumps([method, params], sort_keys=True)
+        if key not in cache:
+            if not state:
+                with CheckpointReader(ckpt) as r:
+                    state["sd"] = r.state_dict()
+                state["base"] = None
+                if base is not None:
+                    with CheckpointReader(base) as r:
+                        state["base"] = r.state_dict()
+                state["model"] = load_model(ckpt).eval() if batches is not None else None
+            try:
+                merged = merged_state_dict(state["sd"], method, params, state["base"])
+            except (TypeError, KeyError) as e:
+                raise ValueError(f"{method} {dict(params)}: cannot merge in memory ({e})") from None
+            cache[key] = merge_features(state["sd"], merged)
+            if batches is not None:
+                cache[key] |= merge_drift(state["model"], merged, batches)
+        return cache[key]
+
+    return moved
 
 
 def _block_inputs(model: Any, batch: Any) -> dict[str, tuple[list[torch.Tensor], Any, Any]]:
@@ -222,10 +298,9 @@ def layer_report(ckpt: str | os.PathLike[str], *, base: str | os.PathLike[str] |
     risk_from = "rel_l2"
     if batches is not None:
         model = load_model(ckpt).eval()
-        merged_cfg = model.config.replace(arch="maa")
         from ..models import VLMo
 
-        merged = VLMo(merged_cfg)
+        merged = VLMo(model.config.replace(arch="maa"))
         merged.load_state_dict(merged_state_dict(sd, method, params, base_sd))
         drift = activation_drift(model, merged, batches)
         by_layer = {r["layer"]: r for r in drift["per_layer"]}
@@ -292,116 +367,172 @@ def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | None:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx <= 1e-24 * max(1.0, mx * mx):
+def _design(points: Sequence[Mapping[str, Any]], features: Sequence[str]) -> np.ndarray:
+    """The n × (1 + p) design matrix: a column of ones, then each feature (float64)."""
+    return np.array([[1.0, *(float(p["features"][f]) for f in features)] for p in points], dtype=np.float64)
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Coefficients (a, b_1..b_p) of ``y ≈ x @ c``; None when a feature is (nearly) constant or collinear."""
+    centred = x[:, 1:] - x[:, 1:].mean(axis=0)
+    scale = np.maximum(1.0, np.abs(x[:, 1:]).max(axis=0))
+    if x.shape[0] <= x.shape[1] - 1 or np.linalg.matrix_rank(centred / scale, tol=1e-10) < x.shape[1] - 1:
         return None
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return my - b * mx, b
+    return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
 def _groups(points: Sequence[Mapping[str, Any]]) -> list[str]:
     return [p["group"] or f"#{i}" for i, p in enumerate(points)]
 
 
-def _loo_predictions(points: Sequence[Mapping[str, Any]], feature: str) -> list[float] | None:
-    """Each point's drop predicted by the line fitted without its group; None where a fold cannot fit."""
-    groups = _groups(points)
+def _loo_predictions(points: Sequence[Mapping[str, Any]], features: Sequence[str]) -> list[float] | None:
+    """Each point's drop predicted by the fit without its group; None where a fold cannot fit."""
+    groups = np.array(_groups(points))
+    x, y = _design(points, features), np.array([p["drop"] for p in points], dtype=np.float64)
     preds = []
-    for p, g in zip(points, groups, strict=True):
-        train = [q for q, h in zip(points, groups, strict=True) if h != g]
-        if len(train) < 2:
+    for i, g in enumerate(groups):
+        train = groups != g
+        coef = _least_squares(x[train], y[train])
+        if coef is None:
             return None
-        fit = _line([q["features"][feature] for q in train], [q["drop"] for q in train])
-        if fit is None:
-            return None
-        preds.append(fit[0] + fit[1] * p["features"][feature])
+        preds.append(float(x[i] @ coef))
     return preds
 
 
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
 def _t975(dof: int) -> float:
-    """Two-sided 95 % Student-t quantile (table for small dof, normal beyond)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-             12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
-    if dof in table:
-        return table[dof]
-    for k in sorted(table):
-        if dof < k:
-            return table[k]
-    return 1.96
+    """Two-sided 95 % Student-t quantile: the table for dof ≤ 30, beyond it the Cornish-Fisher expansion
+    around the normal quantile (error < 1e-4 there)."""
+    if dof < 1:
+        raise ValueError(f"t quantile: dof={dof}; expected ≥ 1")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3))
 
 
-def fit_drop_model(points: Sequence[Mapping[str, Any]], method: str, params: Mapping[str, Any],
-                   features: Sequence[str] | None = None) -> dict[str, Any]:
-    """The drop predictor for ``method`` / ``params`` from calibration ``points`` (module docstring).
+def fit_drop_model(points: Sequence[Mapping[str, Any]], method: str | None = None,
+                   params: Mapping[str, Any] | None = None, features: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """The drop predictor (module docstring) for ``method`` / ``params``, or pooled over every point when
+    ``method`` is None, from calibration ``points``; ``features`` limits the candidates.
 
-    Returns ``{"feature", "a", "b", "n", "groups", "s", "loo_r", "loo_rmse", "per_feature": {f: {loo_r,
-    loo_rmse(, constant)}}}`` (a feature constant over the points has NaN scores and ``constant``);
-    ``ValueError`` when fewer than 3 points (2 groups) match or no feature varies across them.
+    Returns ``{"method", "params", "features": [chosen], "feature": their names joined by " + ", "coef": [a,
+    b_1..], "n", "groups", "s", "xtx_inv", "loo_r", "loo_rmse", "per_feature": {name: {loo_r, loo_rmse(,
+    constant)}}}`` (a candidate that cannot be fitted in some fold has NaN scores and ``constant``; for one
+    feature ``a`` and ``b`` too); ``ValueError`` when fewer than 3 points (2 groups) match or nothing fits.
     """
-    pts = [p for p in points if p["method"] == method and _same_params(p["params"], params)]
+    what = "all merges" if method is None else f"{method} {dict(params or {})}"
+    pts = list(points) if method is None else [
+        p for p in points if p["method"] == method and _same_params(p["params"], params or {})]
     if len(pts) < 3 or len(set(_groups(pts))) < 2:
-        raise ValueError(f"calibration has {len(pts)} points for {method} {dict(params)} in "
-                         f"{len(set(_groups(pts)))} groups; the predictor needs ≥ 3 points in ≥ 2 groups")
+        raise ValueError(f"calibration has {len(pts)} points for {what} in {len(set(_groups(pts)))} groups; the "
+                         "predictor needs ≥ 3 points in ≥ 2 groups")
     names = [f for f in (features or FEATURES) if all(f in p["features"] for p in pts)]
-    scored = {}
-    ys = [p["drop"] for p in pts]
-    unfit = {}
-    for f in names:
-        preds = _loo_predictions(pts, f)
-        if preds is None:  # constant over the points (or over a fold's): no line to fit (e.g. TSSD = 0)
-            unfit[f] = {"loo_r": float("nan"), "loo_rmse": float("nan"), "constant": True}
+    candidates: list[tuple[str, ...]] = [(f,) for f in names]
+    if method is None:
+        candidates += [c for c in PAIRED_FEATURES if all(f in names for f in c)]
+    ys = np.array([p["drop"] for p in pts], dtype=np.float64)
+    scored, unfit = {}, {}
+    for cand in candidates:
+        name = " + ".join(cand)
+        preds = _loo_predictions(pts, cand)
+        if preds is None:  # constant over the points (or over a fold's): nothing to fit (e.g. TSSD = 0)
+            unfit[name] = {"loo_r": float("nan"), "loo_rmse": float("nan"), "constant": True}
             continue
-        rmse = math.sqrt(sum((a - b) ** 2 for a, b in zip(preds, ys, strict=True)) / len(ys))
-        r = pearson(preds, ys) if len(set(ys)) > 1 and len(set(preds)) > 1 else float("nan")
-        scored[f] = {"loo_r": r, "loo_rmse": rmse}
+        rmse = float(np.sqrt(np.mean((np.array(preds) - ys) ** 2)))
+        r = pearson(preds, list(ys)) if len(set(ys.tolist())) > 1 and len(set(preds)) > 1 else float("nan")
+        scored[name] = {"loo_r": r, "loo_rmse": rmse, "features": cand}
     if not scored:
-        raise ValueError(f"calibration for {method} {dict(params)}: no feature varies across its points")
-    best = min(scored, key=lambda f: (scored[f]["loo_rmse"], f))
-    xs = [p["features"][best] for p in pts]
-    a, b = _line(xs, ys)  # type: ignore[misc]
-    resid = [y - (a + b * x) for x, y in zip(xs, ys, strict=True)]
-    dof = len(pts) - 2
-    s = math.sqrt(sum(e * e for e in resid) / dof) if dof > 0 else float("nan")
-    mx = sum(xs) / len(xs)
-    return {"method": method, "params": dict(params), "feature": best, "a": a, "b": b, "n": len(pts),
-            "groups": len(set(_groups(pts))), "s": s, "x_mean": mx, "sxx": sum((x - mx) ** 2 for x in xs),
-            "loo_r": scored[best]["loo_r"], "loo_rmse": scored[best]["loo_rmse"], "per_feature": {**scored, **unfit}}
+        raise ValueError(f"calibration for {what}: no feature varies across its points")
+    best = min(scored, key=lambda f: (scored[f]["loo_rmse"], len(scored[f]["features"]), f))
+    chosen = scored[best]["features"]
+    x = _design(pts, chosen)
+    coef = _least_squares(x, ys)
+    assert coef is not None  # every fold fitted, so the full set does too
+    dof = len(pts) - x.shape[1]
+    s = float(np.sqrt(np.sum((ys - x @ coef) ** 2) / dof)) if dof > 0 else float("nan")
+    out = {"method": method, "params": None if method is None else dict(params or {}), "features": list(chosen),
+           "feature": best, "coef": [float(c) for c in coef], "n": len(pts), "groups": len(set(_groups(pts))),
+           "s": s, "xtx_inv": np.linalg.pinv(x.T @ x).tolist(), "loo_r": scored[best]["loo_r"],
+           "loo_rmse": scored[best]["loo_rmse"],
+           "per_feature": {**{k: {"loo_r": v["loo_r"], "loo_rmse": v["loo_rmse"]} for k, v in scored.items()},
+                           **unfit}}
+    if len(chosen) == 1:
+        out |= {"a": out["coef"][0], "b": out["coef"][1]}
+    return out
 
 
 def predict_drop(model: Mapping[str, Any], features: Mapping[str, float]) -> dict[str, Any]:
-    """The estimated drop and its 95 % prediction interval for a checkpoint's global ``features``."""
-    f = model["feature"]
-    if f not in features:
-        raise ValueError(f"the predictor uses feature {f!r}, which this report lacks (pass --base / --data as the "
-                         "calibration's points had them)")
-    x = float(features[f])
-    est = model["a"] + model["b"] * x
-    n = model["n"]
+    """The estimated drop and its 95 % prediction interval for a merge's global ``features``."""
+    missing = [f for f in model["features"] if f not in features]
+    if missing:
+        raise ValueError(f"the predictor uses feature {missing[0]!r}, which this report lacks (pass --base / --data "
+                         "as the calibration's points had them)")
+    x0 = np.array([1.0, *(float(features[f]) for f in model["features"])])
+    est = float(x0 @ np.array(model["coef"]))
+    dof = model["n"] - len(x0)
     half = float("nan")
-    if n > 2 and math.isfinite(model["s"]):
-        half = _t975(n - 2) * model["s"] * math.sqrt(1 + 1 / n + (x - model["x_mean"]) ** 2 / model["sxx"])
-    return {"drop": est, "interval": [est - half, est + half], "feature": f, "value": x}
+    if dof > 0 and math.isfinite(model["s"]):
+        half = _t975(dof) * model["s"] * math.sqrt(1 + float(x0 @ np.array(model["xtx_inv"]) @ x0))
+    values = {f: float(features[f]) for f in model["features"]}
+    return {"drop": est, "interval": [est - half, est + half], "feature": model["feature"], "values": values}
 
 
-def recommend(report: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """For every (method, params) of the calibration with a predictor: the estimated drop; the best first."""
+def recommend(report: Mapping[str, Any], points: Sequence[Mapping[str, Any]],
+              merge_feats: Callable[[str, Mapping[str, Any]], Mapping[str, float]] | None = None,
+              extra: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+    """For every (method, params) of the calibration (and ``extra``): the estimated drop; the best first.
+
+    ``merge_feats`` (:func:`state_merge_features` of the report's checkpoint) gives each merge its own
+    features on request (``ValueError`` where it cannot be merged in memory). A merge is estimated by the
+    predictor pooled over every point when that fits on a feature of the merge itself (a merge or drift
+    feature), which also covers merges the calibration never measured; otherwise by the predictor of its own
+    points (``"from"``: ``"pooled"`` or ``"own"``). The report's ``drift`` / ``out_drift`` describe the
+    report's own merge only and are never used for another.
+    """
+    own = (report.get("method"), report.get("params") or {})
+
+    def features_for(method: str, params: Mapping[str, Any]) -> dict[str, float]:
+        mine = method == own[0] and _same_params(params, own[1])
+        feats = {k: v for k, v in report["global"].items() if mine or k not in MERGE_DEPENDENT}
+        if merge_feats is not None:
+            with contextlib.suppress(ValueError):  # not mergeable in memory: the checkpoint's features only
+                feats |= merge_feats(method, params)
+        return feats
+
     combos: list[tuple[str, dict[str, Any]]] = []
-    for p in points:
-        if not any(m == p["method"] and _same_params(q, p["params"]) for m, q in combos):
-            combos.append((p["method"], dict(p["params"])))
+    for method, params in [*((p["method"], p["params"]) for p in points), *extra]:
+        if not any(m == method and _same_params(q, params) for m, q in combos):
+            combos.append((method, dict(params)))
+    pooled = None
+    if merge_feats is not None:
+        usable = features_for(*own) if own[0] is not None else features_for(*combos[0]) if combos else {}
+        try:
+            pooled = fit_drop_model(points, None, None, [f for f in FEATURES if f in usable])
+        except ValueError:
+            pooled = None
+        if pooled is not None and not set(pooled["features"]) & set(MERGE_DEPENDENT):
+            pooled = None  # a fit on the checkpoint alone would give every merge the same estimate
     options = []
     for method, params in combos:
-        try:
-            model = fit_drop_model(points, method, params, [f for f in FEATURES if f in report["global"]])
-            est = predict_drop(model, report["global"])
-        except ValueError:
-            continue
-        options.append({"method": method, "params": params, **est, "loo_r": model["loo_r"], "n": model["n"]})
+        feats = features_for(method, params)
+        est = None
+        if pooled is not None and all(f in feats for f in pooled["features"]):
+            est = {**predict_drop(pooled, feats), "loo_r": pooled["loo_r"], "n": pooled["n"], "from": "pooled"}
+        else:
+            try:
+                model = fit_drop_model(points, method, params, [f for f in FEATURES if f in feats])
+                est = {**predict_drop(model, feats), "loo_r": model["loo_r"], "n": model["n"], "from": "own"}
+            except ValueError:
+                continue
+        options.append({"method": method, "params": params, **est})
     options.sort(key=lambda o: o["drop"])
-    return {"options": options, "best": options[0] if options else None}
+    return {"options": options, "best": options[0] if options else None, "pooled": pooled}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -424,7 +555,8 @@ def format_report(report: Mapping[str, Any], advice: Mapping[str, Any] | None) -
         for o in advice["options"]:
             lo, hi = o["interval"]
             lines.append(f"estimated drop with {o['method']} {o['params']}: {o['drop']:.2f} points [95 % {lo:.2f}, "
-                         f"{hi:.2f}] (from {o['feature']}; {o['n']} calibration merges, held-out r "
+                         f"{hi:.2f}] (from {o['feature']}; {o['n']} calibration merges"
+                         f"{', pooled over methods and coefficients' if o['from'] == 'pooled' else ''}, held-out r "
                          f"{o['loo_r']:.2f})")
         b = advice["best"]
         lines.append(f"recommendation: {b['method']} {b['params']}; to trade parameters for accuracy, keep the "

@@ -162,8 +162,11 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
         f"# vlmerge study: preset `{meta.get('preset', '?')}`",
         "",
         f"Command: `{meta.get('command', '')}`  ",
-        f"Seeds: {meta.get('seeds', [])} · wall time {meta.get('wall_time_s', 0):.0f} s · "
-        f"device {meta.get('device', '?')} · config hash `{meta.get('config_hash', '')}`",
+        f"Seeds: {meta.get('seeds', [])} · wall time {meta.get('wall_time_s', 0):.0f} s"
+        + (f" (this invocation; {meta['cells_computed']} of {meta['cells_total']} cells computed in it, the rest "
+           f"read from the cache; the cells' own compute time {meta['cell_seconds']:.0f} s in all)"
+           if meta.get("cells_total") and meta.get("cells_computed", 0) < meta["cells_total"] else "")
+        + f" · device {meta.get('device', '?')} · config hash `{meta.get('config_hash', '')}`",
         "",
         f"Machine: {meta.get('cpu', '?')}, {meta.get('threads', '?')} threads.",
         "",
@@ -242,7 +245,7 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
                   "Paper: Pearson " + ", ".join(f"{k} {v}" for k, v in PAPER["table5"]["pearson"].items()) + ". "
                   f"Pearson r over {len(t5['k_seed'])} K_seed points; its interval covers the test queries' noise "
                   "in the drops, not the run-to-run noise of the K_seed models (use --seeds for that).", ""]
-    parts += _predictor(results.get("predictor"))
+    parts += _predictor(results.get("predictor"), results.get("predictor_pooled"))
     parts += _layerwise(results.get("layerwise"))
     parts += _pareto(results.get("pareto"))
     if plots:
@@ -251,25 +254,43 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str], findings: 
     return "\n".join(parts)
 
 
-def _predictor(pr: Mapping[str, Any] | None) -> list[str]:
-    """The ``vlmerge predict`` drop model over every merge the study evaluated (Table 5's extension)."""
-    if not pr:
+def _predictor(pr: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None = None) -> list[str]:
+    """The ``vlmerge predict`` drop models over every merge the study evaluated (Table 5's extension): the one
+    for the baseline merge alone and the one pooled over every method and coefficient."""
+    if not pr and not pooled:
         return []
-    head = ["## Predicting the drop before merging (`vlmerge predict`)", ""]
-    what = f"{pr['method']} {pr['params']}"
-    if "error" in pr:
-        return [*head, f"No predictor for {what}: {pr['error']}.", ""]
-    ci = pr.get("loo_r_ci")
-    lines = ["| feature | held-out r (line on this feature alone) | r (all points) |", "|---|---|---|"]
-    for f, v in pr["per_feature"].items():
-        mark = " (chosen)" if f == pr["feature"] else ""
-        lines.append(f"| {f}{mark} | {format_r(v['loo_r'])} | {format_r(v['r'])} |")
-    return [*head, f"A line drop ≈ a + b·f on the feature f with the smallest leave-one-run-out error, fitted on the "
-                   f"{pr['n']} {what} merges the study evaluated ({pr['groups']} source runs; points of one run are "
-                   f"held out together). Chosen: **{pr['feature']}**, held-out Pearson r = {format_r(pr['loo_r'])}"
-                   + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}, Fisher z over the {pr['n']} points]" if ci else "")
-                   + f", held-out RMSE {pr['loo_rmse']:.2f} points. The points are in `predict-calibration.json`; "
-                   "`vlmerge predict CKPT --calibration predict-calibration.json` uses them.", "", *lines, ""]
+    out = ["## Predicting the drop before merging (`vlmerge predict`)", ""]
+    for model in (pr, pooled):
+        if not model:
+            continue
+        what = "all merges" if model["method"] is None else f"{model['method']} {model['params']}"
+        if "error" in model:
+            out += [f"No predictor for {what}: {model['error']}.", ""]
+            continue
+        ci = model.get("loo_r_ci")
+        lines = ["| features | held-out r [95 %] (fit on these alone) | r (all points) |", "|---|---|---|"]
+        for f, v in model["per_feature"].items():
+            mark = " (chosen)" if f == model["feature"] else ""
+            fci = v.get("loo_r_ci")
+            lines.append(f"| {f}{mark} | {format_r(v['loo_r'])}" + (f" [{fci[0]:.2f}, {fci[1]:.2f}]" if fci else "")
+                         + f" | {format_r(v['r'])} |")
+        if model["method"] is None:
+            intro = (f"**Pooled over every merge** ({model['n']} merges of {', '.join(model['methods'])}, every "
+                     f"coefficient, {model['groups']} source runs): a least-squares fit drop ≈ a + Σ b·f on the "
+                     "candidate features with the smallest leave-one-run-out error, among every single feature and "
+                     "the pair (merge_rel_v, merge_rel_l): how far the merge moves each modality's weights, which "
+                     "knows the method and coefficient while the checkpoint's distances do not.")
+        else:
+            intro = (f"**{what} alone**: a line drop ≈ a + b·f on the feature f with the smallest leave-one-run-out "
+                     f"error, fitted on the {model['n']} {what} merges the study evaluated ({model['groups']} source "
+                     "runs; points of one run are held out together).")
+        out += [intro + f" Chosen: **{model['feature']}**, held-out Pearson r = {format_r(model['loo_r'])}"
+                + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}, Fisher z over the {model['n']} points]" if ci else "")
+                + f", held-out RMSE {model['loo_rmse']:.2f} points. The held-out r of the chosen candidate is "
+                "slightly optimistic (the choice saw the same held-out errors).", "", *lines, ""]
+    return [*out, "The points are in `predict-calibration.json`; `vlmerge predict CKPT --calibration "
+                  "predict-calibration.json` uses them (the pooled fit for any method and coefficient that can be "
+                  "merged in memory).", ""]
 
 
 def _verdict(diff: Mapping[str, Any], key: str = "r_mean") -> str:

@@ -57,6 +57,7 @@ log = logging.getLogger("vlmerge.study")
 
 PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5", "layerwise", "pareto")
 EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
+PREDICT_BATCHES = 2  # validation batches (of 32 pairs) for each calibration point's activation drift
 
 
 class _Strict(BaseModel):
@@ -394,18 +395,30 @@ class Study:
 
     def calibration_points(self) -> list[dict[str, Any]]:
         """Every evaluated merge as a ``vlmerge predict`` calibration point: the source checkpoint's weight
-        features, the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval. The group
-        is the source run's label (architecture and K_seed), so a held-out fit never sees the held-out run."""
-        from ..metrics.predict import calibration_point, layer_report
+        features and the merge's own (:func:`~vlmerge.metrics.predict.merge_features` and the activation drift
+        :func:`~vlmerge.metrics.predict.merge_drift` on ``predict_batches`` batches of the world's validation
+        split), the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval. The group is
+        the source run's label (architecture and K_seed), so a held-out fit never sees the held-out run."""
+        from ..merge.gram_data import world_batches
+        from ..metrics.predict import calibration_point, layer_report, merge_drift, merge_features
+        from ..models.checkpoint import CheckpointReader, load_model
 
-        points = []
+        points, batches = [], None
         for src, merged, method, params in self.merges.values():
             if src["final"] not in self._features:
                 self._features[src["final"]] = layer_report(self.path(src["final"]))["global"]
+            with CheckpointReader(self.path(src["final"])) as a, CheckpointReader(self.path(merged["final"])) as b:
+                sd, merged_sd = a.state_dict(), b.state_dict()
+            moved = merge_features(sd, merged_sd)
+            model = load_model(self.path(src["final"])).eval()
+            if batches is None:  # the same validation pairs for every merge (every model shares the world)
+                batches = list(world_batches(model, PREDICT_BATCHES, self.seed, batch_size=32, world=self.cfg.world,
+                                             split="val"))
+            moved |= merge_drift(model, merged_sd, batches)
             before, after = self.scores(src), self.scores(merged)
             interval = difference(before, after).interval("r_mean")  # paired: the same test resamples
             ci = list(interval) if interval is not None else None
-            points.append(calibration_point(self._features[src["final"]], method, params,
+            points.append(calibration_point({**self._features[src["final"]], **moved}, method, params,
                                             before["r_mean"] - after["r_mean"], group=src["label"],
                                             checkpoint=f"seed={self.seed}/{src['label']}", drop_ci=ci))
         return points
@@ -627,19 +640,22 @@ def finish_table5(results: dict[str, Any]) -> None:
         t5["pearson_ci"] = {m: list(ci) if all(map(math.isfinite, ci)) else None for m, ci in cis.items()}
 
 
-def predictor_summary(points: Sequence[Mapping[str, Any]], method: str, params: Mapping[str, Any]
+def predictor_summary(points: Sequence[Mapping[str, Any]], method: str | None, params: Mapping[str, Any] | None
                       ) -> dict[str, Any]:
-    """``vlmerge predict``'s drop model for ``method`` / ``params`` over the study's merges: the feature it
-    picks, its held-out (leave-one-group-out) Pearson r with a 95 % Fisher-z interval over the n points, and
-    each single feature's held-out r and plain r on the same points; ``{"error": why}`` when it cannot fit."""
+    """``vlmerge predict``'s drop model for ``method`` / ``params`` (None: pooled over every merge) over the
+    study's merges: the features it picks, its held-out (leave-one-group-out) Pearson r with a 95 % Fisher-z
+    interval over the n points, and each candidate's held-out r and plain r on the same points (a plain r for
+    single features only); ``{"error": why}`` when it cannot fit."""
     from ..metrics.correlation import pearson
     from ..metrics.predict import fit_drop_model
 
+    what = {"method": method, "params": None if params is None else dict(params)}
     try:
         model = fit_drop_model(points, method, params)
     except ValueError as e:
-        return {"method": method, "params": dict(params), "error": str(e)}
-    pts = [p for p in points if p["method"] == method and p["params"] == dict(params)]
+        return {**what, "error": str(e)}
+    pts = list(points) if method is None else [p for p in points
+                                               if p["method"] == method and p["params"] == dict(params or {})]
     drops = [p["drop"] for p in pts]
 
     def fisher(r: float, n: int) -> list[float] | None:
@@ -650,12 +666,16 @@ def predictor_summary(points: Sequence[Mapping[str, Any]], method: str, params: 
 
     per = {}
     for f, score in model["per_feature"].items():
-        xs = [p["features"][f] for p in pts]
-        plain = pearson(xs, drops) if len(set(xs)) > 1 and len(set(drops)) > 1 else float("nan")
-        per[f] = {"loo_r": _finite(score["loo_r"]), "r": _finite(plain)}
-    return {"method": method, "params": dict(params), "feature": model["feature"], "n": model["n"],
-            "groups": model["groups"], "loo_r": _finite(model["loo_r"]), "loo_r_ci": fisher(model["loo_r"], model["n"]),
-            "loo_rmse": model["loo_rmse"], "line": {"a": model["a"], "b": model["b"]}, "per_feature": per}
+        plain = float("nan")
+        if f in pts[0]["features"]:
+            xs = [p["features"][f] for p in pts]
+            plain = pearson(xs, drops) if len(set(xs)) > 1 and len(set(drops)) > 1 else float("nan")
+        per[f] = {"loo_r": _finite(score["loo_r"]), "loo_r_ci": fisher(score["loo_r"], model["n"]),
+                  "r": _finite(plain)}
+    return {**what, "feature": model["feature"], "n": model["n"], "groups": model["groups"],
+            "methods": sorted({p["method"] for p in pts}), "loo_r": _finite(model["loo_r"]),
+            "loo_r_ci": fisher(model["loo_r"], model["n"]), "loo_rmse": model["loo_rmse"],
+            "coef": model["coef"], "per_feature": per}
 
 
 def study_command(experiment: str, preset: str, out: str | Path, *, only: Sequence[str] | None = None,
@@ -698,6 +718,18 @@ def run_study(preset: str, out_dir: str | Path, *, only: Sequence[str] | None = 
         return _run_study(cfg, preset, out_dir, parts, only, seeds, overrides, progress, on_seed, t0)
 
 
+def _cell_time(out: Path, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """How many distinct cells the run used and their recorded compute seconds (cached ones included)."""
+    dirs = {out / "cells" / f"{c['kind']}-{c['hash']}" for c in cells.values()}
+    seconds = 0.0
+    for d in dirs:
+        try:
+            seconds += float(json.loads((d / "result.json").read_text()).get("seconds", 0.0))
+        except (OSError, ValueError):
+            continue  # a cell recorded but not finished (cannot happen after a completed run)
+    return {"cells_total": len(dirs), "cell_seconds": seconds}
+
+
 def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[str], only: Sequence[str] | None,
                seeds: Sequence[int], overrides: Sequence[str], progress: bool,
                on_seed: Callable[[int, dict[str, Any]], None] | None, t0: float) -> Path:
@@ -721,12 +753,14 @@ def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[s
     if points:
         save_calibration(points, out / CALIBRATION_NAME)
         results["predictor"] = predictor_summary(points, "interpolation", {"alpha": cfg.baseline_alpha})
+        results["predictor_pooled"] = predictor_summary(points, None, None)
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
         "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg.model_dump(mode="json")), "device": "cuda" if torch.cuda.is_available() else
         "cpu", "cpu": _cpu_name(), "threads": torch.get_num_threads(), "cells_computed": computed,
+        **_cell_time(out, cells),
         "bootstrap": {"resamples": RESAMPLES, "level": LEVEL,
                       "unit": "test images (retrieval), examples (tasks); the same resamples for every model"},
     }
