@@ -278,8 +278,11 @@ def _predictor(pr: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None = 
             intro = (f"**Pooled over every merge** ({model['n']} merges of {', '.join(model['methods'])}, every "
                      f"coefficient, {model['groups']} source runs): a least-squares fit drop ≈ a + Σ b·f on the "
                      "candidate features with the smallest leave-one-run-out error, among every single feature and "
-                     "the pair (merge_rel_v, merge_rel_l): how far the merge moves each modality's weights, which "
-                     "knows the method and coefficient while the checkpoint's distances do not.")
+                     "the pair (merge_rel_v, merge_rel_l). Besides the checkpoint's distances the candidates "
+                     "describe the merge itself, so they know its method and coefficient: how far it moves each "
+                     "modality's weights (merge_rel_*) and how far the merged model's states move from the "
+                     "unmerged model's on 64 validation pairs (drift: per block; out_drift: 1 − cos of the final "
+                     "[CLS] states).")
         else:
             intro = (f"**{what} alone**: a line drop ≈ a + b·f on the feature f with the smallest leave-one-run-out "
                      f"error, fitted on the {model['n']} {what} merges the study evaluated ({model['groups']} source "
