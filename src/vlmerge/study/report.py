@@ -359,7 +359,9 @@ def _pareto(pareto: Mapping[str, Any] | None) -> list[str]:
         for r in pr["by_k"]:
             p, d = r["predictor"], r["depth"]
             one = r["n_random"] == 1 and pr["exhaustive"]  # k = 0 or n: every choice is the same set
-            lines.append(f"| {r['k']} | {p['params']:,} | {_cell(r['random'], 'r_mean')} ({r['n_random']}) | "
+            n_params = p["params"]  # a mean over seeds where their predictors kept different layers
+            params = f"{int(n_params):,}" if float(n_params).is_integer() else f"{n_params:,.0f} (mean over seeds)"
+            lines.append(f"| {r['k']} | {params} | {_cell(r['random'], 'r_mean')} ({r['n_random']}) | "
                          f"{p['keep'] or '–'} | {_cell(p['scores'], 'r_mean')} | {_cell(d['scores'], 'r_mean')} | "
                          f"{_diff(r['predictor_vs_random'])} | "
                          f"{'one choice' if one else _verdict(r['predictor_vs_random'])} |")
