@@ -293,6 +293,31 @@ def test_failure_while_writing_shards_leaves_nothing(tmp_path: Path, capsys: pyt
     nothing_left(tmp_path)
 
 
+@pytest.mark.parametrize(("method", "bad"), [
+    ("linear", "y"),  # weight 0 on the bad model: 0 · Inf = NaN still reaches the result
+    ("task_arithmetic", "base"),
+    ("task_arithmetic", "y"),
+    ("passthrough", "x"),
+    ("ties", "y"),  # checked input by input (selection may drop the bad entry)
+])
+def test_a_non_finite_input_is_named_whether_checked_first_or_from_the_result(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, bad: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    sds = {name: {k: torch.randn(n, generator=g) for k, n in SIZES.items()} for name in ("x", "y", "base")}
+    sds[bad]["b.weight"][2] = float("inf")
+    paths = {name: hf(tmp_path, name, sd) for name, sd in sds.items()}
+    doc: dict[str, Any] = {"merge_method": method, "models": [{"model": str(paths["x"])}]}
+    if method != "passthrough":
+        doc["models"].append({"model": str(paths["y"]), "parameters": {"weight": 0.0 if method == "linear" else 1.0}})
+        doc["models"][0]["parameters"] = {"weight": 1.0}
+    if method in ("task_arithmetic", "ties"):
+        doc["base_model"] = str(paths["base"])
+        doc["parameters"] = {"density": 0.5} if method == "ties" else {}
+    cfg = write_cfg(tmp_path / "m.yaml", doc)
+    refused(capsys, ["merge", str(cfg), str(tmp_path / "out")], str(paths[bad]), "b.weight", "NaN or Inf")
+    nothing_left(tmp_path)
+
+
 # ------------------------------------------------------------------------- files beside the weights, records
 def header_sha256(f: Path) -> str:
     raw = f.read_bytes()

@@ -530,7 +530,12 @@ def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool
         if not 2.0**-60 <= top <= 2.0**60:
             e = math.frexp(top)[1]
             w = [math.ldexp(x, -e) for x in w]
-    out = sum((wi * x for wi, x in zip(w, xs, strict=True)), torch.zeros_like(xs[0]))
+    # w_0 x_0, then + w_i x_i through one reused product buffer: the same roundings as the plain sum, 2
+    # allocations instead of 2N + 1
+    out = xs[0] * w[0]
+    tmp = torch.empty_like(out) if len(xs) > 1 else out
+    for wi, x in zip(w[1:], xs[1:], strict=True):
+        out += torch.mul(x, wi, out=tmp)
     if normalize:
         total = sum(w)
         if total == 0:
@@ -1130,18 +1135,30 @@ def _model_card(name: str, cfg: MergekitConfig, base: _Input | None, merged: Seq
     return "\n".join(lines)
 
 
+# Methods whose result is NaN / Inf wherever any merged input is (products with every input, no masking or
+# selection): their inputs need no check of their own, the result's finds a bad input (0 · Inf = NaN too).
+_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "passthrough")
+
+
 def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged: Sequence[_Input],
                 checked: Sequence[_Input], out_dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Read tensor ``k`` of every input, refuse NaN / Inf, merge in float32 on ``device`` (or check integer
     tensors equal and copy), cast to ``out_dtype``, refuse a non-finite result and return it on the CPU. With
-    no ``merged`` inputs (a key taken from the base), the base's tensor, cast."""
-    tensors: dict[int, torch.Tensor] = {}
-    for inp in checked:
-        t = inp.reader.get(k)
-        if t.is_floating_point() and not is_finite(t):
-            raise ValueError(f"{inp.path}: tensor {k!r} contains NaN or Inf")
-        tensors[id(inp)] = t
+    no ``merged`` inputs (a key taken from the base), the base's tensor, cast. For the methods of
+    :data:`_PROPAGATES_NONFINITE` whose every checked input is merged, the inputs are checked only when the
+    result is not finite (one pass instead of one per input), with the same errors in the same order."""
+    tensors = {id(inp): inp.reader.get(k) for inp in checked}
+    used = {id(i) for i in merged} | ({id(base)} if base is not None and cfg.merge_method == "task_arithmetic"
+                                      else set())
+    deferred = bool(merged) and cfg.merge_method in _PROPAGATES_NONFINITE and all(id(i) in used for i in checked)
+
+    def check_inputs() -> None:
+        for inp in checked:
+            t = tensors[id(inp)]
+            if t.is_floating_point() and not is_finite(t):
+                raise ValueError(f"{inp.path}: tensor {k!r} contains NaN or Inf")
+
     ref = tensors[id(checked[0])]
     if not ref.is_floating_point():
         for inp in checked[1:]:
@@ -1149,17 +1166,21 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
                 raise ValueError(f"{inp.path}: integer tensor {k!r} differs from {checked[0].path}'s; non-float "
                                  "tensors are copied and must be equal in every model")
         return ref
+    if not deferred:
+        check_inputs()
     if not merged:
-        res = ref.to(out_dtype)
+        res32 = res = ref.to(out_dtype)
     else:
         b = tensors[id(base)].to(device).float() if base is not None else None
         xs = [tensors[id(i)].to(device).float() for i in merged]
-        res = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs)
-        if not is_finite(res):
+        res32 = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs)
+        res = res32.to(out_dtype)
+    if not is_finite(res):  # one check of the output; the cause is looked up only on this error path
+        if deferred:
+            check_inputs()
+        if not is_finite(res32):
             raise ValueError(f"merged tensor {k!r} is not finite in float32 (overflow, or 0 / 0 from weights too "
                              "small or large for float32); check the weights / lambda")
-        res = res.to(out_dtype)
-    if not is_finite(res):
         raise ValueError(f"merged tensor {k!r} is not finite after the cast to "
                          f"{str(out_dtype).removeprefix('torch.')} (it overflows that dtype); "
                          "check the weights / lambda, or use a wider dtype")
