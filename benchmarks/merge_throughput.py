@@ -703,7 +703,7 @@ def render_yaml(rows: list[dict[str, Any]], sizes: dict[str, float], args: argpa
         f"Command: `{cmd.strip()}`; {code}"
         + (" (**src/ changed during the run**: rows may mix code versions)." if args.src_changed else "."),
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU, shared with other jobs; "
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU; "
         f"Python {platform.python_version()}, torch {torch.__version__}; mergekit {mk_ver} "
         f"(`{args.mergekit_python}`, built by `python3 -m venv V && V/bin/pip install torch==2.13.0 && "
         "V/bin/pip install mergekit==0.1.5`).",
@@ -720,8 +720,10 @@ def render_yaml(rows: list[dict[str, Any]], sizes: dict[str, float], args: argpa
         f"{'the one run' if reps == 1 else f'fastest of {reps}'} (`run_merge` in-process, CPU, lazy unpickle, "
         "seed 0). *× floor*: fastest vlmerge round over the fastest floor round; *median ×*: median over "
         "median. *RSS − floor*: peak RSS above the floor's, also in largest tensors. vlmerge's mergekit runner "
-        "is single-threaded per tensor (read every input, check it finite, merge, cast, check, write; fsync at "
-        "the end). *agreement*: deterministic methods, max |vlmerge − mergekit| over every entry and that "
+        "reads and merges the next tensors in two worker threads while the main thread writes the current one "
+        "(read the inputs, check them finite or, for linear / task arithmetic / passthrough, only the result, "
+        "merge, cast, write; fsync at the end). *agreement*: deterministic methods, max |vlmerge − mergekit| "
+        "over every entry and that "
         "relative to the tensor's max |mergekit|, with the count of entries off by > 1e-5 of it; random "
         "methods (generators differ): of Δ = out − C per tensor, the kept fraction (Δ ≠ 0) of vlmerge vs "
         "mergekit and the largest per-tensor |‖Δ_vl‖₁ / ‖Δ_mk‖₁ − 1|. *target* (the issue's): elementwise "
