@@ -281,8 +281,8 @@ def _predictor(pr: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None = 
                      "the pair (merge_rel_v, merge_rel_l). Besides the checkpoint's distances the candidates "
                      "describe the merge itself, so they know its method and coefficient: how far it moves each "
                      "modality's weights (merge_rel_*) and how far the merged model's states move from the "
-                     "unmerged model's on 64 validation pairs (drift: per block; out_drift: 1 − cos of the final "
-                     "[CLS] states).")
+                     f"unmerged model's on {model.get('drift_pairs', '?')} validation pairs (drift: per block; "
+                     "out_drift: 1 − cos of the final [CLS] states).")
         else:
             intro = (f"**{what} alone**: a line drop ≈ a + b·f on the feature f with the smallest leave-one-run-out "
                      f"error, fitted on the {model['n']} {what} merges the study evaluated ({model['groups']} source "

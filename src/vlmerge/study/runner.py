@@ -57,7 +57,7 @@ log = logging.getLogger("vlmerge.study")
 
 PARTS = ("table1", "figure3", "table2", "figure4", "table3", "table5", "layerwise", "pareto")
 EVAL_VERSION = 2  # in every evaluating cell's spec: cells scored by an older evaluator are recomputed
-PREDICT_BATCHES = 2  # validation batches (of 32 pairs) for each calibration point's activation drift
+PREDICT_BATCHES, PREDICT_BATCH_SIZE = 2, 32  # validation pairs for each calibration point's activation drift
 
 
 class _Strict(BaseModel):
@@ -396,31 +396,37 @@ class Study:
     def calibration_points(self) -> list[dict[str, Any]]:
         """Every evaluated merge as a ``vlmerge predict`` calibration point: the source checkpoint's weight
         features and the merge's own (:func:`~vlmerge.metrics.predict.merge_features` and the activation drift
-        :func:`~vlmerge.metrics.predict.merge_drift` on ``predict_batches`` batches of the world's validation
-        split), the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval. The group is
-        the source run's label (architecture and K_seed), so a held-out fit never sees the held-out run."""
+        :func:`~vlmerge.metrics.predict.merge_drift` on :data:`PREDICT_BATCHES` batches of the world's
+        validation split), the merge, its retrieval drop (Avg TR/IR mean, points) with the bootstrap interval.
+        The group is the source run's label (architecture and K_seed), so a held-out fit never sees the held-out
+        run. Points come grouped by source, each source read once."""
         from ..merge.gram_data import world_batches
         from ..metrics.predict import calibration_point, layer_report, merge_drift, merge_features
         from ..models.checkpoint import CheckpointReader, load_model
 
+        by_source: dict[str, list[tuple[Mapping[str, Any], Mapping[str, Any], str, dict[str, Any]]]] = {}
+        for merge in self.merges.values():
+            by_source.setdefault(merge[0]["final"], []).append(merge)
         points, batches = [], None
-        for src, merged, method, params in self.merges.values():
-            if src["final"] not in self._features:
-                self._features[src["final"]] = layer_report(self.path(src["final"]))["global"]
-            with CheckpointReader(self.path(src["final"])) as a, CheckpointReader(self.path(merged["final"])) as b:
-                sd, merged_sd = a.state_dict(), b.state_dict()
-            moved = merge_features(sd, merged_sd)
-            model = load_model(self.path(src["final"])).eval()
+        for final, merges in by_source.items():
+            if final not in self._features:
+                self._features[final] = layer_report(self.path(final))["global"]
+            with CheckpointReader(self.path(final)) as r:
+                sd = r.state_dict()
+            model = load_model(self.path(final)).eval()
             if batches is None:  # the same validation pairs for every merge (every model shares the world)
-                batches = list(world_batches(model, PREDICT_BATCHES, self.seed, batch_size=32, world=self.cfg.world,
-                                             split="val"))
-            moved |= merge_drift(model, merged_sd, batches)
-            before, after = self.scores(src), self.scores(merged)
-            interval = difference(before, after).interval("r_mean")  # paired: the same test resamples
-            ci = list(interval) if interval is not None else None
-            points.append(calibration_point({**self._features[src["final"]], **moved}, method, params,
-                                            before["r_mean"] - after["r_mean"], group=src["label"],
-                                            checkpoint=f"seed={self.seed}/{src['label']}", drop_ci=ci))
+                batches = list(world_batches(model, PREDICT_BATCHES, self.seed, batch_size=PREDICT_BATCH_SIZE,
+                                             world=self.cfg.world, split="val"))
+            for src, merged, method, params in merges:
+                with CheckpointReader(self.path(merged["final"])) as r:
+                    merged_sd = r.state_dict()
+                moved = merge_features(sd, merged_sd) | merge_drift(model, merged_sd, batches)
+                before, after = self.scores(src), self.scores(merged)
+                interval = difference(before, after).interval("r_mean")  # paired: the same test resamples
+                ci = list(interval) if interval is not None else None
+                points.append(calibration_point({**self._features[final], **moved}, method, params,
+                                                before["r_mean"] - after["r_mean"], group=src["label"],
+                                                checkpoint=f"seed={self.seed}/{src['label']}", drop_ci=ci))
         return points
 
     def grams(self, src: Mapping[str, Any]) -> Any:
@@ -753,7 +759,8 @@ def _run_study(cfg: StudyConfig, preset: str, out_dir: str | Path, parts: list[s
     if points:
         save_calibration(points, out / CALIBRATION_NAME)
         results["predictor"] = predictor_summary(points, "interpolation", {"alpha": cfg.baseline_alpha})
-        results["predictor_pooled"] = predictor_summary(points, None, None)
+        results["predictor_pooled"] = {**predictor_summary(points, None, None),
+                                       "drift_pairs": PREDICT_BATCHES * PREDICT_BATCH_SIZE}
     results["meta"] = {
         "preset": cfg.name, "seeds": list(seeds), "parts": parts, "wall_time_s": time.time() - t0,
         "command": study_command("merging", preset, out_dir, only=only, seeds=seeds, overrides=overrides),
