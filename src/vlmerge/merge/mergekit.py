@@ -520,6 +520,20 @@ def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> An
 _DOT_CHUNK = 1 << 22
 
 
+def _gram(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The [N, N] float64 matrix of dot products x_i·x_j of the flattened tensors, accumulated over
+    :data:`_DOT_CHUNK`-entry chunks so the float64 temporaries stay bounded."""
+    n = len(xs)
+    flat = [x.reshape(-1) for x in xs]
+    dots = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            dots[i, j] = dots[j, i] = sum(float(torch.dot(p.double(), q.double()))
+                                          for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK),
+                                                          strict=True))
+    return dots
+
+
 def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool) -> torch.Tensor:
     """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape.
 
@@ -658,12 +672,7 @@ def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torc
         return xs[0]
     n = len(xs)
     flat = [x.reshape(-1) for x in xs]
-    dots = torch.empty(n, n, dtype=torch.float64)  # x_i·x_j, in float64 chunks (bounded temporaries)
-    for i in range(n):
-        for j in range(i, n):
-            dots[i, j] = dots[j, i] = sum(float(torch.dot(p.double(), q.double()))
-                                          for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK),
-                                                          strict=True))
+    dots = _gram(flat)
     norms = dots.diagonal().sqrt().tolist()
     used = [i for i, nrm in enumerate(norms) if nrm > tol]
     if not used:
@@ -757,16 +766,17 @@ def merge_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     ``|dot| > 0.9995`` (nearly colinear): ``out = (1 − t) a + t b``. Otherwise ``Ω = arccos(clamp(dot, −1, 1))``,
     ``out = sin((1 − t) Ω) / sin Ω · a + sin(t Ω) / sin Ω · b`` (on the unnormalised tensors, as mergekit does).
     """
-    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
-    na, nb = fa.norm(), fb.norm()
-    ua = fa / na if na > SLERP_EPS else fa
-    ub = fb / nb if nb > SLERP_EPS else fb
-    dot = float((ua * ub).sum())
+    # the norms and the dot in float64 from one Gram pass; the tensors are touched again only for the result
+    dots = _gram([a, b])
+    na, nb = math.sqrt(float(dots[0, 0])), math.sqrt(float(dots[1, 1]))
+    dot = float(dots[0, 1]) / ((na if na > SLERP_EPS else 1.0) * (nb if nb > SLERP_EPS else 1.0))
     if abs(dot) > SLERP_DOT_THRESHOLD:
         return ((1 - t) * a + t * b).to(a.dtype)
     omega = math.acos(min(max(dot, -1.0), 1.0))
     so = math.sin(omega)
-    return (math.sin((1 - t) * omega) / so * fa + math.sin(t * omega) / so * fb).reshape(a.shape).to(a.dtype)
+    out = a * (math.sin((1 - t) * omega) / so)
+    out += b * (math.sin(t * omega) / so)
+    return out.to(a.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ runner
