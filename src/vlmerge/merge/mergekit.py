@@ -522,15 +522,13 @@ _DOT_CHUNK = 1 << 22
 
 def _gram(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The [N, N] float64 matrix of dot products x_i·x_j of the flattened tensors, accumulated over
-    :data:`_DOT_CHUNK`-entry chunks so the float64 temporaries stay bounded."""
-    n = len(xs)
+    :data:`_DOT_CHUNK`-entry chunks (each chunk of every input converted to float64 once, then one small
+    matrix product), so the float64 temporaries stay bounded."""
     flat = [x.reshape(-1) for x in xs]
-    dots = torch.empty(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            dots[i, j] = dots[j, i] = sum(float(torch.dot(p.double(), q.double()))
-                                          for p, q in zip(flat[i].split(_DOT_CHUNK), flat[j].split(_DOT_CHUNK),
-                                                          strict=True))
+    dots = torch.zeros(len(xs), len(xs), dtype=torch.float64)
+    for parts in zip(*(f.split(_DOT_CHUNK) for f in flat), strict=True):
+        chunk = torch.stack(parts).double()  # [N, chunk]
+        dots += chunk @ chunk.T
     return dots
 
 
@@ -775,8 +773,7 @@ def merge_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     omega = math.acos(min(max(dot, -1.0), 1.0))
     so = math.sin(omega)
     out = a * (math.sin((1 - t) * omega) / so)
-    out += b * (math.sin(t * omega) / so)
-    return out.to(a.dtype)
+    return out.add_(b, alpha=math.sin(t * omega) / so).to(a.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ runner
