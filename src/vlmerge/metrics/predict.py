@@ -152,13 +152,19 @@ def merge_features(sd: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Te
     return out | {"merge_rel_max": max(out.values())}
 
 
-def merge_drift(model: Any, merged_sd: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> dict[str, float]:
-    """``drift`` and ``out_drift`` (module docstring) of the merge ``merged_sd`` of ``model`` on ``batches``."""
+def _merge_activation_drift(model: Any, merged_sd: Mapping[str, torch.Tensor], batches: Iterable[Any]
+                            ) -> dict[str, Any]:
+    """:func:`activation_drift` of the merge ``merged_sd`` (loaded into a modality-agnostic copy of ``model``)."""
     from ..models import VLMo
 
     merged = VLMo(model.config.replace(arch="maa"))
     merged.load_state_dict(dict(merged_sd))
-    drift = activation_drift(model, merged, batches)
+    return activation_drift(model, merged, batches)
+
+
+def merge_drift(model: Any, merged_sd: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> dict[str, float]:
+    """``drift`` and ``out_drift`` (module docstring) of the merge ``merged_sd`` of ``model`` on ``batches``."""
+    drift = _merge_activation_drift(model, merged_sd, batches)
     return {"drift": drift["drift"], "out_drift": drift["out_drift"]}
 
 
@@ -298,11 +304,7 @@ def layer_report(ckpt: str | os.PathLike[str], *, base: str | os.PathLike[str] |
     risk_from = "rel_l2"
     if batches is not None:
         model = load_model(ckpt).eval()
-        from ..models import VLMo
-
-        merged = VLMo(model.config.replace(arch="maa"))
-        merged.load_state_dict(merged_state_dict(sd, method, params, base_sd))
-        drift = activation_drift(model, merged, batches)
+        drift = _merge_activation_drift(model, merged_state_dict(sd, method, params, base_sd), batches)
         by_layer = {r["layer"]: r for r in drift["per_layer"]}
         for row in rows:
             row |= {k: v for k, v in by_layer[row["layer"]].items() if k != "layer"}
