@@ -93,8 +93,8 @@ are errors (mergekit ignores those too); numbers must be finite, ranges are chec
   probabilities per row (della*); sign consensus (+ on a zero sum) for ties / dare_ties / breadcrumbs_ties /
   della; ``rescale`` keeps each sparsified task vector's L1 norm.
   Random methods: mergekit draws from torch's global RNG (``--random-seed``), whose bits cannot be matched;
-  here input ``i`` (0-based among the merged models) of tensor ``NAME`` draws ``torch.rand`` from
-  ``torch.Generator().manual_seed(tensor_seed(random_seed, "NAME#i"))`` (:func:`~.taskvector.input_generator`),
+  here input ``i`` (0-based among the merged models) of tensor ``NAME`` draws float32 uniforms from
+  ``numpy.random.Generator(SFC64(tensor_seed(random_seed, "NAME#i")))`` (:func:`~.taskvector.input_generator`),
   with the global ``random_seed`` (a vlmerge addition, an integer ≥ 0, default 0; mergekit ignores it): the
   same config gives the same bits, whatever the order tensors are visited.
 * ``slerp``: global ``t`` (required); two models, the base one of them (:func:`merge_slerp`).
@@ -127,7 +127,6 @@ import stat
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -145,14 +144,23 @@ from ..files import guard_output_dir, make_temp_dir
 from ..models.checkpoint import CONFIG_NAME, atomic_write_json
 from .base import is_finite
 from .io import TORCH_SUFFIXES, ShardedWeightsWriter, StreamingReader, TorchReader, open_weights, parse_size
-from .streaming import _WORKERS, _listing, _publish, fingerprint, read_ahead  # as vlmerge's own merges do
+from .streaming import (  # as vlmerge's own merges do
+    _listing,
+    _OutputBuffers,
+    _publish,
+    fingerprint,
+    merge_workers,
+    read_ahead,
+)
 from .taskvector import (
     Consensus,
+    RankBound,
     Sparsification,
     TaskVectorSettings,
+    chunk_size,
     input_generator,
     merge_task_vectors,
-    top_k_mask,
+    rank_bound,
 )
 
 PathLike = str | os.PathLike[str]
@@ -516,24 +524,52 @@ def resolve_param(value: Any, name: str, layer: int | None, n_layers: int) -> An
 
 
 # ----------------------------------------------------------------------------------------------- methods
-#: entries per float64 chunk of a dot product (bounds the temporaries of a large tensor's Gram entries)
-_DOT_CHUNK = 1 << 22
+#: Entries per float64 chunk of a dot product: the chunk's float64 copies (1 MB per input) stay in cache and
+#: their memory is reused; a 4096 × 1024 pair's Gram took 6.4 ms in 2^17-entry chunks against 72 ms in 2^22-entry
+#: ones, which fault in fresh pages for every copy (one core, AMD EPYC).
+_DOT_CHUNK = 1 << 17
 
 
-def _gram(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The [N, N] float64 matrix of dot products x_i·x_j of the flattened tensors, accumulated over
-    :data:`_DOT_CHUNK`-entry chunks (each chunk of every input converted to float64 once, then one small
-    matrix product), so the float64 temporaries stay bounded."""
+def _gram(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, N] float64 matrix of dot products v_i·v_j of the flattened ``v_i = x_i`` (or ``x_i − base``,
+    subtracted in float64), accumulated over :data:`_DOT_CHUNK`-entry chunks (each chunk of every input converted
+    to float64 once, then one small matrix product), so the float64 temporaries stay bounded."""
     flat = [x.reshape(-1) for x in xs]
     dots = torch.zeros(len(xs), len(xs), dtype=torch.float64)
-    for parts in zip(*(f.split(_DOT_CHUNK) for f in flat), strict=True):
+    b = base.reshape(-1).split(_DOT_CHUNK) if base is not None else None
+    for i, parts in enumerate(zip(*(f.split(_DOT_CHUNK) for f in flat), strict=True)):
         chunk = torch.stack(parts).double()  # [N, chunk]
+        if b is not None:
+            chunk -= b[i].double()
         dots += chunk @ chunk.T
     return dots
 
 
-def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool) -> torch.Tensor:
-    """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape.
+def _combine(xs: Sequence[torch.Tensor], coefs: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:
+    """``b + Σ_j k_j (x_j − b)`` (or ``Σ_j k_j x_j`` without a base) in float32, one cache-sized chunk at a
+    time: the result of a merge whose every step is a small computation on a Gram matrix."""
+    flat = [x.reshape(-1) for x in xs]
+    b = base.reshape(-1) if base is not None else None
+    out = torch.empty_like(flat[0])
+    step = chunk_size(out)
+    for s in range(0, out.numel(), step):
+        part = slice(s, s + step)
+        acc: torch.Tensor | None = None
+        for k, x in zip(coefs, flat, strict=True):
+            d = x[part] - b[part] if b is not None else x[part].clone()
+            acc = d.mul_(k) if acc is None else acc.add_(d, alpha=k)
+        assert acc is not None
+        if b is not None:
+            torch.add(b[part], acc, out=out[part])
+        else:
+            out[part] = acc
+    return out.reshape(xs[0].shape)
+
+
+def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = Σ_i w_i x_i / Σ_i w_i`` (``normalize``) or ``Σ_i w_i x_i``; every ``x_i`` float32 of one shape;
+    written into ``out`` (a contiguous float32 tensor of that shape) when given.
 
     With ``normalize``, weights far outside float32's range (``1e-320``, ``1e300``) are first scaled by one
     power of two (exact, and it cancels in the ratio), so they do not underflow to 0 (0 / 0) or overflow."""
@@ -544,16 +580,14 @@ def merge_linear(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool
             w = [math.ldexp(x, -e) for x in w]
     # w_0 x_0, then + w_i x_i through one reused product buffer: the same roundings as the plain sum, 2
     # allocations instead of 2N + 1
-    out = xs[0] * w[0]
+    total = sum(w)
+    if normalize and total == 0:
+        raise ValueError("linear: the weights sum to 0; with normalize: true they must not")
+    out = torch.mul(xs[0], w[0], out=out) if out is not None else xs[0] * w[0]
     tmp = torch.empty_like(out) if len(xs) > 1 else out
     for wi, x in zip(w[1:], xs[1:], strict=True):
         out += torch.mul(x, wi, out=tmp)
-    if normalize:
-        total = sum(w)
-        if total == 0:
-            raise ValueError("linear: the weights sum to 0; with normalize: true they must not")
-        out = out / total
-    return out
+    return out.div_(total) if normalize else out
 
 
 def merge_model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool) -> torch.Tensor:
@@ -562,10 +596,21 @@ def merge_model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wis
     Vectors ``v``: the whole flattened tensor, or with ``filter_wise`` each row along the last axis (a 1-D
     tensor is one row). Per vector: offsets ``δ_i = x_i − b``; ``c`` = the mean over pairs ``i < j`` of
     ``clamp(δ_i·δ_j / max(‖δ_i‖ ‖δ_j‖, 1e-6), −1, 1)``; ``t = k c / (1 + (k − 1) c)`` (``t = 0``, the base,
-    where ``|1 + (k − 1) c| < 1e-6``); ``out = t · mean_i x_i + (1 − t) · b``.
+    where ``|1 + (k − 1) c| < 1e-6``); ``out = t · mean_i x_i + (1 − t) · b``. One vector (the default): ``t``
+    from the ``k × k`` Gram matrix of the ``δ_i`` (float64) and ``out = b + (t / k) Σ_i δ_i`` in one pass
+    (mergekit's float32 tensor arithmetic agrees to its rounding).
     """
     k = len(xs)
-    rows = base if filter_wise and base.dim() > 1 else base.reshape(1, -1)  # vectors along the last axis
+    if not (filter_wise and base.dim() > 1):  # one vector: its k × k Gram matrix (float64) gives t
+        dots = _gram(xs, base)
+        norms = dots.diagonal().clamp(min=0).sqrt().tolist()
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        c = sum(min(max(float(dots[i, j]) / max(norms[i] * norms[j], 1e-6), -1.0), 1.0) for i, j in pairs)
+        c /= len(pairs)
+        den = 1 + (k - 1) * c
+        t = 0.0 if abs(den) < 1e-6 else k * c / den
+        return _combine(xs, [t / k] * k, base)  # b + t (mean_i x_i − b)
+    rows = base  # vectors along the last axis
     v = torch.stack([x.reshape(rows.shape) for x in xs])  # [k, ..., D]
     off = v - rows
     norms = off.norm(dim=-1)  # [k, ...]
@@ -598,14 +643,22 @@ def merge_nuslerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: Sequ
     ``t = w_1 / (w_0 + w_1)`` (``0.5`` when ``|w_0 + w_1| < 1e-6``); ``v_i = x_i − b`` with a base, else ``x_i``;
     :func:`_slerp_vectors` of ``t`` over vectors: the whole flattened tensor (``nuslerp_flatten``, the
     default), else the slices along the first axis (``nuslerp_row_wise``: ``x[:, j, ...]``) or, by default,
-    along the last axis (the rows ``x[i, :]`` of a matrix); ``out = b + slerp`` (or the slerp).
+    along the last axis (the rows ``x[i, :]`` of a matrix); ``out = b + slerp`` (or the slerp). Flattened: the
+    norms and ``cos θ`` from the 2 × 2 Gram matrix (float64), then one combination pass.
     """
     total = w[0] + w[1]
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    if flatten:  # one pair of vectors: its 2 × 2 Gram matrix gives both coefficients (float64)
+        dots = _gram(xs[:2], base)
+        na, nb = (max(math.sqrt(max(float(dots[i, i]), 0.0)), 1e-7) for i in (0, 1))
+        cos = min(max(float(dots[0, 1]) / (na * nb), -1.0), 1.0)
+        if 1 - cos * cos <= 1e-16:
+            return _combine(xs[:2], [1 - t, t], base)
+        theta = math.acos(cos)
+        return _combine(xs[:2], [math.sin((1 - t) * theta) / math.sin(theta),
+                                 math.sin(t * theta) / math.sin(theta)], base)
     v0, v1 = (xs[0] - base, xs[1] - base) if base is not None else (xs[0], xs[1])
-    if flatten:
-        out = _slerp_vectors(t, v0.reshape(-1), v1.reshape(-1)).reshape(v0.shape)
-    elif row_wise and v0.dim() > 1:
+    if row_wise and v0.dim() > 1:
         out = _slerp_vectors(t, v0.movedim(0, -1), v1.movedim(0, -1)).movedim(-1, 0)
     else:
         out = _slerp_vectors(t, v0, v1)
@@ -621,34 +674,40 @@ def merge_multislerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: S
     < eps``: inputs that all equal the base give the base, two inputs fall back to ``ŵ_0 v_0 + ŵ_1 v_1``, more
     are an error. Else ``μ ← μ / ‖μ‖``, tangents
     ``g_i = u_i − (u_i·μ) μ``, ``g = Σ ŵ_i g_i``, ``θ = ‖g‖ + eps``, ``r = cos θ · μ + sin θ / θ · g``;
-    ``out = b + (Σ ŵ_i ‖v_i‖) r``.
+    ``out = b + (Σ ŵ_i ‖v_i‖) r``. Computed on the coefficients of the ``v_i`` with their Gram matrix (float64),
+    then one combination pass (mergekit's float32 tensor arithmetic agrees to its rounding).
     """
     if len(xs) == 1:
         return xs[0]
-    v = torch.stack([(x - base if base is not None else x).reshape(-1) for x in xs])  # [N, D]
-    ww = torch.tensor(list(w), dtype=v.dtype, device=v.device)
+    # μ, g and the result are combinations Σ_i c_i v_i: the N coefficients are computed with the Gram matrix of
+    # the v_i in float64, and only the Gram pass and the final combination touch the tensors
+    ww = [float(x) for x in w]
     if normalize_weights:
-        if float(ww.sum()) == 0:
+        if sum(ww) == 0:
             raise ValueError("multislerp: the weights sum to 0; with normalize_weights: true they must not")
-        ww = ww / ww.sum()
-    norms = v.norm(dim=1)
-    u = v / (norms[:, None] + eps)
-    mu = (ww[:, None] * u).sum(0)
-    mu_norm = mu.norm()
+        ww = [x / sum(w) for x in ww]
+    gram = _gram(xs, base)  # v_i·v_j
+    weights = torch.tensor(ww, dtype=torch.float64)
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    c_mu = weights / (norms + eps)  # μ = Σ ŵ_i u_i, u_i = v_i / (‖v_i‖ + eps)
+
+    def norm_of(c: torch.Tensor) -> float:
+        return math.sqrt(max(float(c @ gram @ c), 0.0))
+
+    mu_norm = norm_of(c_mu)
     if mu_norm < eps:
         if float(norms.max()) == 0:  # every input equals the base: the mean is the base (mergekit raises here)
             return xs[0].clone()
         if len(xs) != 2:
             raise ValueError("multislerp: the weighted mean of the directions is zero (antipodal inputs whose "
                              "weights balance out); change the weights")
-        out = ww[0] * v[0] + ww[1] * v[1]
-    else:
-        mu = mu / mu_norm
-        g = (ww[:, None] * (u - (u @ mu)[:, None] * mu)).sum(0)
-        theta = g.norm() + eps
-        out = (torch.cos(theta) * mu + torch.sin(theta) / theta * g) * (ww * norms).sum()
-    out = out.reshape(xs[0].shape)
-    return out if base is None else base + out
+        return _combine(xs, ww, base)
+    c_mu = c_mu / mu_norm
+    dots = (gram @ c_mu) / (norms + eps)  # u_i·μ
+    c_g = weights / (norms + eps) - float((weights * dots).sum()) * c_mu  # g = Σ ŵ_i (u_i − (u_i·μ) μ)
+    theta = norm_of(c_g) + eps
+    coefs = (math.cos(theta) * c_mu + math.sin(theta) / theta * c_g) * float((weights * norms).sum())
+    return _combine(xs, coefs.tolist(), base)
 
 
 def merge_karcher(xs: Sequence[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
@@ -726,7 +785,8 @@ def _population_variance(stacked: torch.Tensor) -> torch.Tensor:
     return var.div_(n)
 
 
-def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """SCE (Select, Calculate, Erase; FuseChat 2), mergekit's ``sce``: ``base`` and ``N ≥ 0`` inputs (none: the
     base).
 
@@ -739,22 +799,50 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     """
     if not xs:  # only the base (mergekit's sce_merge returns it)
         return base
-    taus = torch.stack([x - base for x in xs])  # [N, ...]
+    b = base.reshape(-1)
+    flat = [x.reshape(-1) for x in xs]
+    n, step = b.numel(), chunk_size(b)
+    chunks = [slice(s, s + step) for s in range(0, n, step)]
+
+    def taus_of(part: slice) -> list[torch.Tensor]:
+        return [x[part] - b[part] for x in flat]
+
+    keep: RankBound | None = None  # None: every entry selected
+    var = b
     if select_topk < 1:
-        keep = torch.zeros(base.numel(), dtype=torch.bool, device=base.device)
+        keep = RankBound(math.inf, 0, True)  # none selected
         if select_topk > 0:
-            var = _population_variance(taus).reshape(-1)
+            var = torch.empty_like(b)
+            for part in chunks:
+                var[part] = _population_variance(torch.stack(taus_of(part)))
             k = int(torch.count_nonzero(var) * select_topk)  # as mergekit: an int64 tensor times a float
             if k > 0:
-                keep = top_k_mask(var, k)  # sort(descending, stable)[:k], by selection
-        taus = taus * keep.reshape(base.shape)
-    ms = taus.square().reshape(len(xs), -1).mean(1)  # [N]
-    total = float(ms.sum())
-    omega = torch.full_like(ms, 1.0 / len(xs)) if abs(total) < 1e-6 else ms / total
-    omega = omega.reshape(-1, *([1] * base.dim()))
-    elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
-    wm = omega * (torch.sign(taus) == elected)
-    return base + (taus * wm).sum(0) / wm.sum(0).clamp(min=1e-6)
+                keep = rank_bound(var, k, largest=True)  # sort(descending, stable)[:k], by selection
+
+    def selected(part: slice) -> list[torch.Tensor]:
+        taus = taus_of(part)
+        if keep is not None:
+            mask = keep.mask(var[part], part.start)
+            taus = [t.mul_(mask) for t in taus]
+        return taus
+
+    squares = [0.0] * len(xs)  # Σ τ_i² over the selected entries, per chunk in float64
+    for part in chunks:
+        for i, t in enumerate(selected(part)):
+            squares[i] += float(t.square_().sum(dtype=torch.float64))
+    total = sum(q / n for q in squares) if n else 0.0
+    omega = [1.0 / len(xs)] * len(xs) if abs(total) < 1e-6 else [q / n / total for q in squares]
+    out = torch.empty_like(b) if out is None else out.reshape(-1)
+    for part in chunks:
+        taus = selected(part)
+        elected = (sum(taus[1:], taus[0].clone()) < 0).to(b.dtype).mul_(-2.0).add_(1.0)  # +1 where Σ τ ≥ 0
+        num, den = torch.zeros_like(elected), torch.zeros_like(elected)
+        for t, w in zip(taus, omega, strict=True):  # sign(τ_i) = s exactly where s·τ_i > 0
+            agreeing = t.mul_(elected).clamp_min_(0.0)
+            num.add_(agreeing.mul(w))
+            den.add_(agreeing.sign_().mul_(w))
+        torch.add(b[part], num.mul_(elected).div_(den.clamp_(min=1e-6)), out=out[part])
+    return out.reshape(base.shape)
 
 
 def merge_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -845,9 +933,12 @@ def _param(cfg: MergekitConfig, inp: _Input | None, name: str, key: str, layer: 
 
 
 def _merge_tensor(cfg: MergekitConfig, key: str, layer: int | None, n: int, base: torch.Tensor | None,
-                  inputs: Sequence[_Input], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+                  inputs: Sequence[_Input], xs: Sequence[torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Merge tensor ``key`` (layer ``layer`` of ``n``): ``xs`` are the merged inputs' tensors (float32, in the
-    order of ``inputs``: :meth:`MergekitConfig.model_paths`), ``base`` the base model's (None without one)."""
+    order of ``inputs``: :meth:`MergekitConfig.model_paths`), ``base`` the base model's (None without one).
+    ``out``: a float32 buffer of the tensor's shape that the linear, task-vector and SCE merges write into
+    (recycled memory costs no page faults); the others allocate their result."""
     m = cfg.merge_method
 
     def par(name: str, inp: _Input | None = None) -> Any:
@@ -866,10 +957,10 @@ def _merge_tensor(cfg: MergekitConfig, key: str, layer: int | None, n: int, base
         return merge_model_stock(base, xs, bool(par("filter_wise")))
     if m == "sce":
         assert base is not None
-        return merge_sce(base, xs, float(par("select_topk")))
+        return merge_sce(base, xs, float(par("select_topk")), out=out)
     w = [float(par("weight", inp)) for inp in inputs]
     if m == "linear":
-        return merge_linear(xs, w, bool(par("normalize")))
+        return merge_linear(xs, w, bool(par("normalize")), out=out)
     if m == "nuslerp":
         return merge_nuslerp(base, xs, w, bool(par("nuslerp_row_wise")), bool(par("nuslerp_flatten")))
     if m == "multislerp":
@@ -896,7 +987,8 @@ def _merge_tensor(cfg: MergekitConfig, key: str, layer: int | None, n: int, base
             raise ValueError(f"{m}: tensor {key!r} of shape {list(base.shape)} has rows of {row} entry along dim "
                              "1; DELLA's rank normalisation needs at least 2 (mergekit fails there too); give it "
                              "density 1 with a filter")
-    return merge_task_vectors(base, xs, w, settings, density=dens, gamma=gamma, epsilon=eps, generators=gens)
+    return merge_task_vectors(base, xs, w, settings, density=dens, gamma=gamma, epsilon=eps, generators=gens,
+                              out=out)
 
 
 def _resolved_config(cfg: MergekitConfig) -> dict[str, Any]:
@@ -1059,18 +1151,34 @@ def run_mergekit(cfg: MergekitConfig, out_dir: PathLike, overwrite: bool = False
                      else ref.reader.dtype(k), ref.reader.shape(k)) for k in keys}
         tmp = make_temp_dir(out)
         try:
-            def produce(k: str) -> torch.Tensor:
+            buffers = _OutputBuffers()  # float32 results go into recycled memory, given back once written
+            recycle = dev.type == "cpu" and cfg.merge_method in _WRITES_INTO_OUT
+
+            def produce(k: str) -> tuple[torch.Tensor, torch.Tensor | None]:
                 if k in from_base:
                     assert base is not None
-                    return _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev)
-                return _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev)
+                    return _one_tensor(cfg, k, n, base, [], [base], specs[k][0], dev), None
+                if not (recycle and specs[k][0] == torch.float32 and ref.reader.dtype(k).is_floating_point):
+                    return _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev), None
+                flat, view = buffers.take(tuple(specs[k][1]))
+                try:
+                    t = _one_tensor(cfg, k, n, base, merged, checked, specs[k][0], dev, out=view)
+                except BaseException:
+                    buffers.give(flat)
+                    raise
+                if t.data_ptr() != view.data_ptr():  # the method made its own result: the buffer is free
+                    buffers.give(flat)
+                    return t, None
+                return t, flat
 
             # workers read and merge the next tensors while this thread writes the current one, in key order
             with (ShardedWeightsWriter(tmp, specs, out_shard_size, metadata={"format": "pt"}) as writer,
-                  ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="vlmerge-mergekit") as pool):
-                for k, t in zip(keys, read_ahead(pool, produce, keys), strict=True):
+                  merge_workers("vlmerge-mergekit") as pool):
+                for k, (t, flat) in zip(keys, read_ahead(pool, produce, keys), strict=True):
                     writer.write(k, t)
                     del t
+                    if flat is not None:
+                        buffers.give(flat)
             assert _key(cfg_dir) == _key((base or merged[0]).path)
             for src, name in (*side, *tok_files):
                 shutil.copyfile(src, tmp / name)  # a symlink's content (a Hugging Face cache links into blobs/)
@@ -1145,11 +1253,13 @@ def _model_card(name: str, cfg: MergekitConfig, base: _Input | None, merged: Seq
 # Methods whose result is NaN / Inf wherever any merged input is (products with every input, no masking or
 # selection): their inputs need no check of their own, the result's finds a bad input (0 · Inf = NaN too).
 _PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "passthrough")
+# Methods whose ``_merge_tensor`` writes a float32 result into the ``out`` buffer it is given.
+_WRITES_INTO_OUT = ("linear", "sce", *TASK_VECTOR_METHODS)
 
 
 def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged: Sequence[_Input],
                 checked: Sequence[_Input], out_dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+                device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
     """Read tensor ``k`` of every input, refuse NaN / Inf, merge in float32 on ``device`` (or check integer
     tensors equal and copy), cast to ``out_dtype``, refuse a non-finite result and return it on the CPU. With
     no ``merged`` inputs (a key taken from the base), the base's tensor, cast. For the methods of
@@ -1180,7 +1290,7 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
     else:
         b = tensors[id(base)].to(device).float() if base is not None else None
         xs = [tensors[id(i)].to(device).float() for i in merged]
-        res32 = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs)
+        res32 = _merge_tensor(cfg, k, layer_index(k), n, b, merged, xs, out=out)
         res = res32.to(out_dtype)
     if not is_finite(res):  # one check of the output; the cause is looked up only on this error path
         if deferred:

@@ -1,0 +1,259 @@
+"""The task-vector core (:mod:`vlmerge.merge.taskvector`) against a reference written here from its module
+docstring: numpy, whole tensors, stable sorts, float64 consensus; never calling the code under test.
+
+The code computes thresholds by sampled selection and everything else one chunk at a time; the tests shrink
+the chunk (7 entries) and the sampling limits so that every chunk boundary, tie cut and bracket case (hit,
+miss, constant runs) is crossed on small tensors, and check that chunking never changes a bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import vlmerge.merge.taskvector as tv
+from vlmerge.merge.base import tensor_seed
+
+KINDS = ("none", "magnitude", "random", "magnitude_outliers", "della")
+CONSENSUS = ("none", "sign", "sign_raw")
+
+
+def draws(seed: int, name: str, i: int, n: int) -> np.ndarray:
+    """The documented stream: the first n float32 uniforms of numpy's SFC64 seeded by tensor_seed."""
+    return np.random.Generator(np.random.SFC64(tensor_seed(seed, f"{name}#{i}"))).random(n, dtype=np.float32)
+
+
+def reference(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: str, consensus: str,
+              normalize: bool, rescale: bool, lam: float, dens: list[float], gam: list[float], eps: list[float],
+              keep_ties: bool, seed: int, name: str) -> np.ndarray:
+    b32 = base.numpy().ravel()
+    n = b32.size
+    taus = []
+    for i, x in enumerate(xs):
+        t32 = x.numpy().ravel() - b32  # float32, as the code subtracts
+        mag = np.abs(t32)
+        rho = dens[i]
+        keep = np.ones(n, bool)
+        if kind != "none" and rho < 1:
+            keep = np.zeros(n, bool)
+            if kind == "magnitude" and rho > 0:
+                k = max(1, int(rho * n))
+                if keep_ties:
+                    keep = mag >= np.sort(mag)[::-1][k - 1]
+                else:
+                    keep[np.argsort(-mag, kind="stable")[:k]] = True
+            elif kind == "magnitude_outliers":
+                target, top = int(rho * n), int(gam[i] * n)
+                bottom = max(0, n - target - top)
+                keep[np.argsort(mag, kind="stable")[bottom:bottom + target]] = True
+            elif kind == "random":
+                keep = draws(seed, name, i, n) < np.float32(rho)
+            elif kind == "della" and rho > 0:
+                rows = mag.reshape(base.shape if base.dim() >= 2 else (1, -1))  # ranked along dim 1
+                c = rows.shape[1]
+                ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
+                p = (np.float32(rho - eps[i])
+                     + np.clip(ranks.astype(np.float32) / np.float32(c - 1), 0, 1) * np.float32(2 * eps[i]))
+                keep = draws(seed, name, i, n) < p.ravel()
+        tau = t32.astype(np.float64) * keep
+        if rescale and kind != "none" and rho < 1:
+            before, after = np.abs(t32.astype(np.float64)).sum(), np.abs(tau).sum()
+            if before >= tv.RESCALE_EPS and after >= tv.RESCALE_EPS:
+                tau = tau * (before / after)
+        taus.append(tau)
+    T, W = np.stack(taus), np.array(w)[:, None]
+    if consensus == "sign":
+        d = W * T
+        s = np.where(d.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(d) == s
+        num, den = (d * agree).sum(0), (W * agree).sum(0)
+        merged = num / np.where(den == 0, 1.0, den) if normalize else num
+    elif consensus == "sign_raw":
+        s = np.sign((W * T).sum(0))
+        agree = (np.sign(T) == s) & (T != 0)
+        num, den = (W * T * agree).sum(0), (W * agree).sum(0)
+        merged = np.where(den != 0, num / np.where(den != 0, den, 1.0), 0.0) if normalize else num
+    else:
+        merged = (W * T).sum(0)
+        if normalize:
+            merged = merged / (sum(w) if abs(sum(w)) >= tv.NORMALIZE_EPS else 1.0)
+    return b32.astype(np.float64) + lam * merged
+
+
+def run(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: str, consensus: str, normalize: bool,
+        rescale: bool, lam: float, dens: list[float], gam: list[float], eps: list[float], keep_ties: bool,
+        seed: int, name: str) -> torch.Tensor:
+    settings = tv.TaskVectorSettings(sparsify=kind, consensus=consensus, normalize=normalize,  # type: ignore[arg-type]
+                                     rescale=rescale, lam=lam, keep_ties=keep_ties)
+    gens = [tv.input_generator(seed, name, i) for i in range(len(xs))]
+    return tv.merge_task_vectors(base, xs, w, settings, density=dens, gamma=gam, epsilon=eps, generators=gens)
+
+
+def data(kind: str, shape: tuple[int, ...], m: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """continuous values, or small integers (many exact ties, zero task-vector entries and zero sums)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        base = torch.randint(-2, 3, shape, generator=g).float()
+        return base, [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(m)]
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(m)]
+
+
+@pytest.fixture(params=["default", "tiny chunks"])
+def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default constants, or 7-entry chunks with sampled selection from 50 entries on (16-entry samples)."""
+    if request.param == "tiny chunks":
+        monkeypatch.setattr(tv, "CHUNK", 7)
+        monkeypatch.setattr(tv, "SAMPLED_SELECTION_MIN", 50)
+        monkeypatch.setattr(tv, "_SAMPLE", 16)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("values", ["continuous", "ties"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_task_vectors_matches_the_reference(kind: str, values: str, chunking: str) -> None:
+    shape = (23, 17)
+    for m, consensus, normalize, rescale, keep_ties in itertools.product(
+            (1, 3), CONSENSUS, (False, True), (False, True), (False, True)):
+        if keep_ties and kind != "magnitude":
+            continue
+        base, xs = data(values, shape, m, seed=m + 7)
+        w = [1.0, -0.5, 2.0][:m]
+        dens = [0.5, 0.3, 0.9][:m] if kind != "magnitude_outliers" else [0.8, 0.6, 0.9][:m]
+        gam, eps = [0.1, 0.05, 0.2][:m], [0.2, 0.1, 0.05][:m]
+        args = (base, xs, w, kind, consensus, normalize, rescale, 0.7, dens, gam, eps, keep_ties, 3, "t.w")
+        got = run(*args)
+        assert got.shape == base.shape and got.dtype == base.dtype
+        np.testing.assert_allclose(got.double().numpy().ravel(), reference(*args), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{kind} {values} m={m} {consensus} n={normalize} r={rescale} "
+                                           f"t={keep_ties} {chunking}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunking_and_sampling_change_no_bit(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 7 and a sampled selection from 50 entries give the whole-tensor result bit for bit (without
+    rescale, whose L1 sums are taken per chunk), on tied and continuous values."""
+    for values in ("continuous", "ties"):
+        base, xs = data(values, (31, 13), 3, seed=11)
+        args = (base, xs, [1.0, 0.5, -1.0], kind, "sign", True, False, 1.0, [0.4, 0.6, 0.5], [0.1] * 3,
+                [0.2] * 3, False, 0, "k")
+        whole = run(*args)
+        with monkeypatch.context() as mp:
+            mp.setattr(tv, "CHUNK", 7)
+            mp.setattr(tv, "SAMPLED_SELECTION_MIN", 50)
+            mp.setattr(tv, "_SAMPLE", 16)
+            chunked = run(*args)
+        assert torch.equal(whole, chunked), (kind, values)
+
+
+def test_draws_are_one_stream_whatever_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The random kinds' documented draws: the j-th float32 uniform of the input's generator, however the
+    stream is cut into chunks (so the result does not depend on :data:`CHUNK`)."""
+    n = 1000
+    want = draws(5, "x", 1, n) < np.float32(0.3)
+    for chunk in (7, 64, 1 << 17):
+        monkeypatch.setattr(tv, "CHUNK", chunk)
+        assert np.array_equal(tv._draws_below(tv.input_generator(5, "x", 1), 0.3, n).numpy(), want), chunk
+
+
+def _sorted_reference(v: np.ndarray, q: int) -> tuple[float, int, int]:
+    thr = np.sort(v)[q]
+    return float(thr), int((v < thr).sum()), int((v == thr).sum())
+
+
+@pytest.mark.parametrize("case", ["continuous", "small integers", "constant", "defeats the stride"])
+def test_order_statistic_is_exact_at_full_size(case: str) -> None:
+    """At the default sampling sizes (n above SAMPLED_SELECTION_MIN): the bracket's hits, its misses (a stride-
+    aligned pattern the sample cannot see) and constant runs all give the sorted array's entry and counts."""
+    n = tv.SAMPLED_SELECTION_MIN + 12345
+    rng = np.random.default_rng(0)
+    v = {"continuous": rng.standard_normal(n), "small integers": rng.integers(0, 5, n),
+         "constant": np.zeros(n), "defeats the stride": rng.standard_normal(n)}[case].astype(np.float32)
+    if case == "defeats the stride":
+        v[:: n // tv._SAMPLE] = 100.0  # every sampled entry is the maximum
+    t = torch.from_numpy(v)
+    for q in (0, 1, n // 3, n // 2, n - 2, n - 1):
+        assert tv._order_statistic(t, q) == _sorted_reference(v, q), (case, q)
+    b = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    x = b + t  # (x, b) reads |x − b| in chunks; the reference materialises it
+    mag = np.abs(x.numpy() - b.numpy())
+    for q in (0, n // 2, n - 1):
+        assert tv._order_statistic((x, b), q) == _sorted_reference(mag, q), (case, q)
+
+
+def test_rank_bound_is_the_stable_sort_prefix_at_full_size() -> None:
+    """top-k / bottom-k at the default sizes, with ties at the cut spread over many chunks."""
+    n = tv.SAMPLED_SELECTION_MIN + 999
+    rng = np.random.default_rng(1)
+    v = rng.integers(0, 4, n).astype(np.float32)
+    t = torch.from_numpy(v)
+    for k in (0, 1, n // 5, n // 2, n - 1, n):
+        for largest in (True, False):
+            order = np.argsort(-v if largest else v, kind="stable")
+            want = np.zeros(n, bool)
+            want[order[:k]] = True
+            got = tv.rank_bound(t, k, largest)
+            assert np.array_equal(got.mask(t).numpy(), want), (k, largest)
+            chunked = torch.cat([got.mask(t[s:s + 1000], s) for s in range(0, n, 1000)])
+            assert np.array_equal(chunked.numpy(), want), (k, largest)
+
+
+@pytest.mark.parametrize("values", ["continuous", "ties"])
+@pytest.mark.parametrize("topk", [0.0, 0.3, 0.7, 1.0])
+def test_sce_matches_the_reference_across_chunks(values: str, topk: float, chunking: str) -> None:
+    """mergekit's sce (selection by variance over chunks, mean squares summed per chunk, sign erase) against
+    the whole-array numpy reference of test_mergekit_methods, chunked as the fixture says."""
+    from test_mergekit_methods import sce_np
+
+    from vlmerge.merge.mergekit import merge_sce
+
+    base, xs = data(values, (29, 11), 3, seed=5)
+    got = merge_sce(base, xs, topk)
+    if topk == 0:  # nothing selected: every task vector is zero, the base comes back
+        assert torch.equal(got, base)
+        return
+    want = base.double().numpy() + sce_np([(x - base).numpy() for x in xs], topk)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{values} {chunking}")
+
+
+@pytest.mark.parametrize("shape", [(40,), (6, 5, 4), (3, 7, 2, 2)])
+@pytest.mark.parametrize("values", ["continuous", "ties"])
+def test_della_ranks_along_dim_1_of_any_shape(shape: tuple[int, ...], values: str) -> None:
+    """DELLA ranks magnitudes along dim 1 (a 1-D tensor: one row), whatever the tensor's rank."""
+    base, xs = data(values, shape, 2, seed=3)
+    for rescale in (False, True):
+        args = (base, xs, [1.0, 0.7], "della", "sign", True, rescale, 1.0, [0.5, 0.4], [0.0] * 2, [0.3, 0.2],
+                False, 1, "d")
+        np.testing.assert_allclose(run(*args).double().numpy().ravel(), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp", "slerp", "karcher", "model_stock", "linear"])
+def test_gram_merges_do_not_depend_on_the_chunking(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merges computed from a Gram matrix and one combination pass (multislerp, nuslerp with flatten,
+    slerp, karcher, model_stock) and linear give the same tensor in 7-entry chunks as in one chunk, with and without a
+    base (their formulas are checked against references in test_mergekit_methods)."""
+    import vlmerge.merge.mergekit as mk
+
+    base, xs = data("continuous", (13, 9), 3, seed=2)
+
+    def merged() -> torch.Tensor:
+        if method == "multislerp":
+            return mk.merge_multislerp(base, xs, [0.5, 0.3, 0.2], True, 1e-8)
+        if method == "nuslerp":
+            return mk.merge_nuslerp(base, xs[:2], [0.4, 0.6], False, True)
+        if method == "slerp":
+            return mk.merge_slerp(xs[0], xs[1], 0.3)
+        if method == "karcher":
+            return mk.merge_karcher(xs, 20, 1e-9)
+        if method == "model_stock":
+            return mk.merge_model_stock(base, xs, False)
+        return mk.merge_linear(xs, [0.2, 0.3, 0.5], True)
+
+    whole = merged()
+    monkeypatch.setattr(tv, "CHUNK", 7)
+    monkeypatch.setattr(mk, "_DOT_CHUNK", 7)
+    np.testing.assert_allclose(merged().numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(whole, base)
