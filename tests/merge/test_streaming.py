@@ -375,3 +375,19 @@ def test_read_ahead_keeps_order_bounds_work_in_flight_and_raises_in_turn() -> No
                     assert max(started) <= len(got) + 2  # consuming item len(got): at most 2 beyond it
                 got.append(r)
     assert got == [i * i for i in range(7)]
+
+
+def test_merge_workers_run_torch_on_their_share_of_the_threads() -> None:
+    """Each worker runs torch on its share of the intra-op threads; the caller keeps its own count."""
+    from vlmerge.merge.streaming import _WORKERS, merge_workers
+
+    saved = torch.get_num_threads()  # the suite runs on one thread (conftest); give the workers some to share
+    torch.set_num_threads(2 * _WORKERS)
+    try:
+        with merge_workers("t") as pool:
+            inside = {pool.submit(torch.get_num_threads).result() for _ in range(4)}
+            assert torch.get_num_threads() == 2 * _WORKERS
+        assert inside == {2}
+        assert torch.get_num_threads() == 2 * _WORKERS
+    finally:
+        torch.set_num_threads(saved)

@@ -257,3 +257,12 @@ def test_gram_merges_do_not_depend_on_the_chunking(method: str, monkeypatch: pyt
     monkeypatch.setattr(mk, "_DOT_CHUNK", 7)
     np.testing.assert_allclose(merged().numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
     assert not torch.equal(whole, base)
+
+
+def test_della_with_zero_epsilon_keeps_with_probability_density() -> None:
+    """ε = 0 (allowed: density ± 0 lies in (0, 1)) gives every rank the probability ρ: DARE's draw."""
+    base, xs = data("continuous", (20, 30), 1, seed=4)
+    args = (base, xs, [1.0], "della", "none", False, False, 1.0, [0.4], [0.0], [0.0], False, 2, "z")
+    np.testing.assert_allclose(run(*args).double().numpy().ravel(), reference(*args), rtol=1e-6, atol=1e-6)
+    mask = (run(*args) != base).numpy()
+    assert abs(mask.mean() - 0.4) < 0.05

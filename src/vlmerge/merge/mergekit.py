@@ -535,14 +535,14 @@ def _gram(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch
     subtracted in float64), accumulated over :data:`_DOT_CHUNK`-entry chunks (each chunk of every input converted
     to float64 once, then one small matrix product), so the float64 temporaries stay bounded."""
     flat = [x.reshape(-1) for x in xs]
-    dots = torch.zeros(len(xs), len(xs), dtype=torch.float64)
+    dots = torch.zeros(len(xs), len(xs), dtype=torch.float64, device=flat[0].device)
     b = base.reshape(-1).split(_DOT_CHUNK) if base is not None else None
     for i, parts in enumerate(zip(*(f.split(_DOT_CHUNK) for f in flat), strict=True)):
         chunk = torch.stack(parts).double()  # [N, chunk]
         if b is not None:
             chunk -= b[i].double()
         dots += chunk @ chunk.T
-    return dots
+    return dots.cpu()  # the N × N arithmetic that follows runs on the CPU whatever the tensors' device
 
 
 def _combine(xs: Sequence[torch.Tensor], coefs: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,15 +147,15 @@ def merge_workers(name: str) -> Iterator[ThreadPoolExecutor]:
     ``max(1, torch.get_num_threads() // _WORKERS)`` intra-op threads, so workers and their OpenMP teams together
     use the cores once: on 2 cores each worker's 2-thread team oversubscribed them and spun at its barriers
     (TIES on the benchmark's Llama inputs: 2.52 s against 1.63 s with one intra-op thread, AMD EPYC). The
-    caller's setting is restored afterwards (OpenMP keeps it per thread; other builds may not)."""
+    caller's count is set again afterwards (OpenMP keeps the count per thread, but torch also records the last
+    one set process-wide)."""
     before = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix=name, initializer=torch.set_num_threads,
                                 initargs=(max(1, before // _WORKERS),)) as pool:
             yield pool
     finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)
 
 
 class _OutputBuffers:

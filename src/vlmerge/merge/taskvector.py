@@ -257,16 +257,20 @@ def _della_keep(rows: np.ndarray, u: np.ndarray, density: float, epsilon: float)
     293 ms for a 4096 × 1024 task vector on one core (AMD EPYC), whose float32 differences tie often."""
     n_rows, c = rows.shape
     p = _rank_probabilities(torch.arange(c, dtype=torch.float32), c, density, epsilon).numpy()
+    if epsilon == 0:  # one probability for every rank: no rank is needed
+        return u < p[0]
     ext = np.concatenate([[-np.inf], p, [np.inf]]).astype(np.float32)  # ext[m] = p(m − 1), ext[m + 1] = p(m)
     scale, shift = np.float32((c - 1) / (2 * epsilon)), np.float32(density - epsilon)
+    estimate = bool(np.isfinite(scale))  # an ε too small for float32 leaves only the exact search
     cols = np.arange(c, dtype=np.int64)
     keep = np.empty(n_rows * c, dtype=bool)
     block = max(1, CHUNK // c)  # rows per pass: the temporaries stay in cache and their memory is reused
     for r0 in range(0, n_rows, block):
         part = rows[r0:r0 + block]
         uu = u[r0 * c:(r0 + part.shape[0]) * c].reshape(part.shape)
-        m = np.clip((uu - shift) * scale + np.float32(1.0), 0, c).astype(np.intp)  # affine estimate of m_j ...
-        for _ in range(4):  # ... corrected against p itself
+        m = np.clip((uu - shift) * scale + np.float32(1.0), 0, c).astype(np.intp) if estimate else None
+        for _ in range(4 if m is not None else 0):  # the affine estimate of m_j, corrected against p itself
+            assert m is not None
             down, up = np.take(ext, m) > uu, np.take(ext, m + 1) <= uu
             if not (down.any() or up.any()):
                 break
