@@ -158,6 +158,7 @@ from .taskvector import (
     Sparsification,
     TaskVectorSettings,
     chunk_size,
+    float_mask,
     input_generator,
     merge_task_vectors,
     rank_bound,
@@ -822,7 +823,7 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     def selected(part: slice) -> list[torch.Tensor]:
         taus = taus_of(part)
         if keep is not None:
-            mask = keep.mask(var[part], part.start)
+            mask = float_mask(keep.mask(var[part], part.start)).to(b.dtype)
             taus = [t.mul_(mask) for t in taus]
         return taus
 
@@ -835,7 +836,7 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     out = torch.empty_like(b) if out is None else out.reshape(-1)
     for part in chunks:
         taus = selected(part)
-        elected = (sum(taus[1:], taus[0].clone()) < 0).to(b.dtype).mul_(-2.0).add_(1.0)  # +1 where Σ τ ≥ 0
+        elected = sum(taus[1:], taus[0].clone()).sign_().add_(0.5).sign_()  # +1 where Σ τ ≥ 0, else −1
         num, den = torch.zeros_like(elected), torch.zeros_like(elected)
         for t, w in zip(taus, omega, strict=True):  # sign(τ_i) = s exactly where s·τ_i > 0
             agreeing = t.mul_(elected).clamp_min_(0.0)
