@@ -286,24 +286,30 @@ def _della_keep(rows: np.ndarray, u: np.ndarray, density: float, epsilon: float)
     if epsilon == 0:  # one probability for every rank: no rank is needed
         return u < p[0]
     ext = np.concatenate([[-np.inf], p, [np.inf]]).astype(np.float32)  # ext[m] = p(m − 1), ext[m + 1] = p(m)
-    scale, shift = np.float32((c - 1) / (2 * epsilon)), np.float32(density - epsilon)
-    estimate = bool(np.isfinite(scale))  # an ε too small for float32 leaves only the exact search
+    wide = (c - 1) / (2 * epsilon)  # ranks per unit of probability
+    fits = wide < float(np.finfo(np.float32).max)  # else the estimate's scale overflows: search only
+    scale, shift = np.float32(wide if fits else 0.0), np.float32(density - epsilon)
+
+    def dropped(uu: np.ndarray) -> np.ndarray:
+        """m_j = #{r : p(r) ≤ u_j}: an affine estimate corrected against p itself (a search where it is off by
+        more than a few, or where ε is too small for the estimate's float32 scale)."""
+        if fits:
+            m = np.clip((uu - shift) * scale + np.float32(1.0), 0, c).astype(np.intp)
+            for _ in range(4):
+                down, up = np.take(ext, m) > uu, np.take(ext, m + 1) <= uu
+                if not (down.any() or up.any()):
+                    return m
+                m -= down
+                m += up
+        return np.searchsorted(p, uu, side="right")
+
     cols = np.arange(c, dtype=np.int64)
     keep = np.empty(n_rows * c, dtype=bool)
     block = max(1, CHUNK // c)  # rows per pass: the temporaries stay in cache and their memory is reused
     for r0 in range(0, n_rows, block):
         part = rows[r0:r0 + block]
         uu = u[r0 * c:(r0 + part.shape[0]) * c].reshape(part.shape)
-        m = np.clip((uu - shift) * scale + np.float32(1.0), 0, c).astype(np.intp) if estimate else None
-        for _ in range(4 if m is not None else 0):  # the affine estimate of m_j, corrected against p itself
-            assert m is not None
-            down, up = np.take(ext, m) > uu, np.take(ext, m + 1) <= uu
-            if not (down.any() or up.any()):
-                break
-            m -= down
-            m += up
-        else:
-            m = np.searchsorted(p, uu, side="right")
+        m = dropped(uu)
         keys = part.view(np.int32).astype(np.int64)
         keys <<= 32
         keys |= cols
@@ -336,13 +342,6 @@ class _Kept:
         if self.scale is not None:
             tau.mul_(self.scale)
         return tau
-
-
-def _tau_chunks(x: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, x[s:e] − b[s:e])`` for every chunk of the flat ``x`` and ``b``."""
-    step = chunk_size(b)
-    for s in range(0, b.numel(), step):
-        yield s, x[s:s + step] - b[s:s + step]
 
 
 def _kept(
@@ -408,8 +407,7 @@ def _kept(
     if not rescale:
         return _Kept(kept_of)
     before = after = 0.0  # L1 norms of τ and of the masked τ, summed per chunk in float64
-    for s, t in _tau_chunks(x, b):
-        a = t.abs_()
+    for s, a in _values_chunks((x, b)):  # |τ| chunks
         before += float(a.sum(dtype=torch.float64))
         after += float(kept_of(a, s).sum(dtype=torch.float64))
     if before < RESCALE_EPS or after < RESCALE_EPS:
