@@ -112,7 +112,7 @@ def block_name(llama: str, expert: str) -> str:
 def generate(work: Path, layers: int, dim: int, ffn: int, vocab: int, vl_layers: int) -> dict[str, Path]:
     import torch
 
-    from vlmerge.models.checkpoint import CheckpointReader, SafetensorsStreamWriter, atomic_write_json
+    from vlmerge.models.checkpoint import SafetensorsStreamWriter, atomic_write_json
 
     specs = llama_specs(layers, dim, ffn, vocab)
     cfg = {
@@ -141,45 +141,23 @@ def generate(work: Path, layers: int, dim: int, ffn: int, vocab: int, vl_layers:
                 w.write(k, torch.randn(s, generator=g) * 0.02 + (0.0 if name == "C" else 0.001 * j))
         atomic_write_json(d / "config.json", cfg)
         dirs[name] = d
-    # the MSA checkpoint: v = A, l = B, vl (top layers) random; the seed: C under shared names
-    msa_specs: dict[str, tuple[int, ...]] = {}
-    for k, s in specs.items():
-        if k.startswith("model.layers."):
-            msa_specs[block_name(k, "v")] = s
-            msa_specs[block_name(k, "l")] = s
-            if int(k.split(".")[2]) >= layers - vl_layers:
-                msa_specs[block_name(k, "vl")] = s
-        else:
-            msa_specs[k] = s
-    g = torch.Generator().manual_seed(7)
-    with (
-        CheckpointReader(dirs["A"]) as ra,
-        CheckpointReader(dirs["B"]) as rb,
-        SafetensorsStreamWriter(
-            work / "msa" / "model.safetensors",
-            {k: (torch.float32, s) for k, s in msa_specs.items()},
-            {"format": "pt"},
-        ) as w,
-    ):
-        for k in specs:
-            if not k.startswith("model.layers."):
-                w.write(k, ra.get(k))
-                continue
-            w.write(block_name(k, "v"), ra.get(k))
-            w.write(block_name(k, "l"), rb.get(k))
-            if block_name(k, "vl") in msa_specs:
-                w.write(block_name(k, "vl"), torch.randn(specs[k], generator=g) * 0.02)
-    atomic_write_json(work / "msa" / "config.json", {"format": "vlmerge/1", "benchmark": True})
-    with (
-        CheckpointReader(dirs["C"]) as rc,
-        SafetensorsStreamWriter(
-            work / "seed" / "model.safetensors",
-            {block_name(k, "shared"): (torch.float32, s) for k, s in specs.items()},
-            {"format": "pt"},
-        ) as w,
-    ):
-        for k in specs:
-            w.write(block_name(k, "shared"), rc.get(k))
+    # the MSA checkpoint: a real VLMo MSA of the same width, depth and vocabulary (a modality merge validates
+    # its input's config, keys and shapes), random weights; the seed: the modality-agnostic model (MAA) of the
+    # same size, random, whose shared block weights the merges start from
+    from vlmerge.models.checkpoint import FORMAT
+    from vlmerge.models.vlmo import ModelConfig, param_shapes
+
+    for name, arch, seed in (("msa", "msa", 7), ("seed", "maa", 8)):
+        mcfg = ModelConfig(arch=arch, embed_dim=dim, mlp_ratio=ffn / dim, depth=layers, num_heads=max(1, dim // 64),
+                           num_vl_layers=vl_layers, vocab_size=vocab)
+        shapes = param_shapes(mcfg)
+        g = torch.Generator().manual_seed(seed)
+        with SafetensorsStreamWriter(work / name / "model.safetensors",
+                                     {k: (torch.float32, tuple(s)) for k, s in shapes.items()},
+                                     {"format": "pt"}) as w:
+            for k, s in shapes.items():
+                w.write(k, torch.randn(tuple(s), generator=g) * 0.02)
+        atomic_write_json(work / name / "config.json", {"format": FORMAT, "model": mcfg.to_dict()})
     dirs["msa"], dirs["seed"] = work / "msa", work / "seed"
     return dirs
 
@@ -780,14 +758,14 @@ def render(
         "",
         f"Machine: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU; "
         f"Python {platform.python_version()}, "
-        f"torch {torch.__version__}; mergekit {mk_ver} (separate venv `.venv-bench`).",
+        f"torch {torch.__version__}; mergekit {mk_ver} (separate venv: `{args.mergekit_python}`).",
         "",
         "Inputs (random float32, Llama-shaped tensors: "
         f"{args.layers} layers, dim {args.dim}, ffn {args.ffn}, vocab {args.vocab}; "
         f"generated in {gen_s:.0f} s): " + ", ".join(f"{k} {v:.2f} GB" for k, v in sizes.items()) + ". "
         f"Pair A+B = {sizes['A'] + sizes['B']:.2f} GB; "
-        "MSA = A's tensors as `v`, B's as `l`, random `vl` in the top "
-        f"{args.vl_layers} layers; seed = C under the `shared` names.",
+        f"MSA = a VLMo MSA checkpoint of the same width, depth and vocabulary ({args.vl_layers} VL layers), "
+        "random weights; seed = the modality-agnostic (MAA) checkpoint of that size, random.",
         "",
         f"Each row is the fastest of {args.repeat} fresh processes (`os.sync()` before each), run in "
         f"{args.repeat} rounds that each run every row once, so slow spells of the VM spread over all rows. "
