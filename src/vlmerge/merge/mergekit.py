@@ -158,6 +158,7 @@ from .taskvector import (
     Sparsification,
     TaskVectorSettings,
     chunk_size,
+    elected_sign,
     float_mask,
     input_generator,
     merge_task_vectors,
@@ -686,7 +687,8 @@ def merge_multislerp(base: torch.Tensor | None, xs: Sequence[torch.Tensor], w: S
     if normalize_weights:
         if sum(ww) == 0:
             raise ValueError("multislerp: the weights sum to 0; with normalize_weights: true they must not")
-        ww = [x / sum(w) for x in ww]
+        total = sum(ww)
+        ww = [x / total for x in ww]
     gram = _gram(xs, base)  # v_i·v_j
     weights = torch.tensor(ww, dtype=torch.float64)
     norms = gram.diagonal().clamp(min=0).sqrt()
@@ -836,7 +838,7 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
     out = torch.empty_like(b) if out is None else out.reshape(-1)
     for part in chunks:
         taus = selected(part)
-        elected = sum(taus[1:], taus[0].clone()).sign_().add_(0.5).sign_()  # +1 where Σ τ ≥ 0, else −1
+        elected = elected_sign(sum(taus[1:], taus[0].clone()))  # +1 where Σ τ ≥ 0, else −1
         num, den = torch.zeros_like(elected), torch.zeros_like(elected)
         for t, w in zip(taus, omega, strict=True):  # sign(τ_i) = s exactly where s·τ_i > 0
             agreeing = t.mul_(elected).clamp_min_(0.0)

@@ -432,6 +432,13 @@ def sparsify(
     return out.reshape(tau.shape)
 
 
+def elected_sign(total: torch.Tensor) -> torch.Tensor:
+    """TIES's election, overwriting ``total``: ``+1`` where ``total ≥ 0`` (an exactly zero sum elects ``+``),
+    else ``−1``, by float ops only (``sign``, ``+ 0.5``, ``sign``): the bool test ``total < 0`` and its cast cost
+    ~10× as much on the CPU."""
+    return total.sign_().add_(0.5).sign_()
+
+
 def _nonzero_divisor(den: torch.Tensor, w: Sequence[float]) -> torch.Tensor:
     """``den`` (sums of the agreeing weights ``w``) with its zeros set to 1, overwritten. With positive weights a
     sum is 0 or at least ``min(w)``, and its numerator is 0 where it is 0, so clamping to ``min(w)`` divides the
@@ -448,7 +455,7 @@ def _consensus(taus: list[torch.Tensor], w: Sequence[float], s: TaskVectorSettin
         total = deltas[0].clone()
         for d in deltas[1:]:
             total.add_(d)
-        elected = total.sign_().add_(0.5).sign_()  # +1 where Σ d_i ≥ 0, else −1 (float ops only)
+        elected = elected_sign(total)  # +1 where Σ d_i ≥ 0, else −1
         # sign(d_i) = s exactly where s·d_i > 0; then d_i [agree] = s · relu(s·d_i), exact (s = ±1)
         num, den = torch.zeros_like(total), torch.zeros_like(total)
         for d, wi in zip(deltas, w, strict=True):
