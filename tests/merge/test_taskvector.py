@@ -159,6 +159,37 @@ def test_draws_are_one_stream_whatever_the_chunk(monkeypatch: pytest.MonkeyPatch
         assert np.array_equal(tv._draws_below(tv.input_generator(5, "x", 1), 0.3, n).numpy(), want), chunk
 
 
+P_EDGES = [0.3, 0.0, 1.0, 1.5, -0.1, 2.0 ** -24, 3 * 2.0 ** -24, 1 - 2.0 ** -24, 1 - 2.0 ** -26, 0.1234567,
+           float(np.nextafter(np.float32(0.7), np.float32(0)))]
+
+
+def test_uniform_bound_counts_the_grid_points_numpy_calls_below_p() -> None:
+    """The integer bound against brute force over every float32 uniform numpy can draw (``k · 2^-24``, k <
+    2^24), compared with ``p`` as numpy compares a float32 array with a Python float; including p a hair
+    above or below a grid point, where rounding p to float32 decides."""
+    grid = np.arange(1 << 24, dtype=np.float32) * np.float32(2.0 ** -24)
+    near = [(5033165 + d) * 2.0 ** -24 for d in (0.0, 1e-3, -1e-3, 0.49, 0.51)]
+    for p in P_EDGES + near:
+        below = int(np.count_nonzero(grid < p))
+        assert tv._uniform_bound(p) == 256 * below, p
+
+
+@pytest.mark.parametrize("bit_generator", ["SFC64", "PCG64"])
+def test_draws_below_equal_the_float32_uniforms_and_leave_numpys_state(bit_generator: str) -> None:
+    """``_draws_below`` (raw SFC64 words compared as integers) against numpy's own ``random(float32) < p``,
+    at probabilities on and beside the 2^-24 grid, 0, 1 and out of range, for odd and even lengths across
+    chunk boundaries; the generator then draws what numpy's would (an odd length buffers a half word). A
+    generator with a half word already buffered, and another bit generator, take numpy's path: same answer."""
+    for p, n, primed in itertools.product(P_EDGES, (1, 2, 7, 1000, tv.CHUNK + 3), (False, True)):
+        ours, theirs = (np.random.Generator(getattr(np.random, bit_generator)(11)) for _ in range(2))
+        if primed:
+            ours.random(3, dtype=np.float32), theirs.random(3, dtype=np.float32)
+        want = theirs.random(n, dtype=np.float32) < p
+        got = tv._draws_below(ours, p, n).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32)), (p, n, primed)
+        assert np.array_equal(ours.random(9, dtype=np.float32), theirs.random(9, dtype=np.float32)), (p, n)
+
+
 def _sorted_reference(v: np.ndarray, q: int) -> tuple[float, int, int]:
     thr = np.sort(v)[q]
     return float(thr), int((v < thr).sum()), int((v == thr).sum())
