@@ -299,6 +299,10 @@ def test_failure_while_writing_shards_leaves_nothing(tmp_path: Path, capsys: pyt
     ("task_arithmetic", "y"),
     ("passthrough", "x"),
     ("ties", "y"),  # checked input by input (selection may drop the bad entry)
+    ("dare_linear", "base"),
+    ("dare_linear", "y"),  # weight 0 and density 0 on the bad model: its mask drops every entry, NaN · 0 stays
+    ("dare_ties", "y"),
+    ("della_linear", "y"),  # density 0: nothing kept, so checked input by input
 ])
 def test_a_non_finite_input_is_named_whether_checked_first_or_from_the_result(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, bad: str) -> None:
@@ -308,11 +312,14 @@ def test_a_non_finite_input_is_named_whether_checked_first_or_from_the_result(
     paths = {name: hf(tmp_path, name, sd) for name, sd in sds.items()}
     doc: dict[str, Any] = {"merge_method": method, "models": [{"model": str(paths["x"])}]}
     if method != "passthrough":
-        doc["models"].append({"model": str(paths["y"]), "parameters": {"weight": 0.0 if method == "linear" else 1.0}})
+        y_params: dict[str, Any] = {"weight": 0.0 if method in ("linear", "dare_linear") else 1.0}
+        if method in ("dare_linear", "dare_ties", "della_linear"):
+            y_params["density"] = 0.0
+        doc["models"].append({"model": str(paths["y"]), "parameters": y_params})
         doc["models"][0]["parameters"] = {"weight": 1.0}
-    if method in ("task_arithmetic", "ties"):
+    if method != "linear" and method != "passthrough":
         doc["base_model"] = str(paths["base"])
-        doc["parameters"] = {"density": 0.5} if method == "ties" else {}
+        doc["parameters"] = {} if method == "task_arithmetic" else {"density": 0.5}
     cfg = write_cfg(tmp_path / "m.yaml", doc)
     refused(capsys, ["merge", str(cfg), str(tmp_path / "out")], str(paths[bad]), "b.weight", "NaN or Inf")
     nothing_left(tmp_path)

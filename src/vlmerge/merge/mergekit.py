@@ -1255,7 +1255,9 @@ def _model_card(name: str, cfg: MergekitConfig, base: _Input | None, merged: Seq
 
 # Methods whose result is NaN / Inf wherever any merged input is (products with every input, no masking or
 # selection): their inputs need no check of their own, the result's finds a bad input (0 · Inf = NaN too).
-_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "passthrough")
+# (DARE's masks multiply, and NaN · 0 is NaN, so a dropped bad entry still reaches the result; the selection-based
+# methods may drop it, and DELLA's density 0 keeps nothing at all, so their inputs are checked one by one.)
+_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "passthrough", "dare_linear")
 # Methods whose ``_merge_tensor`` writes a float32 result into the ``out`` buffer it is given.
 _WRITES_INTO_OUT = ("linear", "sce", *TASK_VECTOR_METHODS)
 
@@ -1269,7 +1271,7 @@ def _one_tensor(cfg: MergekitConfig, k: str, n: int, base: _Input | None, merged
     :data:`_PROPAGATES_NONFINITE` whose every checked input is merged, the inputs are checked only when the
     result is not finite (one pass instead of one per input), with the same errors in the same order."""
     tensors = {id(inp): inp.reader.get(k) for inp in checked}
-    used = {id(i) for i in merged} | ({id(base)} if base is not None and cfg.merge_method == "task_arithmetic"
+    used = {id(i) for i in merged} | ({id(base)} if base is not None and cfg.merge_method in TASK_VECTOR_METHODS
                                       else set())
     deferred = bool(merged) and cfg.merge_method in _PROPAGATES_NONFINITE and all(id(i) in used for i in checked)
 

@@ -98,7 +98,8 @@ def _uniform_bound(p: float) -> int:
     return min(1 << 32, max(0, 256 * math.ceil(p32 * (1 << 24))))
 
 
-def _draws_below(generator: np.random.Generator, p: float, n: int) -> torch.Tensor:
+def _draws_below(generator: np.random.Generator, p: float, n: int,
+                 visit: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Float32 ``[n]``, 1 where ``u_j < p`` and 0 elsewhere, for the next ``n`` float32 uniforms of
     ``generator`` (a float mask: torch multiplies by a bool tensor ~7× slower than by a float one on the CPU,
     94 against 13 µs for 2^17 entries, one core).
@@ -107,7 +108,8 @@ def _draws_below(generator: np.random.Generator, p: float, n: int) -> torch.Tens
     words numpy's float32 ``random`` consumes (low half first), and ``u_j < p`` is the integer test
     ``w_j < B`` of :func:`_uniform_bound`: 1.0 against 2.1 ns an entry (AMD EPYC, one core). The generator is
     left in the state ``random(n, dtype=float32)`` leaves (an odd ``n`` keeps the last high half buffered),
-    and about one :data:`CHUNK` is drawn at a time (an even count)."""
+    and about one :data:`CHUNK` is drawn at a time (an even count). ``visit(start, part)``, if given, sees each
+    finished part of the mask while it is in cache."""
     keep = np.empty(n, dtype=np.float32)
     bits = generator.bit_generator
     state = bits.state
@@ -117,6 +119,8 @@ def _draws_below(generator: np.random.Generator, p: float, n: int) -> torch.Tens
             u = buf[: min(CHUNK, n - s)]
             generator.random(out=u, dtype=np.float32)
             np.less(u, p, out=keep[s:s + u.size], casting="unsafe")
+            if visit is not None:
+                visit(s, torch.from_numpy(keep[s:s + u.size]))
         return torch.from_numpy(keep)
     bound = _uniform_bound(p)
     words = np.empty(0, dtype=np.uint32)
@@ -129,6 +133,8 @@ def _draws_below(generator: np.random.Generator, p: float, n: int) -> torch.Tens
             part.fill(1.0)
         else:
             np.less(words[:count], np.uint32(bound), out=part, casting="unsafe")
+        if visit is not None:
+            visit(s, torch.from_numpy(part))
     if n % 2:  # numpy would keep the unused high half of the last 64-bit output for its next 32-bit draw
         state = bits.state
         state["has_uint32"], state["uinteger"] = 1, int(words[-1])
@@ -167,11 +173,19 @@ def _values_part(values: Values, part: slice) -> torch.Tensor:
 
 
 def _values_chunks(values: Values) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, chunk)`` over ``values`` in :func:`chunk_size` pieces."""
-    ref = values if isinstance(values, torch.Tensor) else values[1]
-    step = chunk_size(ref)
-    for s in range(0, ref.numel(), step):
-        yield s, _values_part(values, slice(s, s + step))
+    """``(start, chunk)`` over ``values`` in :func:`chunk_size` pieces. For ``(x, b)`` every chunk is the same
+    reused buffer (no fresh memory to fault in per chunk), overwritten by the next: read it, never keep it."""
+    if isinstance(values, torch.Tensor):
+        step = chunk_size(values)
+        for s in range(0, values.numel(), step):
+            yield s, values[s:s + step]
+        return
+    x, b = values
+    n, step = b.numel(), chunk_size(b)
+    buf = torch.empty(min(step, n), dtype=b.dtype, device=b.device)
+    for s in range(0, n, step):
+        part = buf[:min(step, n - s)]
+        yield s, torch.sub(x[s:s + step], b[s:s + step], out=part).abs_()
 
 
 def _order_statistic(values: Values, q: int) -> tuple[float, int, int]:
@@ -421,6 +435,16 @@ def _kept(
                 return upper.kept(t, s).sub_(lower.kept(t, s))
     elif kind == "random":
         assert generator is not None, "random sparsification needs a generator"
+        if rescale and b.device.type == "cpu":  # the L1 sums while each part of the mask is in cache
+            buf = torch.empty(min(CHUNK, n), dtype=b.dtype)
+            sums = [0.0, 0.0]
+
+            def visit(s: int, part: torch.Tensor) -> None:
+                a = torch.sub(x[s:s + part.numel()], b[s:s + part.numel()], out=buf[:part.numel()]).abs_()
+                sums[0] += float(a.sum())
+                sums[1] += float(torch.dot(a, part))
+
+            return _masked(_draws_below(generator, density, n, visit), _rescale_factor(*sums))
         mask = _draws_below(generator, density, n).to(b.device)
     elif kind == "della":
         if density <= 0:
@@ -447,21 +471,37 @@ def _kept(
     else:
         raise ValueError(f"unknown sparsification {kind!r}")
     if mask is not None:
-        drawn = mask
-
-        def kept_of(t: torch.Tensor, s: int) -> torch.Tensor:
-            return t.mul_(drawn[s:s + t.numel()])
+        if not rescale:
+            return _masked(mask, None)
+        return _masked(mask, _rescale_factor(*_l1_norms(x, b, lambda a, s: float(torch.dot(a, mask[s:s + a.numel()])))))
     if not rescale:
-        return _Kept(kept_of, mask=mask)
-    # L1 norms of τ and of the masked τ: float32 chunk sums (torch's cascade sum: ~1e-7 relative) added in
-    # float64; a float64 chunk sum costs 5x as much
+        return _Kept(kept_of)
+    return _Kept(kept_of, _rescale_factor(*_l1_norms(x, b, lambda a, s: float(kept_of(a, s).sum()))))
+
+
+def _l1_norms(x: torch.Tensor, b: torch.Tensor, masked_l1: Callable[[torch.Tensor, int], float]) -> tuple[float, float]:
+    """``(‖τ‖₁, ‖τ̂‖₁)`` of flat ``τ = x − b``, ``masked_l1(|τ| chunk, start)`` giving the chunk's ``‖τ̂‖₁`` (it may
+    overwrite the chunk): float32 chunk sums (torch's cascade sum: ~1e-7 relative) added in float64; a float64
+    chunk sum costs 5× as much."""
     before = after = 0.0
-    for s, a in _values_chunks((x, b)):  # |τ| chunks
+    for s, a in _values_chunks((x, b)):
         before += float(a.sum())
-        after += float(kept_of(a, s).sum())
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return _Kept(kept_of, mask=mask)
-    return _Kept(kept_of, before / after, mask=mask)
+        after += masked_l1(a, s)
+    return before, after
+
+
+def _rescale_factor(before: float, after: float) -> float | None:
+    """DARE's L1 rescale ``‖τ‖₁ / ‖τ̂‖₁`` (None, no rescale, when either norm is below :data:`RESCALE_EPS`)."""
+    return None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+
+
+def _masked(mask: torch.Tensor, scale: float | None) -> _Kept:
+    """The ``_Kept`` of a flat float 0/1 ``mask`` and rescale factor ``scale``."""
+
+    def kept_of(t: torch.Tensor, s: int) -> torch.Tensor:
+        return t.mul_(mask[s:s + t.numel()])
+
+    return _Kept(kept_of, scale, mask=mask)
 
 
 def sparsify(
@@ -567,6 +607,9 @@ def merge_task_vectors(
             for x, di, gi, ei, g in zip(flat, dens, gam, eps, gens, strict=True)]
     out = torch.empty_like(b) if out is None else out.reshape(-1)
     step = chunk_size(b)
+    if s.consensus == "none" and all(k.mask is not None or k.zero for k in kept):
+        return _masked_sum(b, flat, kept, [s.lam * wi / _normalizer(w, s.normalize) for wi in w], out, step) \
+            .reshape(base.shape)
     for start in range(0, b.numel(), step):
         bc = b[start:start + step]
         if s.consensus == "none":  # Σ w_i τ̂_i, mask, rescale and weight in one op per input where they can
@@ -574,11 +617,40 @@ def merge_task_vectors(
             for k, x, wi in zip(kept, flat, w, strict=True):
                 k.add_to(merged, x[start:start + step] - bc, start, wi)
             if s.normalize:
-                total_w = sum(w)
-                merged.div_(total_w if abs(total_w) >= NORMALIZE_EPS else 1.0)
+                merged.div_(_normalizer(w, True))
         else:  # "sign" consensus takes d_i = w_i τ̂_i, "sign_raw" τ̂_i
             taus = [k.apply(x[start:start + step] - bc, start, wi if s.consensus == "sign" else 1.0)
                     for k, x, wi in zip(kept, flat, w, strict=True)]
             merged = _consensus(taus, w, s)
         torch.add(bc, merged if s.lam == 1 else merged.mul_(s.lam), out=out[start:start + step])
     return out.reshape(base.shape)
+
+
+def _normalizer(w: Sequence[float], normalize: bool) -> float:
+    """What the plain sum is divided by: ``Σ w_i`` when normalizing (1 when that is ~0), else 1."""
+    total_w = sum(w)
+    return total_w if normalize and abs(total_w) >= NORMALIZE_EPS else 1.0
+
+
+def _masked_sum(b: torch.Tensor, flat: Sequence[torch.Tensor], kept: Sequence[_Kept], coef: Sequence[float],
+                out: torch.Tensor, step: int) -> torch.Tensor:
+    """``out = b + Σ_i coef_i · scale_i · (m_i ⊙ (x_i − b))`` for flat ``[n]`` tensors whose every ``_Kept`` is
+    a 0/1 mask ``m_i`` (or keeps nothing): the plain-sum consensus of the random kinds, accumulated into the
+    output chunk by one ``addcmul`` per input (``coef_i`` = ``λ w_i / Σw`` or ``λ w_i``), with no zeroed
+    accumulator, no division and no final add; the sum's rounding order differs from the general loop's."""
+    tmp = torch.empty(min(step, b.numel()), dtype=b.dtype, device=b.device)
+    live = [(x, k, c * (1.0 if k.scale is None else k.scale)) for x, k, c in zip(flat, kept, coef, strict=True)
+            if not k.zero]
+    for start in range(0, b.numel(), step):
+        bc, o = b[start:start + step], out[start:start + step]
+        if not live:
+            o.copy_(bc)
+        for i, (x, k, c) in enumerate(live):
+            assert k.mask is not None
+            t = torch.sub(x[start:start + step], bc, out=tmp[:bc.numel()])
+            m = k.mask[start:start + bc.numel()]
+            if i == 0:
+                torch.addcmul(bc, t, m, value=c, out=o)
+            else:
+                o.addcmul_(t, m, value=c)
+    return out
