@@ -49,7 +49,7 @@ def reference(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: 
                 target, top = int(rho * n), int(gam[i] * n)
                 bottom = max(0, n - target - top)
                 keep[np.argsort(mag, kind="stable")[bottom:bottom + target]] = True
-            elif kind == "random":
+            elif kind == "random" or (kind == "della" and rho > 0 and eps[i] == 0):  # DELLA at ε = 0: DARE's drop
                 keep = draws(seed, name, i, n) < np.float32(rho)
             elif kind == "della" and rho > 0:
                 rows = mag.reshape(base.shape if base.dim() >= 2 else (1, -1))  # ranked along dim 1
@@ -57,7 +57,11 @@ def reference(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: 
                 ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
                 p = (np.float32(rho - eps[i])
                      + np.clip(ranks.astype(np.float32) / np.float32(c - 1), 0, 1) * np.float32(2 * eps[i]))
-                keep = draws(seed, name, i, n) < p.ravel()
+                # the documented draw order: in row i of τ with dim 1 moved last, rank r takes u[i·C + r]
+                rank_rows = np.moveaxis(ranks, 1, -1).reshape(-1, c)
+                u = np.take_along_axis(draws(seed, name, i, n).reshape(-1, c), rank_rows, axis=1)
+                keep = np.moveaxis((u < np.moveaxis(p, 1, -1).reshape(-1, c)).reshape(np.moveaxis(p, 1, -1).shape),
+                                   -1, 1).ravel()
         tau = t32.astype(np.float64) * keep
         if rescale and kind != "none" and rho < 1:
             before, after = np.abs(t32.astype(np.float64)).sum(), np.abs(tau).sum()
