@@ -829,10 +829,10 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
             taus = [t.mul_(mask) for t in taus]
         return taus
 
-    squares = [0.0] * len(xs)  # Σ τ_i² over the selected entries, per chunk in float64
+    squares = [0.0] * len(xs)  # Σ τ_i² over the selected entries: float32 chunk dot products added in float64
     for part in chunks:
         for i, t in enumerate(selected(part)):
-            squares[i] += float(t.square_().sum(dtype=torch.float64))
+            squares[i] += float(torch.dot(t, t))
     total = sum(q / n for q in squares) if n else 0.0
     omega = [1.0 / len(xs)] * len(xs) if abs(total) < 1e-6 else [q / n / total for q in squares]
     out = torch.empty_like(b) if out is None else out.reshape(-1)
@@ -842,8 +842,8 @@ def merge_sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float
         num, den = torch.zeros_like(elected), torch.zeros_like(elected)
         for t, w in zip(taus, omega, strict=True):  # sign(τ_i) = s exactly where s·τ_i > 0
             agreeing = t.mul_(elected).clamp_min_(0.0)
-            num.add_(agreeing.mul(w))
-            den.add_(agreeing.sign_().mul_(w))
+            num.add_(agreeing, alpha=w)
+            den.add_(agreeing.sign_(), alpha=w)
         torch.add(b[part], num.mul_(elected).div_(den.clamp_(min=1e-6)), out=out[part])
     return out.reshape(base.shape)
 
