@@ -294,6 +294,28 @@ def test_gram_merges_do_not_depend_on_the_chunking(method: str, monkeypatch: pyt
     assert not torch.equal(whole, base)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2), (33,)])
+def test_della_raw_words_and_numpys_uniforms_give_one_mask(shape: tuple[int, ...],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELLA's decisions on raw SFC64 words equal those on numpy's float32 uniforms (the path for other bit
+    generators), odd entry counts included, and leave the generator where numpy's draws would; with ρ + ε so
+    close to 1 that the top rank's probability rounds to 1.0 in float32 (a bound of 2^32), the uniforms are
+    used and the reference still holds."""
+    base, xs = data("ties", shape, 2, seed=8)
+    for dens, eps in ((0.5, 0.3), (0.5, 0.5 - 1e-9)):
+        args = (base, xs, [1.0, -0.5], "della", "none", False, True, 1.0, [dens] * 2, [0.0] * 2, [eps] * 2, False,
+                4, "w")
+        fast = run(*args)
+        np.testing.assert_allclose(fast.double().numpy().ravel(), reference(*args), rtol=1e-5, atol=1e-5)
+        with monkeypatch.context() as mp:
+            mp.setattr(tv, "_fast_words", lambda g: False)
+            assert torch.equal(run(*args), fast), (shape, eps)
+        g, want = tv.input_generator(4, "w", 0), tv.input_generator(4, "w", 0)
+        tv._kept(xs[0].reshape(-1), base.reshape(-1), base.shape, "della", dens, 0.0, eps, True, False, g)
+        want.random(base.numel(), dtype=np.float32)
+        assert np.array_equal(g.random(5, dtype=np.float32), want.random(5, dtype=np.float32)), (shape, eps)
+
+
 @pytest.mark.parametrize("epsilon", [0.0, 1e-40, 1e-12, 0.3999])
 def test_della_with_extreme_epsilon(epsilon: float) -> None:
     """ε = 0 (allowed: density ± 0 lies in (0, 1)) gives every rank the probability ρ, DARE's draw; ε so small

@@ -101,6 +101,31 @@ def _uniform_bound(p: float) -> int:
     return min(1 << 32, max(0, 256 * math.ceil(p32 * (1 << 24))))
 
 
+def _fast_words(generator: np.random.Generator) -> bool:
+    """Whether ``generator``'s float32 uniforms can be read as raw words (see :func:`_draws_below`)."""
+    state = generator.bit_generator.state
+    return state["bit_generator"] == "SFC64" and state["has_uint32"] == 0 and sys.byteorder == "little"
+
+
+def _leave_half_word(generator: np.random.Generator, words: np.ndarray) -> None:
+    """After an odd count of words read raw, buffer the last output's unused high half as numpy would."""
+    bits = generator.bit_generator
+    state = bits.state
+    state["has_uint32"], state["uinteger"] = 1, int(words[-1])
+    bits.state = state
+
+
+def _float32_words(generator: np.random.Generator, n: int) -> np.ndarray | None:
+    """The uint32 words ``w`` of the next ``n`` float32 uniforms ``u = (w >> 8) 2^-24`` of ``generator``, the
+    generator left as ``random(n, dtype=float32)`` leaves it; None when they cannot be read raw."""
+    if not _fast_words(generator):
+        return None
+    words = generator.bit_generator.random_raw((n + 1) // 2).view(np.uint32)
+    if n % 2:
+        _leave_half_word(generator, words)
+    return words[:n]
+
+
 def _draws_below(generator: np.random.Generator, p: float, n: int,
                  visit: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Float32 ``[n]``, 1 where ``u_j < p`` and 0 elsewhere, for the next ``n`` float32 uniforms of
@@ -115,8 +140,7 @@ def _draws_below(generator: np.random.Generator, p: float, n: int,
     finished part of the mask while it is in cache."""
     keep = np.empty(n, dtype=np.float32)
     bits = generator.bit_generator
-    state = bits.state
-    if not (state["bit_generator"] == "SFC64" and state["has_uint32"] == 0 and sys.byteorder == "little"):
+    if not _fast_words(generator):
         buf = np.empty(min(CHUNK, n), dtype=np.float32)  # the general path: numpy's own float32 uniforms
         for s in range(0, n, CHUNK):
             u = buf[: min(CHUNK, n - s)]
@@ -139,9 +163,7 @@ def _draws_below(generator: np.random.Generator, p: float, n: int,
         if visit is not None:
             visit(s, torch.from_numpy(part))
     if n % 2:  # numpy would keep the unused high half of the last 64-bit output for its next 32-bit draw
-        state = bits.state
-        state["has_uint32"], state["uinteger"] = 1, int(words[-1])
-        bits.state = state
+        _leave_half_word(generator, words)
     return torch.from_numpy(keep)
 
 
@@ -325,37 +347,43 @@ def _della_probabilities(mag: torch.Tensor, density: float, epsilon: float) -> t
     return _rank_probabilities(ranks.to(mag.dtype), mag.shape[1], density, epsilon)
 
 
-def _della_mask(rows: np.ndarray, generator: np.random.Generator, density: float,
-                epsilon: float) -> tuple[np.ndarray, float, float]:
-    """DELLA's float32 0/1 mask (flat ``[R·C]``, row-major) of magnitudes ``rows`` (float32 ``[R, C]``, ``≥ 0``,
-    ``C ≥ 2``) and its L1 norms ``(‖rows‖₁, ‖mask ⊙ rows‖₁)``: the entry of 0-based rank ``r`` in row ``i``
-    is kept iff ``u_{iC + r} < p(r)``, ``u`` the generator's next ``R·C`` float32 uniforms.
+def _della_mask(rows_of: Callable[[int, int], np.ndarray], n_rows: int, c: int, generator: np.random.Generator,
+                density: float, epsilon: float) -> tuple[np.ndarray, float, float]:
+    """DELLA's float32 0/1 mask (flat ``[R·C]``, row-major) of the magnitudes ``rows_of(r0, r1)`` (float32
+    ``[r1 − r0, C]``, ``≥ 0``, ``C ≥ 2``; read before the next call) and its L1 norms ``(‖|τ|‖₁, ‖mask ⊙
+    |τ|‖₁)``: the entry of 0-based rank ``r`` in row ``i`` is kept iff ``u_{iC + r} < p(r)``, ``u`` the
+    generator's next ``R·C`` float32 uniforms.
 
     Handing the draws out in rank order rather than by position keeps the mask's law (the draws are i.i.d. and
     independent of ``τ``: entry ``j`` is still kept with probability ``p(r_j)``, independently) and needs no
     inverse permutation: each row's keys ``(|τ_j| bits, column)``, one int64 each (a non-negative float's bits
     order as its value; the column breaks ties as a stable sort does), sorted, are its order, and the decisions
-    ``u < p`` made in sorted order are scattered back by it. A 4096 × 1024 task vector: 30 against 65 ms for
-    ranking by position (AMD EPYC, one core)."""
-    n_rows, c = rows.shape
+    made in sorted order (``w < B(p(r))`` on the raw words, as in :func:`_draws_below`) are scattered back by
+    it. A 4096 × 1024 task vector: ~22 against 65 ms for ranking by position (AMD EPYC, one core)."""
     p = _rank_probabilities(torch.arange(c, dtype=torch.float32), c, density, epsilon).numpy()  # [C], by rank
+    bounds = np.ceil(p.astype(np.float64) * (1 << 24)).astype(np.int64) * 256  # _uniform_bound of each p(r)
+    words = _float32_words(generator, n_rows * c) if int(bounds.max()) < 1 << 32 else None
+    bound32 = bounds.clip(0).astype(np.uint32)
     mask = np.empty(n_rows * c, dtype=np.float32)
     block = max(1, CHUNK // c)  # rows per pass: the temporaries stay in cache and their memory is reused
     cols = np.arange(c, dtype=np.int64)
-    u = np.empty(min(block, n_rows) * c, dtype=np.float32)
+    u = np.empty(min(block, n_rows) * c, dtype=np.float32) if words is None else None
     kept_sorted = np.empty((min(block, n_rows), c), dtype=np.float32)
     before = after = 0.0
     for r0 in range(0, n_rows, block):
-        part = rows[r0:r0 + block]
+        part = rows_of(r0, min(r0 + block, n_rows))
         nr = part.shape[0]
         keys = part.view(np.int32).astype(np.int64)
         keys <<= 32
         keys |= cols
         keys.sort(axis=1)
         keys &= 0xFFFFFFFF  # the column of each rank: the row's order
-        draws = u[:nr * c]
-        generator.random(out=draws, dtype=np.float32)
-        np.less(draws.reshape(nr, c), p, out=kept_sorted[:nr], casting="unsafe")
+        if words is not None:
+            np.less(words[r0 * c:(r0 + nr) * c].reshape(nr, c), bound32, out=kept_sorted[:nr], casting="unsafe")
+        else:  # numpy's own float32 uniforms
+            assert u is not None
+            generator.random(out=u[:nr * c], dtype=np.float32)
+            np.less(u[:nr * c].reshape(nr, c), p, out=kept_sorted[:nr], casting="unsafe")
         out = torch.from_numpy(mask[r0 * c:(r0 + nr) * c]).view(nr, c)
         out.scatter_(1, torch.from_numpy(keys), torch.from_numpy(kept_sorted[:nr]))
         mag = torch.from_numpy(part).reshape(-1)
@@ -448,23 +476,31 @@ def _kept(
         if not (density - epsilon > 0 and density + epsilon < 1):
             raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density={density}, "
                              f"epsilon={epsilon}")
-        rows_of = x.reshape(shape)
-        rows_of = rows_of.reshape(1, -1) if rows_of.dim() < 2 else rows_of  # a 0-d tensor: one row of one entry
-        c = rows_of.shape[1]
+        shaped = x.reshape(shape)
+        shaped = shaped.reshape(1, -1) if shaped.dim() < 2 else shaped  # a 0-d tensor: one row of one entry
+        c = shaped.shape[1]
         if c < 2:
             raise ValueError(f"della: a tensor of shape {list(shape)} has rows of {c} entry along "
                              "dim 1; the rank normalisation (r − 1) / (C − 1) needs C ≥ 2 (mergekit fails too)")
         assert generator is not None, "della needs a generator"
         if epsilon == 0:  # one probability for every rank: no rank is needed, DARE's drop at ρ
             return _kept(x, b, shape, "random", density, gamma, 0.0, rescale, keep_ties, generator)
-        # rows along dim 1: moved last, ranked there, the mask moved back (no copy for a matrix)
-        moved = (x - b).abs_().reshape(rows_of.shape).movedim(1, -1)
-        kept_moved, before, after = _della_mask(moved.cpu().contiguous().reshape(-1, c).numpy(), generator,
-                                                density, epsilon)
-        mask = torch.from_numpy(kept_moved).reshape(moved.shape).movedim(-1, 1).contiguous().reshape(-1)
-        mask = mask.to(b.device)
-        del moved, kept_moved
-        return _masked(mask, _rescale_factor(before, after) if rescale else None)
+        moved_shape = shaped.movedim(1, -1).shape
+        on_cpu32 = x.device.type == b.device.type == "cpu" and x.dtype == b.dtype == torch.float32
+        if shaped.dim() == 2 and on_cpu32:  # rows are dim 1 already: |τ| a block of rows at a time
+            xr, br = x.reshape(-1, c), b.reshape(-1, c)
+            buf = torch.empty(min(max(1, CHUNK // c), xr.shape[0]), c, dtype=torch.float32)
+
+            def mags(r0: int, r1: int) -> np.ndarray:
+                return torch.sub(xr[r0:r1], br[r0:r1], out=buf[:r1 - r0]).abs_().numpy()
+        else:  # rows along dim 1: moved last (one copy), ranked there, the mask moved back
+            moved = (x - b).abs_().reshape(shaped.shape).movedim(1, -1).float().cpu().contiguous().reshape(-1, c)
+
+            def mags(r0: int, r1: int) -> np.ndarray:
+                return moved[r0:r1].numpy()
+        kept_moved, before, after = _della_mask(mags, n // c, c, generator, density, epsilon)
+        mask = torch.from_numpy(kept_moved).reshape(moved_shape).movedim(-1, 1).contiguous().reshape(-1)
+        return _masked(mask.to(b.device), _rescale_factor(before, after) if rescale else None)
     else:
         raise ValueError(f"unknown sparsification {kind!r}")
     if mask is not None:
