@@ -294,6 +294,26 @@ def test_gram_merges_do_not_depend_on_the_chunking(method: str, monkeypatch: pyt
     assert not torch.equal(whole, base)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("consensus", CONSENSUS)
+def test_out_may_be_the_base_or_an_input(kind: str, consensus: str) -> None:
+    """Writing the result into the base's or an input's memory gives the result of a fresh output."""
+    base, xs = data("continuous", (37, 11), 2, seed=5)
+    settings = tv.TaskVectorSettings(sparsify=kind, consensus=consensus, rescale=True)  # type: ignore[arg-type]
+
+    def merged(out: torch.Tensor | None, b: torch.Tensor, x: list[torch.Tensor]) -> torch.Tensor:
+        gens = [tv.input_generator(1, "o", i) for i in range(2)]
+        return tv.merge_task_vectors(b, x, [1.0, 0.6], settings, density=[0.5, 0.7], gamma=[0.1] * 2,
+                                     epsilon=[0.2] * 2, generators=gens, out=out)
+
+    want = merged(None, base, xs)
+    for target in range(3):  # the base, the first input, the second input
+        b, x = base.clone(), [t.clone() for t in xs]
+        out = b if target == 0 else x[target - 1]
+        got = merged(out, b, x)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want), (kind, consensus, target)
+
+
 @pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2), (33,)])
 def test_della_raw_words_and_numpys_uniforms_give_one_mask(shape: tuple[int, ...],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

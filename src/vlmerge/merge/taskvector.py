@@ -618,7 +618,7 @@ def merge_task_vectors(
     """``b + λ · merged`` of the module docstring: ``base`` and every ``xs[i]`` of one shape ``[...]`` (float);
     per-input ``weights`` / ``density`` / ``gamma`` / ``epsilon`` (default 1.0 / 1.0 / 0.0 / 0.0) and
     ``generators`` (needed by the random kinds). No inputs: the base. ``out``: a contiguous tensor of ``base``'s
-    shape and dtype to write the result into (none: a new one).
+    shape and dtype to write the result into (none: a new one); it may be ``base`` or one of ``xs``.
 
     Thresholds, draws and rescale factors come from full-tensor passes per input; the task vectors, masks and
     the consensus are then computed one :data:`CHUNK` at a time into the output, so no full-size temporary
@@ -670,17 +670,18 @@ def _masked_sum(b: torch.Tensor, flat: Sequence[torch.Tensor], kept: Sequence[_K
     """``out = b + Σ_i coef_i · scale_i · (m_i ⊙ (x_i − b))`` for flat ``[n]`` tensors whose every ``_Kept`` is
     a 0/1 mask ``m_i`` (or keeps nothing): the plain-sum consensus of the random kinds, accumulated into the
     output chunk by one ``addcmul`` per input (``coef_i`` = ``λ w_i / Σw`` or ``λ w_i``), with no zeroed
-    accumulator, no division and no final add; the sum's rounding order differs from the general loop's."""
-    tmp = torch.empty(min(step, b.numel()), dtype=b.dtype, device=b.device)
+    accumulator, no division and no final add; the sum's rounding order differs from the general loop's. Every
+    chunk's task vectors are taken before its output is written, so ``out`` may be ``b`` or an input."""
     live = [(x, k, c * (1.0 if k.scale is None else k.scale)) for x, k, c in zip(flat, kept, coef, strict=True)
             if not k.zero]
+    tmp = [torch.empty(min(step, b.numel()), dtype=b.dtype, device=b.device) for _ in live]
     for start in range(0, b.numel(), step):
         bc, o = b[start:start + step], out[start:start + step]
+        taus = [torch.sub(x[start:start + step], bc, out=t[:bc.numel()]) for (x, _, _), t in zip(live, tmp, strict=True)]
         if not live:
             o.copy_(bc)
-        for i, (x, k, c) in enumerate(live):
+        for i, ((_, k, c), t) in enumerate(zip(live, taus, strict=True)):
             assert k.mask is not None
-            t = torch.sub(x[start:start + step], bc, out=tmp[:bc.numel()])
             m = k.mask[start:start + bc.numel()]
             if i == 0:
                 torch.addcmul(bc, t, m, value=c, out=o)
