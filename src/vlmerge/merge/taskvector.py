@@ -677,7 +677,8 @@ def _masked_sum(b: torch.Tensor, flat: Sequence[torch.Tensor], kept: Sequence[_K
     tmp = [torch.empty(min(step, b.numel()), dtype=b.dtype, device=b.device) for _ in live]
     for start in range(0, b.numel(), step):
         bc, o = b[start:start + step], out[start:start + step]
-        taus = [torch.sub(x[start:start + step], bc, out=t[:bc.numel()]) for (x, _, _), t in zip(live, tmp, strict=True)]
+        taus = [torch.sub(x[start:start + step], bc, out=t[:bc.numel()])
+                for (x, _, _), t in zip(live, tmp, strict=True)]
         if not live:
             o.copy_(bc)
         for i, ((_, k, c), t) in enumerate(zip(live, taus, strict=True)):
