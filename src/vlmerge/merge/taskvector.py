@@ -580,13 +580,15 @@ def _consensus(taus: list[torch.Tensor], w: Sequence[float], s: TaskVectorSettin
             total.add_(d)
         elected = elected_sign(total)  # +1 where Σ d_i ≥ 0, else −1
         # sign(d_i) = s exactly where s·d_i > 0; then d_i [agree] = s · relu(s·d_i), exact (s = ±1)
-        num, den = torch.zeros_like(total), torch.zeros_like(total)
+        num = torch.zeros_like(total)
+        den = torch.zeros_like(total) if s.normalize else None  # the agreeing weights: only to normalize
         for d, wi in zip(deltas, w, strict=True):
             agreeing = d.mul_(elected).clamp_min_(0.0)
             num.add_(agreeing)
-            den.add_(agreeing.sign_(), alpha=wi)
+            if den is not None:
+                den.add_(agreeing.sign_(), alpha=wi)
         num.mul_(elected)
-        if s.normalize:
+        if den is not None:
             num.div_(_nonzero_divisor(den, w))
         return num
     if s.consensus == "sign_raw":
@@ -594,12 +596,14 @@ def _consensus(taus: list[torch.Tensor], w: Sequence[float], s: TaskVectorSettin
         for t, wi in zip(taus, w, strict=True):
             total.add_(t, alpha=wi)
         elected = total.sign_()  # 0 on a zero sum: no input agrees there
-        num, den = torch.zeros_like(total), torch.zeros_like(total)
+        num = torch.zeros_like(total)
+        den = torch.zeros_like(total) if s.normalize else None
         for t, wi in zip(taus, w, strict=True):
             agreeing = t.mul_(elected).clamp_min_(0.0)  # |τ̂_i| where sign(τ̂_i) = s ≠ 0, else 0
-            den.add_(torch.sign(agreeing), alpha=wi)
+            if den is not None:
+                den.add_(torch.sign(agreeing), alpha=wi)
             num.add_(agreeing.mul_(elected), alpha=wi)
-        if s.normalize:
+        if den is not None:
             if min(w) > 0:  # num is 0 wherever den is
                 num.div_(_nonzero_divisor(den, w))
             else:
