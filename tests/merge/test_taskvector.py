@@ -9,6 +9,7 @@ miss, constant runs) is crossed on small tensors, and check that chunking never 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -292,6 +293,49 @@ def test_gram_merges_do_not_depend_on_the_chunking(method: str, monkeypatch: pyt
     monkeypatch.setattr(mk, "_DOT_CHUNK", 7)
     np.testing.assert_allclose(merged().numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
     assert not torch.equal(whole, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "della"])
+def test_random_kinds_take_any_float_dtype_and_a_numpy_density(dtype: torch.dtype, kind: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float64 / float16 / bfloat16 tensors give the float32 merge's masks (the result to the dtype's rounding),
+    rescaled or not (DELLA's ranks of half-precision magnitudes differ: there only the dtype and finiteness);
+    a numpy float64 density is the Python float (the uniforms compare in float32 either way); a NaN density
+    keeps nothing, as ``u < NaN``."""
+    base, xs = data("continuous", (9, 16), 2, seed=12)
+    tol = 1e-6 if dtype == torch.float64 else 0.05
+
+    def merged(b: torch.Tensor, x: list[torch.Tensor], dens: Any, settings: tv.TaskVectorSettings,
+               eps: float) -> torch.Tensor:
+        gens = [tv.input_generator(2, "d", i) for i in range(len(x))]
+        return tv.merge_task_vectors(b, x, [1.0, 0.5][:len(x)], settings, density=dens, epsilon=[eps] * len(x),
+                                     generators=gens)
+
+    for rescale, eps in itertools.product((False, True), (0.0, 0.2)):
+        if kind == "random" and eps:
+            continue
+        settings = tv.TaskVectorSettings(sparsify=kind, consensus="none", rescale=rescale)  # type: ignore[arg-type]
+        want = merged(base, xs, [0.6, 0.7], settings, eps)
+        got = merged(base.to(dtype), [x.to(dtype) for x in xs], [0.6, 0.7], settings, eps)
+        assert got.dtype == dtype and bool(torch.isfinite(got).all())
+        if kind == "random" or eps == 0 or dtype == torch.float64:
+            np.testing.assert_allclose(got.double().numpy(), want.double().numpy(), rtol=tol, atol=tol)
+        assert torch.equal(merged(base, xs, np.array([0.6, 0.7]), settings, eps), want)
+    # a density a hair above the first uniform u_0: float32(ρ) = u_0, so entry 0 is dropped whatever ρ's type
+    u0 = float(tv.input_generator(2, "d", 0).random(1, dtype=np.float32)[0])
+    rho = u0 + 2.0 ** -32
+    plain = tv.TaskVectorSettings(sparsify="random")
+    for dens, raw in itertools.product(([rho], np.array([rho]), [np.float64(rho)]), (True, False)):
+        with monkeypatch.context() as mp:
+            if not raw:  # numpy's float32 uniforms, as for other bit generators
+                mp.setattr(tv, "_fast_words", lambda g: False)
+            got = merged(base, xs[:1], dens, plain, 0.0)
+        assert got.flatten()[0] == base.flatten()[0], (type(dens), raw)
+    nothing = tv.merge_task_vectors(base, xs, [1.0, 1.0], tv.TaskVectorSettings(sparsify="random", rescale=True),
+                                    density=[float("nan")] * 2, generators=[tv.input_generator(0, "n", i)
+                                                                            for i in range(2)])
+    assert torch.equal(nothing, base)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -98,7 +98,9 @@ def _uniform_bound(p: float) -> int:
     ``w`` (numpy's ``next_float``; ``u < p`` compares in float32): ``u = k 2^-24 < p32 ⇔ k < ⌈p32 2^24⌉ ⇔
     w < 256 ⌈p32 2^24⌉``, clamped to ``[0, 2^32]``."""
     p32 = float(np.float32(p))
-    return min(1 << 32, max(0, 256 * math.ceil(p32 * (1 << 24))))
+    if not p32 > 0:  # 0, negative, or NaN (u < NaN is false): nothing below
+        return 0
+    return 1 << 32 if p32 >= 1 else 256 * math.ceil(p32 * (1 << 24))
 
 
 def _fast_words(generator: np.random.Generator) -> bool:
@@ -138,6 +140,7 @@ def _draws_below(generator: np.random.Generator, p: float, n: int,
     left in the state ``random(n, dtype=float32)`` leaves (an odd ``n`` keeps the last high half buffered),
     and about one :data:`CHUNK` is drawn at a time (an even count). ``visit(start, part)``, if given, sees each
     finished part of the mask while it is in cache."""
+    p = float(p)  # a Python float compares with the float32 uniforms in float32 (a numpy float64 would not)
     keep = np.empty(n, dtype=np.float32)
     bits = generator.bit_generator
     if not _fast_words(generator):
@@ -459,7 +462,7 @@ def _kept(
                 return upper.kept(t, s).sub_(lower.kept(t, s))
     elif kind == "random":
         assert generator is not None, "random sparsification needs a generator"
-        if rescale and b.device.type == "cpu":  # the L1 sums while each part of the mask is in cache
+        if rescale and b.device.type == "cpu" and b.dtype == torch.float32:  # L1 sums while a part is in cache
             buf = torch.empty(min(CHUNK, n), dtype=b.dtype)
             sums = [0.0, 0.0]
 
@@ -469,7 +472,7 @@ def _kept(
                 sums[1] += float(torch.dot(a, part))
 
             return _masked(_draws_below(generator, density, n, visit), _rescale_factor(*sums))
-        mask = _draws_below(generator, density, n).to(b.device)
+        mask = _draws_below(generator, density, n).to(device=b.device, dtype=b.dtype)
     elif kind == "della":
         if density <= 0:
             return _Kept(zero=True)
@@ -500,7 +503,7 @@ def _kept(
                 return moved[r0:r1].numpy()
         kept_moved, before, after = _della_mask(mags, n // c, c, generator, density, epsilon)
         mask = torch.from_numpy(kept_moved).reshape(moved_shape).movedim(-1, 1).contiguous().reshape(-1)
-        return _masked(mask.to(b.device), _rescale_factor(before, after) if rescale else None)
+        return _masked(mask.to(device=b.device, dtype=b.dtype), _rescale_factor(before, after) if rescale else None)
     else:
         raise ValueError(f"unknown sparsification {kind!r}")
     if mask is not None:
@@ -630,9 +633,10 @@ def merge_task_vectors(
     s = settings
     m = len(xs)
     w = [float(x) for x in weights]
-    dens = list(density) if density is not None else [1.0] * m
-    gam = list(gamma) if gamma is not None else [0.0] * m
-    eps = list(epsilon) if epsilon is not None else [0.0] * m
+    # Python floats: a numpy float64 density would compare the float32 uniforms in float64
+    dens = [float(d) for d in density] if density is not None else [1.0] * m
+    gam = [float(g) for g in gamma] if gamma is not None else [0.0] * m
+    eps = [float(e) for e in epsilon] if epsilon is not None else [0.0] * m
     gens = list(generators) if generators is not None else [None] * m
     if not m:
         return base
