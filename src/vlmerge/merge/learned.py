@@ -150,7 +150,7 @@ def learn_schedule(
     """
     from tqdm.auto import tqdm
 
-    from ..models import VLMo
+    from ..models.vlmo import meta_model
 
     what = f"learned {LEARNABLE.get(method, 'schedule')}"
     if method not in LEARNABLE:
@@ -180,8 +180,7 @@ def learn_schedule(
         base = {k: v.detach().to(torch.float32) for k, v in base.items()}
         for g in groups:
             _base_weight(base, g)  # every slot has its W0, before any step
-    with torch.device("meta"):  # the merged architecture only: its weights come from the combination
-        merged = VLMo(cfg.replace(arch="maa", merged_layers=()))
+    merged = meta_model(cfg.replace(arch="maa", merged_layers=()))  # its weights come from the combination
     net = _Objective(merged.eval(), forward or itc_outputs)
 
     def total(z: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..config import read_yaml
 from ..data.cache import check_cache_root
 from ..files import RunLock, check_output_path, clean_stale_temps
 from ..models.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_model, save_model
-from ..models.vlmo import VLMo, maa_to_msa
+from ..models.vlmo import VLMo, maa_to_msa, meta_model
 from . import dist
 from .config import PretrainConfig, dump_config, validate_config
 from .evaluate import evaluate_retrieval
@@ -192,8 +192,7 @@ def _enter_stage(run: _Run, stage: Stage, previous: VLMo | None) -> VLMo:
     if stage.init == "continue":
         return previous
     state = maa_to_msa({k: v.cpu() for k, v in previous.state_dict().items()}, cfg)
-    with torch.device("meta"):
-        model = VLMo(cfg)
+    model = meta_model(cfg)
     model.load_state_dict(state, assign=True)
     return model
 
