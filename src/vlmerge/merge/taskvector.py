@@ -402,8 +402,8 @@ KeptOf = Callable[[torch.Tensor, int], torch.Tensor]
 class _Kept:
     """One sparsified task vector, read back a chunk at a time: ``τ̂[s:e] = kept_of(τ[s:e], s) · scale``
     (``kept_of`` None: every entry kept; ``scale`` the L1 rescale factor, None: 1; ``zero``: nothing kept).
-    ``mask``: the float 0/1 mask (flat, the tensor's length) when ``kept_of`` only multiplies by it, so a
-    weighted sum can fuse mask, rescale and weight into one ``addcmul_``."""
+    ``mask``: the float 0/1 mask (flat, the tensor's length) when ``kept_of`` only multiplies by it, so the
+    plain sum of :func:`_masked_sum` can fuse mask, rescale and weight into one ``addcmul``."""
 
     def __init__(self, kept_of: KeptOf | None = None, scale: float | None = None, zero: bool = False,
                  mask: torch.Tensor | None = None) -> None:
@@ -426,10 +426,7 @@ class _Kept:
         if self.zero:
             return
         c = alpha * (1.0 if self.scale is None else self.scale)
-        if self.mask is not None:
-            acc.addcmul_(tau, self.mask[start:start + tau.numel()], value=c)
-        else:
-            acc.add_(tau if self.kept_of is None else self.kept_of(tau, start), alpha=c)
+        acc.add_(tau if self.kept_of is None else self.kept_of(tau, start), alpha=c)
 
 
 def _kept(
@@ -442,7 +439,6 @@ def _kept(
     if kind == "none" or density >= 1 or n == 0:
         return _Kept()
     kept_of: KeptOf
-    mask: torch.Tensor | None = None
     if kind in ("magnitude", "magnitude_outliers"):
         if kind == "magnitude" and density <= 0:
             return _Kept(zero=True)
@@ -473,6 +469,9 @@ def _kept(
 
             return _masked(_draws_below(generator, density, n, visit), _rescale_factor(*sums))
         mask = _draws_below(generator, density, n).to(device=b.device, dtype=b.dtype)
+        if not rescale:
+            return _masked(mask, None)
+        return _masked(mask, _rescale_factor(*_l1_norms(x, b, lambda a, s: float(torch.dot(a, mask[s:s + a.numel()])))))
     elif kind == "della":
         if density <= 0:
             return _Kept(zero=True)
@@ -506,10 +505,6 @@ def _kept(
         return _masked(mask.to(device=b.device, dtype=b.dtype), _rescale_factor(before, after) if rescale else None)
     else:
         raise ValueError(f"unknown sparsification {kind!r}")
-    if mask is not None:
-        if not rescale:
-            return _masked(mask, None)
-        return _masked(mask, _rescale_factor(*_l1_norms(x, b, lambda a, s: float(torch.dot(a, mask[s:s + a.numel()])))))
     if not rescale:
         return _Kept(kept_of)
     return _Kept(kept_of, _rescale_factor(*_l1_norms(x, b, lambda a, s: float(kept_of(a, s).sum()))))
@@ -648,9 +643,9 @@ def merge_task_vectors(
             for x, di, gi, ei, g in zip(flat, dens, gam, eps, gens, strict=True)]
     out = torch.empty_like(b) if out is None else out.reshape(-1)
     step = chunk_size(b)
+    divisor = _normalizer(w, s.normalize)
     if s.consensus == "none" and all(k.mask is not None or k.zero for k in kept):
-        return _masked_sum(b, flat, kept, [s.lam * wi / _normalizer(w, s.normalize) for wi in w], out, step) \
-            .reshape(base.shape)
+        return _masked_sum(b, flat, kept, [s.lam * wi / divisor for wi in w], out, step).reshape(base.shape)
     for start in range(0, b.numel(), step):
         bc = b[start:start + step]
         if s.consensus == "none":  # Σ w_i τ̂_i, mask, rescale and weight in one op per input where they can
@@ -658,7 +653,7 @@ def merge_task_vectors(
             for k, x, wi in zip(kept, flat, w, strict=True):
                 k.add_to(merged, x[start:start + step] - bc, start, wi)
             if s.normalize:
-                merged.div_(_normalizer(w, True))
+                merged.div_(divisor)
         else:  # "sign" consensus takes d_i = w_i τ̂_i, "sign_raw" τ̂_i
             taus = [k.apply(x[start:start + step] - bc, start, wi if s.consensus == "sign" else 1.0)
                     for k, x, wi in zip(kept, flat, w, strict=True)]
