@@ -9,6 +9,7 @@ miss, constant runs) is crossed on small tensors, and check that chunking never 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,27 @@ KINDS = ("none", "magnitude", "random", "magnitude_outliers", "della")
 CONSENSUS = ("none", "sign", "sign_raw")
 
 
-def draws(seed: int, name: str, i: int, n: int) -> np.ndarray:
-    """The documented stream: the first n float32 uniforms of numpy's SFC64 seeded by tensor_seed."""
-    return np.random.Generator(np.random.SFC64(tensor_seed(seed, f"{name}#{i}"))).random(n, dtype=np.float32)
+def keep_decisions(g: np.random.Generator, p: np.ndarray) -> np.ndarray:
+    """The documented Bernoulli stream of ``KeepDraws`` for per-decision probabilities ``p`` (in decision order),
+    whole and with plain integers: K = ceil(float32(p) · 2^24), V = 2^16 c + t with c the bytes of g's outputs
+    after its first and t the top 16 bits of the tie generator's outputs, drawn for c = K >> 16 only; kept iff
+    V < K."""
+    p32 = np.asarray(p, dtype=np.float32).ravel()
+    n = p32.size
+    first = g.integers(0, 2**64, dtype=np.uint64)
+    ties = np.random.Generator(np.random.SFC64(int(first)))
+    c = np.frombuffer(g.integers(0, 2**64, size=-(-n // 8), dtype=np.uint64).astype("<u8").tobytes(),
+                      dtype=np.uint8)[:n].astype(np.int64)
+    level = np.array([0 if not q > 0 else min(math.ceil(float(q) * 2**24), 2**24) for q in p32], dtype=np.int64)
+    tied = c == level >> 16
+    t = np.zeros(n, dtype=np.int64)
+    t[tied] = (ties.integers(0, 2**64, size=int(tied.sum()), dtype=np.uint64) >> np.uint64(48)).astype(np.int64)
+    return (c << 16) + t < level
+
+
+def keeps(seed: int, name: str, i: int, p: np.ndarray) -> np.ndarray:
+    """``keep_decisions`` of input i's documented generator: numpy's SFC64 seeded by tensor_seed."""
+    return keep_decisions(np.random.Generator(np.random.SFC64(tensor_seed(seed, f"{name}#{i}"))), p)
 
 
 def reference(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: str, consensus: str,
@@ -51,18 +70,18 @@ def reference(base: torch.Tensor, xs: list[torch.Tensor], w: list[float], kind: 
                 bottom = max(0, n - target - top)
                 keep[np.argsort(mag, kind="stable")[bottom:bottom + target]] = True
             elif kind == "random" or (kind == "della" and rho > 0 and eps[i] == 0):  # DELLA at ε = 0: DARE's drop
-                keep = draws(seed, name, i, n) < np.float32(rho)
+                keep = keeps(seed, name, i, np.full(n, rho))
             elif kind == "della" and rho > 0:
                 rows = mag.reshape(base.shape if base.dim() >= 2 else (1, -1))  # ranked along dim 1
                 c = rows.shape[1]
                 ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
-                p = (np.float32(rho - eps[i])
-                     + np.clip(ranks.astype(np.float32) / np.float32(c - 1), 0, 1) * np.float32(2 * eps[i]))
-                # the documented draw order: in row i of τ with dim 1 moved last, rank r takes u[i·C + r]
+                p_rank = (np.float32(rho - eps[i])
+                          + np.clip(np.arange(c, dtype=np.float32) / np.float32(c - 1), 0, 1) * np.float32(2 * eps[i]))
+                # the documented draw order: in row i of τ with dim 1 moved last, rank r takes decision i·C + r
                 rank_rows = np.moveaxis(ranks, 1, -1).reshape(-1, c)
-                u = np.take_along_axis(draws(seed, name, i, n).reshape(-1, c), rank_rows, axis=1)
-                keep = np.moveaxis((u < np.moveaxis(p, 1, -1).reshape(-1, c)).reshape(np.moveaxis(p, 1, -1).shape),
-                                   -1, 1).ravel()
+                by_rank = keeps(seed, name, i, np.tile(p_rank, n // c)).reshape(-1, c)
+                kept_rows = np.take_along_axis(by_rank, rank_rows, axis=1)
+                keep = np.moveaxis(kept_rows.reshape(np.moveaxis(ranks, 1, -1).shape), -1, 1).ravel()
         tau = t32.astype(np.float64) * keep
         if rescale and kind != "none" and rho < 1:
             before, after = np.abs(t32.astype(np.float64)).sum(), np.abs(tau).sum()
@@ -155,44 +174,80 @@ def test_chunking_and_sampling_change_no_bit(kind: str, monkeypatch: pytest.Monk
 
 
 def test_draws_are_one_stream_whatever_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The random kinds' documented draws: the j-th float32 uniform of the input's generator, however the
-    stream is cut into chunks (so the result does not depend on :data:`CHUNK`)."""
+    """The random kinds' documented draws, however the stream is cut into chunks (so the result does not
+    depend on :data:`CHUNK`), and however the decisions are asked for (lengths that cut an output's bytes)."""
     n = 1000
-    want = draws(5, "x", 1, n) < np.float32(0.3)
+    want = keeps(5, "x", 1, np.full(n, 0.3))
     for chunk in (7, 64, 1 << 17):
         monkeypatch.setattr(tv, "CHUNK", chunk)
         assert np.array_equal(tv._draws_below(tv.input_generator(5, "x", 1), 0.3, n).numpy(), want), chunk
+    hi, lo = tv.keep_levels(0.3)
+    draws, got = tv.KeepDraws(tv.input_generator(5, "x", 1)), np.empty(n, dtype=np.float32)
+    for s, e in itertools.pairwise([0, 1, 4, 11, 12, 500, 503, n]):
+        draws.decide(hi, lo, got[s:e])
+    assert np.array_equal(got, want)
 
 
-P_EDGES = [0.3, 0.0, 1.0, 1.5, -0.1, 2.0 ** -24, 3 * 2.0 ** -24, 1 - 2.0 ** -24, 1 - 2.0 ** -26, 0.1234567,
-           float(np.nextafter(np.float32(0.7), np.float32(0)))]
+P_EDGES = [0.3, 0.0, 1.0, 1.5, -0.1, float("nan"), 2.0 ** -24, 3 * 2.0 ** -24, 1 - 2.0 ** -24, 1 - 2.0 ** -26,
+           0.1234567, float(np.nextafter(np.float32(0.7), np.float32(0))), 100 * 2.0 ** -8 + 2.0 ** -9]
 
 
-def test_uniform_bound_counts_the_grid_points_numpy_calls_below_p() -> None:
-    """The integer bound against brute force over every float32 uniform numpy can draw (``k · 2^-24``, k <
-    2^24), compared with ``p`` as numpy compares a float32 array with a Python float; including p a hair
-    above or below a grid point, where rounding p to float32 decides."""
+def test_keep_levels_count_the_grid_points_numpy_calls_below_p() -> None:
+    """K(p) against brute force over every float32 uniform numpy can draw (``k · 2^-24``, k < 2^24), compared
+    with ``p`` as numpy compares a float32 array with a Python float (so K / 2^24 is the probability of
+    numpy's ``u < p``); including p a hair above or below a grid point, where rounding p to float32 decides; a
+    numpy float64 p is rounded the same way; arrays elementwise; the split is K = 2^16 hi + lo."""
     grid = np.arange(1 << 24, dtype=np.float32) * np.float32(2.0 ** -24)
     near = [(5033165 + d) * 2.0 ** -24 for d in (0.0, 1e-3, -1e-3, 0.49, 0.51)]
-    for p in P_EDGES + near:
+    ps = P_EDGES + near
+    his, los = tv.keep_levels(np.array(ps))
+    for j, p in enumerate(ps):
         below = int(np.count_nonzero(grid < p))
-        assert tv._uniform_bound(p) == 256 * below, p
+        for hi, lo in (tv.keep_levels(p), tv.keep_levels(np.float64(p)), (his[j], los[j])):
+            assert hi.dtype == np.uint8 and 0 <= int(lo) <= 1 << 16
+            assert (int(hi) << 16) + int(lo) == below, p
 
 
-@pytest.mark.parametrize("bit_generator", ["SFC64", "PCG64"])
-def test_draws_below_equal_the_float32_uniforms_and_leave_numpys_state(bit_generator: str) -> None:
-    """``_draws_below`` (raw SFC64 words compared as integers) against numpy's own ``random(float32) < p``,
-    at probabilities on and beside the 2^-24 grid, 0, 1 and out of range, for odd and even lengths across
-    chunk boundaries; the generator then draws what numpy's would (an odd length buffers a half word). A
-    generator with a half word already buffered, and another bit generator, take numpy's path: same answer."""
+@pytest.mark.parametrize("bit_generator", ["SFC64", "PCG64", "MT19937"])
+def test_draws_below_match_the_documented_stream_and_leave_the_generator(bit_generator: str) -> None:
+    """``_draws_below`` against the reference stream at probabilities on and beside the 2^-24 grid, 0, 1, NaN
+    and out of range, one whose level ties bytes (K = 2^16 · 100 + 2^15), for lengths that cut outputs and
+    chunks, with and without a 32-bit half buffered in the generator; the generator is then where the
+    reference leaves it (1 + ⌈n / 8⌉ outputs on, the buffered half untouched)."""
     for p, n, primed in itertools.product(P_EDGES, (1, 2, 7, 1000, tv.CHUNK + 3), (False, True)):
         ours, theirs = (np.random.Generator(getattr(np.random, bit_generator)(11)) for _ in range(2))
         if primed:
             ours.random(3, dtype=np.float32), theirs.random(3, dtype=np.float32)
-        want = theirs.random(n, dtype=np.float32) < p
+        want = keep_decisions(theirs, np.full(n, p))
         got = tv._draws_below(ours, p, n).numpy()
         assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32)), (p, n, primed)
         assert np.array_equal(ours.random(9, dtype=np.float32), theirs.random(9, dtype=np.float32)), (p, n)
+
+
+def test_decide_takes_one_level_per_column() -> None:
+    """Per-column levels (DELLA's ranks) against the reference stream, a column at K = 2^24 among them (kept
+    whatever its byte, with no tie drawn: the next ties of other columns keep their draws), in blocks of rows
+    that cut outputs."""
+    p = np.array([1.0, 100 * 2.0 ** -8 + 2.0 ** -9, 0.0, 0.3, 1 - 2.0 ** -26, 2.0 ** -24], dtype=np.float32)
+    rows = 3001
+    want = keep_decisions(np.random.Generator(np.random.SFC64(9)), np.tile(p, rows)).reshape(rows, p.size)
+    hi, lo = tv.keep_levels(p)
+    draws, got = tv.KeepDraws(np.random.Generator(np.random.SFC64(9))), np.empty((rows, p.size), np.float32)
+    for r0 in range(0, rows, 7):
+        draws.decide(hi, lo, got[r0:r0 + 7])
+    assert np.array_equal(got, want.astype(np.float32))
+    assert want[:, 0].all() and want[:, 4].all() and not want[:, 2].any()
+
+
+@pytest.mark.parametrize("p", [0.3, 100 * 2.0 ** -8 + 2.0 ** -9, 3 * 2.0 ** -24, 1 - 2.0 ** -20])
+def test_keep_decisions_have_the_float32_uniforms_law(p: float) -> None:
+    """The kept fraction of 2^22 decisions is P(u < float32(p)) for numpy's float32 uniform u, within 5
+    binomial standard deviations; the second p puts half of its level in the tie bits (the kept fraction
+    would be 2^-9 lower, 8 deviations, if ties were all dropped), the third is carried by ties alone."""
+    n = 1 << 22
+    kept = float(tv._draws_below(np.random.Generator(np.random.SFC64(3)), p, n).sum())
+    prob = math.ceil(float(np.float32(p)) * 2**24) / 2**24
+    assert abs(kept / n - prob) <= 5 * math.sqrt(prob * (1 - prob) / n) + 1 / n, (kept / n, prob)
 
 
 def _sorted_reference(v: np.ndarray, q: int) -> tuple[float, int, int]:
@@ -322,16 +377,19 @@ def test_random_kinds_take_any_float_dtype_and_a_numpy_density(dtype: torch.dtyp
         if kind == "random" or eps == 0 or dtype == torch.float64:
             np.testing.assert_allclose(got.double().numpy(), want.double().numpy(), rtol=tol, atol=tol)
         assert torch.equal(merged(base, xs, np.array([0.6, 0.7]), settings, eps), want)
-    # a density a hair above the first uniform u_0: float32(ρ) = u_0, so entry 0 is dropped whatever ρ's type
-    u0 = float(tv.input_generator(2, "d", 0).random(1, dtype=np.float32)[0])
-    rho = u0 + 2.0 ** -32
+    # a density a hair above the level K* = V_0 of entry 0's draw when it ties (byte c_0, the first tie
+    # output's top 16 bits t_0): float32(ρ) = K* / 2^24, so entry 0 is dropped whatever ρ's type (K = K* + 1,
+    # a float64 comparison, would keep it)
+    g = tv.input_generator(2, "d", 0)
+    ties = np.random.Generator(np.random.SFC64(int(g.integers(0, 2**64, dtype=np.uint64))))
+    c0 = int(g.integers(0, 2**64, dtype=np.uint64)) & 0xFF
+    t0 = int(ties.integers(0, 2**64, dtype=np.uint64)) >> 48
+    rho = ((c0 << 16) + t0) * 2.0 ** -24 + 2.0 ** -32
     plain = tv.TaskVectorSettings(sparsify="random")
-    for dens, raw in itertools.product(([rho], np.array([rho]), [np.float64(rho)]), (True, False)):
-        with monkeypatch.context() as mp:
-            if not raw:  # numpy's float32 uniforms, as for other bit generators
-                mp.setattr(tv, "_fast_words", lambda g: False)
-            got = merged(base, xs[:1], dens, plain, 0.0)
-        assert got.flatten()[0] == base.flatten()[0], (type(dens), raw)
+    for dens in ([rho], np.array([rho]), [np.float64(rho)]):
+        got = merged(base, xs[:1], dens, plain, 0.0)
+        assert got.flatten()[0] == base.flatten()[0], type(dens)
+    assert merged(base, xs[:1], [rho + 2.0 ** -24], plain, 0.0).flatten()[0] != base.flatten()[0]
     nothing = tv.merge_task_vectors(base, xs, [1.0, 1.0], tv.TaskVectorSettings(sparsify="random", rescale=True),
                                     density=[float("nan")] * 2, generators=[tv.input_generator(0, "n", i)
                                                                             for i in range(2)])
@@ -359,24 +417,18 @@ def test_out_may_be_the_base_or_an_input(kind: str, consensus: str) -> None:
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2), (33,)])
-def test_della_raw_words_and_numpys_uniforms_give_one_mask(shape: tuple[int, ...],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """DELLA's decisions on raw SFC64 words equal those on numpy's float32 uniforms (the path for other bit
-    generators), odd entry counts included, and leave the generator where numpy's draws would; with ρ + ε so
-    close to 1 that the top rank's probability rounds to 1.0 in float32 (a bound of 2^32), the uniforms are
-    used and the reference still holds."""
+def test_della_mask_and_generator_state(shape: tuple[int, ...]) -> None:
+    """DELLA's mask against the reference for odd entry counts, and with ρ + ε so close to 1 that the top
+    rank's probability rounds to 1.0 in float32 (K = 2^24: kept whatever the draw); the generator is left
+    ``1 + ⌈n / 8⌉`` outputs on, as the stream documents."""
     base, xs = data("ties", shape, 2, seed=8)
     for dens, eps in ((0.5, 0.3), (0.5, 0.5 - 1e-9)):
         args = (base, xs, [1.0, -0.5], "della", "none", False, True, 1.0, [dens] * 2, [0.0] * 2, [eps] * 2, False,
                 4, "w")
-        fast = run(*args)
-        np.testing.assert_allclose(fast.double().numpy().ravel(), reference(*args), rtol=1e-5, atol=1e-5)
-        with monkeypatch.context() as mp:
-            mp.setattr(tv, "_fast_words", lambda g: False)
-            assert torch.equal(run(*args), fast), (shape, eps)
+        np.testing.assert_allclose(run(*args).double().numpy().ravel(), reference(*args), rtol=1e-5, atol=1e-5)
         g, want = tv.input_generator(4, "w", 0), tv.input_generator(4, "w", 0)
         tv._kept(xs[0].reshape(-1), base.reshape(-1), base.shape, "della", dens, 0.0, eps, True, False, g)
-        want.random(base.numel(), dtype=np.float32)
+        want.integers(0, 2**64, size=1 + -(-base.numel() // 8), dtype=np.uint64)
         assert np.array_equal(g.random(5, dtype=np.float32), want.random(5, dtype=np.float32)), (shape, eps)
 
 

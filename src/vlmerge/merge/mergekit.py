@@ -93,10 +93,10 @@ are errors (mergekit ignores those too); numbers must be finite, ranges are chec
   probabilities per row (della*); sign consensus (+ on a zero sum) for ties / dare_ties / breadcrumbs_ties /
   della; ``rescale`` keeps each sparsified task vector's L1 norm.
   Random methods: mergekit draws from torch's global RNG (``--random-seed``), whose bits cannot be matched;
-  here input ``i`` (0-based among the merged models) of tensor ``NAME`` draws float32 uniforms from
-  ``numpy.random.Generator(SFC64(tensor_seed(random_seed, "NAME#i")))`` (:func:`~.taskvector.input_generator`),
-  with the global ``random_seed`` (a vlmerge addition, an integer ≥ 0, default 0; mergekit ignores it): the
-  same config gives the same bits, whatever the order tensors are visited.
+  here input ``i`` (0-based among the merged models) of tensor ``NAME`` takes its keep decisions
+  (:class:`~.taskvector.KeepDraws`) from ``numpy.random.Generator(SFC64(tensor_seed(random_seed, "NAME#i")))``
+  (:func:`~.taskvector.input_generator`), with the global ``random_seed`` (a vlmerge addition, an integer ≥ 0,
+  default 0; mergekit ignores it): the same config gives the same bits, whatever the order tensors are visited.
 * ``slerp``: global ``t`` (required); two models, the base one of them (:func:`merge_slerp`).
 * ``nuslerp``: per model ``weight`` (required); global ``nuslerp_flatten`` (true), ``nuslerp_row_wise``
   (false); exactly two models besides an optional base (:func:`merge_nuslerp`).
