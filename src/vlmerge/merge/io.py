@@ -4,7 +4,11 @@
 stays mapped (and counted in the process's RSS) until the file is closed, so a merge that reads three
 0.9 GB models peaks at ~2.7 GB even though it holds one slot at a time. :class:`StreamingReader` is a
 :class:`~vlmerge.models.checkpoint.CheckpointReader` (same validation, keys, shapes, dtypes, config) whose
-:meth:`get` copies the tensor's bytes with ``pread`` into fresh memory that is freed with the tensor.
+:meth:`get` maps only the pages of that tensor, privately (copy-on-write: a merge may write into its
+inputs, the file never changes), and the mapping goes with the tensor: no copy of the bytes and no fresh
+memory to fault in. Task arithmetic of three 0.33 GB models (2-core AMD EPYC, files in the page cache): the
+workers spent 0.42–0.47 s per run reading (``pread`` into new memory, 0.24–0.26 s) and merging; mapping
+takes 0.02 s, and reading and merging 0.27–0.35 s in all.
 
 PyTorch pickles (``pytorch_model.bin``, a sharded ``pytorch_model.bin.index.json``, a ``.pt`` / ``.pth``) are
 read by :class:`TorchReader` through ``torch.load(weights_only=True, map_location="cpu")`` only, memory-mapped
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -30,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..files import resolve_inside
@@ -46,8 +52,6 @@ from ..models.checkpoint import (
     read_json,
 )
 
-_MAX_READ = 1 << 30  # bytes per preadv call (Linux caps one read at ~2 GiB)
-
 
 def _header(file: Path) -> tuple[int, dict[str, Any]]:
     with open(file, "rb") as f:
@@ -56,10 +60,10 @@ def _header(file: Path) -> tuple[int, dict[str, Any]]:
 
 
 class StreamingReader(CheckpointReader):
-    """A :class:`CheckpointReader` whose ``get(key)`` reads the bytes with ``pread`` (no mmap residue)."""
+    """A :class:`CheckpointReader` whose ``get(key)`` maps just that tensor's pages (no mmap residue)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
+        super().__init__(path)  # safe_open has checked every tensor's bytes lie inside its file
         self._loc: dict[str, tuple[int, int, int]] = {}  # key -> (fd, absolute offset, nbytes)
         self._fds: list[int] = []
         try:
@@ -77,21 +81,20 @@ class StreamingReader(CheckpointReader):
             raise
 
     def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, viewing a private copy-on-write mapping of its bytes that is unmapped when the tensor
+        (and every view of it) is freed."""
         if key not in self._loc:
             raise KeyError(f"{self.path}: no tensor named {key!r}")
         fd, offset, nbytes = self._loc[key]
-        t = torch.empty(self.shape(key), dtype=self.dtype(key))
-        if nbytes != math.prod(t.shape) * t.element_size():
-            raise CheckpointError(f"{self.path}: tensor {key!r} has {nbytes} bytes for shape {list(t.shape)}")
-        if nbytes:
-            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [buf[done : done + _MAX_READ]], offset + done)
-                if got <= 0:
-                    raise CheckpointError(f"{self.path}: file ends inside tensor {key!r} (truncated?)")
-                done += got
-        return t
+        shape, dtype = self.shape(key), self.dtype(key)
+        if nbytes != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has {nbytes} bytes for shape {list(shape)}")
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on the granularity
+        pages = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        raw = np.frombuffer(pages, dtype=np.uint8, count=nbytes, offset=offset - start)  # holds the mapping
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds:
