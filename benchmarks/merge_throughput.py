@@ -12,7 +12,8 @@ Data (random float32 tensors, generated into a temp dir, deleted at the end unle
 
 Every measurement runs in a fresh subprocess; its time is measured inside the process around the merge call
 (imports excluded) and its peak RSS is the child's ``ru_maxrss`` (``os.wait4``). Floors, in the same run:
-reading every input tensor once through ``CheckpointReader`` and writing the output once through
+reading every input tensor once through ``StreamingReader`` (the merges' reader, which maps each tensor's
+pages; the floor then reads every byte of it, a sum) and writing the output once through
 ``SafetensorsStreamWriter`` (same shapes, same names). The files sit in the page cache (just written, and
 24 GiB RAM), so these are warm-cache numbers: the floor is memory-bandwidth bound, not disk bound.
 
@@ -206,6 +207,8 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
         with SafetensorsStreamWriter(Path(task["out"]) / "model.safetensors", specs) as w:
             for k in sorted(specs):
                 ts = [r.get(k) for r in readers]
+                for t in ts:
+                    read_every_byte(t)
                 w.write(k, ts[0])
     elif kind == "floor_modality":
         r = StreamingReader(task["input"])
@@ -221,10 +224,20 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
                 ts = [r.get(s) for s in out[k]]
                 if base is not None and k not in r:
                     ts.append(base.get(k))
+                for t in ts:
+                    read_every_byte(t)
                 w.write(k, ts[0])
     else:
         raise ValueError(kind)
     return {"seconds": time.perf_counter() - t0}
+
+
+def read_every_byte(t: Any) -> float:
+    """Read all of tensor ``t``'s bytes once (a sum; memory-bound for float32): ``StreamingReader.get`` only
+    maps a tensor's pages, so a floor that did not touch them would read nothing."""
+    import torch
+
+    return float(t.sum() if t.is_floating_point() else t.reshape(-1).view(torch.uint8).sum())
 
 
 def run_child_measured(python: str, task: dict[str, Any]) -> dict[str, Any]:
