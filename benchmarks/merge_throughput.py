@@ -709,7 +709,9 @@ def render_yaml(rows: list[dict[str, Any]], sizes: dict[str, float], args: argpa
         "",
         f"vlmerge and the floors: fastest of {args.repeat} fresh processes, run in rounds as above; mergekit: "
         f"{'the one run' if reps == 1 else f'fastest of {reps}'} (`run_merge` in-process, CPU, lazy unpickle, "
-        "seed 0). *× floor*: fastest vlmerge round over the fastest floor round; *median ×*: median over "
+        "seed 0). Floors: read every input tensor once through `StreamingReader` (it maps the tensor's pages; "
+        "a sum reads every byte) and write the output once, single-threaded, fsync included. "
+        "*× floor*: fastest vlmerge round over the fastest floor round; *median ×*: median over "
         "median. *RSS − floor*: peak RSS above the floor's, also in largest tensors. vlmerge's mergekit runner "
         "reads and merges the next tensors in two worker threads while the main thread writes the current one "
         "(read the inputs, check them finite or, for linear / task arithmetic / passthrough, only the result, "
