@@ -188,9 +188,9 @@ class _OutputBuffers:
 
 def read_ahead(pool: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead: int = _WORKERS) -> Any:
     """``fn(item)`` for each of ``items``, yielded in order, with up to ``ahead`` later items running on
-    ``pool`` meanwhile: the caller writes result i while workers read and merge i + 1 .. i + ``ahead`` (pread,
-    torch and numpy ops and file writes release the GIL). A worker's exception is raised when its item's turn
-    comes, so errors surface in item order."""
+    ``pool`` meanwhile: the caller writes result i while workers read and merge i + 1 .. i + ``ahead`` (torch
+    and numpy ops, which also take the page faults of the mapped inputs, and file writes release the GIL). A
+    worker's exception is raised when its item's turn comes, so errors surface in item order."""
     queue = deque(pool.submit(fn, x) for x in items[:ahead])
     for i in range(len(items)):
         result = queue.popleft().result()
@@ -215,7 +215,7 @@ def _execute(
         specs = {j.target: (j.dtype, j.shape) for j in jobs}
         order = sorted(jobs, key=lambda j: j.target)
         # Worker threads read and merge slots i + 1 .. i + _WORKERS while the main thread writes slot i, in
-        # order (pread, torch and numpy ops and file writes release the GIL): the merge's arithmetic hides
+        # order (torch and numpy ops and file writes release the GIL): the merge's arithmetic hides
         # behind the output write, the larger half of the IO; memory holds _WORKERS + 1 slots at most.
         buffers = _OutputBuffers()
         deferred = method.propagates_nonfinite  # check merged results, not every input
