@@ -17,6 +17,7 @@ import torch
 
 from vlmerge.merge.io import StreamingReader
 from vlmerge.models import CheckpointReader
+from vlmerge.models.checkpoint import CheckpointError
 
 # name -> (safetensors dtype, numpy dtype to decode the bytes with, shape); "odd" makes "late" start on a byte
 # offset that is not a multiple of 4, and "big" spans several mapping granularities
@@ -110,3 +111,34 @@ def test_a_tensors_mapping_goes_with_the_tensor(tmp_path: Path) -> None:
             r.get("late"), r.get("big")
         gc.collect()
         assert mappings_of(path) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_live_tensors_hold_no_file_descriptor(tmp_path: Path) -> None:
+    """A state dict of many tensors must not run out of descriptors (Python's mmap keeps one per mapping)."""
+    path = tmp_path / "w.safetensors"
+    write_file(path)
+    fds = Path("/proc/self/fd")
+    with StreamingReader(path) as r:
+        before = len(list(fds.iterdir()))
+        held = [r.get(name) for _ in range(300) for name in ("big", "late", "odd")]
+        assert len(list(fds.iterdir())) == before
+        assert all(bool((t == held[i % 3]).all()) for i, t in enumerate(held))
+
+
+@pytest.mark.parametrize("change", ["rewrite", "truncate"])
+def test_a_file_changed_after_opening_is_refused_at_the_next_get(tmp_path: Path, change: str) -> None:
+    """Mapped pages would show the new bytes (or none: a bus error), so a changed file is an error naming it."""
+    path = tmp_path / "w.safetensors"
+    want = write_file(path)
+    with StreamingReader(path) as r:
+        assert np.array_equal(r.get("late").numpy(), want["late"])
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            if change == "rewrite":  # same size, other bytes, as an in-place re-save would leave it
+                f.seek(size - 64)
+                f.write(b"\0" * 64)
+            else:
+                f.truncate(size - 64)
+        with pytest.raises(CheckpointError, match="w.safetensors: changed on disk since it was opened"):
+            r.get("big")

@@ -237,6 +237,8 @@ def test_decide_takes_one_level_per_column() -> None:
         draws.decide(hi, lo, got[r0:r0 + 7])
     assert np.array_equal(got, want.astype(np.float32))
     assert want[:, 0].all() and want[:, 4].all() and not want[:, 2].any()
+    with pytest.raises(ValueError, match="C-contiguous"):  # ties are written through a flat view
+        draws.decide(hi[:3], lo[:3], got[:, :3])
 
 
 @pytest.mark.parametrize("p", [0.3, 100 * 2.0 ** -8 + 2.0 ** -9, 3 * 2.0 ** -24, 1 - 2.0 ** -20])

@@ -145,6 +145,8 @@ class KeepDraws:
         """Fill contiguous float32 ``out`` (any shape, its flat order is the decisions' order) with the next
         ``out.size`` decisions, 1 kept and 0 dropped, against the levels ``(hi, lo)`` of :func:`keep_levels`
         (0-d, or one per entry of ``out``'s last dim)."""
+        if not out.flags.c_contiguous:  # the ties are written through a flat view
+            raise ValueError("KeepDraws.decide: out must be C-contiguous")
         c = self._bytes(out.size).reshape(out.shape)
         np.less(c, hi, out=out, casting="unsafe")  # c < hi: V < K whatever t
         tied = np.flatnonzero(c == hi)
