@@ -67,7 +67,7 @@ if _LIBC is not None:
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_private(fd: int, offset: int, nbytes: int) -> np.ndarray:
+def _map_private(fd: int, offset: int, nbytes: int) -> np.ndarray:
     """uint8 ``[nbytes]``: bytes ``offset .. offset + nbytes`` of open file ``fd`` as a private copy-on-write
     mapping (writes stay in this process), unmapped when the array and every view of it are freed. On POSIX
     through libc's ``mmap``, which keeps no file descriptor; elsewhere through ``mmap.mmap`` (one per
@@ -134,7 +134,7 @@ class StreamingReader(CheckpointReader):
         if (st.st_size, st.st_mtime_ns) != (size, mtime):  # mapped pages would show the new bytes, or none
             raise CheckpointError(f"{file}: changed on disk since it was opened (size or modification time); an "
                                   "input must not change while it is read")
-        return torch.from_numpy(map_private(fd, offset, nbytes)).view(dtype).reshape(shape)
+        return torch.from_numpy(_map_private(fd, offset, nbytes)).view(dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds:
