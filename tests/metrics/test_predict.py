@@ -291,6 +291,25 @@ def test_cli_predict_estimates_an_uncalibrated_coefficient_from_the_pooled_fit(t
     assert (_t975(16), _t975(40), _t975(120)) == pytest.approx((2.120, 2.021, 1.980), abs=1e-3)
 
 
+def test_cli_predict_measures_each_merges_drift_once(tmp_path, capsys, monkeypatch) -> None:
+    """With --data and --calibration the report's merge (--alpha 0.5) has its drift measured once, and the
+    advice for it carries the report's numbers; the other calibrated merge (α = 0.75) is measured as before."""
+    import vlmerge.metrics.predict as predict
+
+    ck = _ckpt(tmp_path, layers=(0, 1))
+    pts = [calibration_point({"drift": 0.01 * i, "tssd": 0.1}, "interpolation", {"alpha": a}, 1.0 + i,
+                             group=f"run={i}") for i in range(4) for a in (0.5, 0.75)]
+    cal = save_calibration(pts, tmp_path / "cal.json")
+    calls = []
+    real = predict._merge_activation_drift
+    monkeypatch.setattr(predict, "_merge_activation_drift", lambda *a: calls.append(1) or real(*a))
+    assert main(["predict", str(ck), "--data", "world", "--batches", "1", "--calibration", str(cal), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(calls) == 2  # the report's merge (α = 0.5) and the calibrated α = 0.75; α = 0.5 not again
+    mine = next(o for o in out["advice"]["options"] if o["params"] == {"alpha": 0.5})
+    assert mine["values"]["drift"] == out["global"]["drift"] > 0
+
+
 def test_the_reports_drift_describes_its_own_merge_only() -> None:
     """``drift`` in a report is that of the report's merge (--method / --alpha): another calibrated merge's
     estimate must not read it (it would predict α = 0.75's drop from α = 0.5's drift)."""

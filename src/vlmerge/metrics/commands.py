@@ -114,7 +114,7 @@ def _predict(args: argparse.Namespace) -> int:
     report = layer_report(args.ckpt_dir, base=args.base, batches=batches, method=args.method, params=params)
     advice = None
     if points is not None:
-        moved = state_merge_features(args.ckpt_dir, args.base, batches)
+        moved = state_merge_features(args.ckpt_dir, args.base, batches, measured=report)
         advice = recommend(report, points, moved, extra=[(args.method, params)])
     if plot is not None:
         plot_risk(report, plot)

@@ -169,15 +169,21 @@ def merge_drift(model: Any, merged_sd: Mapping[str, torch.Tensor], batches: Sequ
 
 
 def state_merge_features(ckpt: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
-                         batches: Sequence[Any] | None = None
+                         batches: Sequence[Any] | None = None, measured: Mapping[str, Any] | None = None
                          ) -> Callable[[str, Mapping[str, Any]], dict[str, float]]:
     """A function ``(method, params) -> features of that merge of ckpt``: :func:`merge_features` and, with
     ``batches``, :func:`merge_drift`, computed in memory (with the seed weights ``base`` where the method
-    uses them), each merge once; ``ValueError`` for a merge that needs more (Gram matrices, a missing base)."""
+    uses them), each merge once; ``ValueError`` for a merge that needs more (Gram matrices, a missing base).
+    ``measured``: a :func:`layer_report` of ckpt on the same ``batches``, whose merge's drift is taken from it
+    instead of being measured again."""
     from ..models.checkpoint import CheckpointReader, load_model
 
     state: dict[str, Any] = {}
     cache: dict[str, dict[str, float]] = {}
+    known: dict[str, dict[str, float]] = {}  # drift already in ``measured``, by merge
+    if measured is not None and "drift" in measured["global"]:
+        known[json.dumps([measured["method"], measured["params"]], sort_keys=True)] = {
+            k: measured["global"][k] for k in ("drift", "out_drift")}
 
     def moved(method: str, params: Mapping[str, Any]) -> dict[str, float]:
         key = json.dumps([method, params], sort_keys=True)
@@ -196,7 +202,7 @@ def state_merge_features(ckpt: str | os.PathLike[str], base: str | os.PathLike[s
                 raise ValueError(f"{method} {dict(params)}: cannot merge in memory ({e})") from None
             cache[key] = merge_features(state["sd"], merged)
             if batches is not None:
-                cache[key] |= merge_drift(state["model"], merged, batches)
+                cache[key] |= known.get(key) or merge_drift(state["model"], merged, batches)
         return cache[key]
 
     return moved
