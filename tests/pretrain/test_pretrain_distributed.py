@@ -46,6 +46,9 @@ def _worker(rank: int, world: int, port: int, tmp: str, fn_name: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         globals()[fn_name](rank, world, Path(tmp))
+        # leave together: a rank tearing its group down while the other still talks to rank 0's store
+        # aborted a process now and then ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
